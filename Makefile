@@ -1,0 +1,45 @@
+# Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Offline model, books and tokenized caches live here (git-ignored).
+export LONGEXT_CACHE ?= $(CURDIR)/.cache
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install materials demo test test-all bench bench-quick lint clean
+
+install: $(VENV)/.installed
+
+# torch goes first and alone, pinned: everything after it sees torch already satisfied and can
+# never pull an unpinned (multi-GB CUDA) build. On a GPU machine the same pin resolves to CUDA.
+$(VENV)/.installed: requirements.txt requirements-extra.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt -r requirements-extra.txt
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $@
+
+materials: install
+	$(BIN)/longext models prepare all
+
+demo: materials
+	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+bench: materials
+	$(BIN)/longext bench all
+
+bench-quick: materials
+	$(BIN)/longext bench all --quick
+
+lint: install
+	$(BIN)/python -m compileall -q longext tests
+
+clean:
+	rm -rf runs bench-runs .pytest_cache

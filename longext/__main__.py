@@ -1,0 +1,5 @@
+import sys
+
+from longext.cli import main
+
+sys.exit(main())

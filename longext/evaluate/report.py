@@ -1,0 +1,242 @@
+"""The eval report: eval.json (everything), eval.md (tables), ppl.png and passkey.png, and a rich table.
+
+`results` layout (what run.py builds; per-length maps are keyed by the length, str or int):
+
+    {"target": str, "created": iso date, "machine": {...}, "lengths": [int],
+     "original_context": int, "target_context": int | None, "reference_length": int,
+     "settings": EvalSpec as JSON, "texts": {...},
+     "models": [{"name": str, "baseline": bool, "rope": {...}, "original_context": int,
+                 "target_context": int | None, "perplexity": {L: {...}}, "passkey": {L: {...}}}]}
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+
+from longext.errors import LongextError
+from longext.lengths import format_length
+
+log = logging.getLogger(__name__)
+FILES = ("eval.json", "eval.md", "ppl.png", "passkey.png")
+
+
+# ------------------------------------------------------------------------------------- helpers
+def by_length(section: dict | None) -> dict[int, dict]:
+    """A per-length map with int keys, sorted (JSON turns them into strings)."""
+    return {int(k): v for k, v in sorted((section or {}).items(), key=lambda kv: int(kv[0]))}
+
+
+def reference_length(lengths: list[int], original_context: int | None) -> int:
+    """The length ratios are taken against: the longest one within L0, else the shortest."""
+    inside = [L for L in lengths if original_context and L <= original_context]
+    return max(inside) if inside else min(lengths)
+
+
+def machine_info() -> dict:
+    """Versions, CPU/GPU and date, for comparing reports across machines."""
+    import torch
+    import transformers
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpus": gpus,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _length_label(length: int, results: dict) -> str:
+    marks = [m for m, at in (("L0", results.get("original_context")), ("target", results.get("target_context")))
+             if at == length]
+    return format_length(length) + (f" ({', '.join(marks)})" if marks else "")
+
+
+def _ppl_cells(model: dict, length: int, ref: int) -> tuple[str, str]:
+    ppl = by_length(model.get("perplexity"))
+    if length not in ppl:
+        return "–", "–"
+    value, base = ppl[length]["ppl"], ppl.get(ref, {}).get("ppl")
+    return f"{value:.2f}", (f"{value / base:.2f}" if base else "–")
+
+
+def _passkey_cell(model: dict, length: int) -> str:
+    row = by_length(model.get("passkey")).get(length)
+    return f"{row['correct']}/{row['trials']}" if row else "–"
+
+
+# -------------------------------------------------------------------------------------- tables
+def markdown(results: dict) -> str:
+    """eval.md: settings, then one table per measure with rows = lengths and columns per model."""
+    models, lengths = results["models"], results["lengths"]
+    ref = results.get("reference_length") or reference_length(lengths, results.get("original_context"))
+    settings, machine = results.get("settings", {}), results.get("machine", {})
+    ppl, key = settings.get("perplexity", {}), settings.get("passkey", {})
+    lines = [
+        f"# Evaluation of `{results.get('target', '?')}`", "",
+        f"- models: {', '.join(m['name'] for m in models)}",
+        f"- L0 (original window): {results.get('original_context')}; target window: {results.get('target_context')}",
+        f"- perplexity: {ppl.get('mode')} mode, {ppl.get('targets')} scored tokens x {ppl.get('windows')} windows "
+        f"(sliding stride {ppl.get('stride')}); texts: {', '.join(ppl.get('texts', []))}",
+        f"- passkey: {key.get('trials')} trials per length, depths {key.get('depths')}, {key.get('digits')} digits",
+        f"- machine: {machine.get('cpu')}, gpus: {machine.get('gpus') or 'none'}, torch {machine.get('torch')}, "
+        f"transformers {machine.get('transformers')}, {machine.get('date')}", "",
+    ]
+    if any(m.get("perplexity") for m in models):
+        lines += ["## Perplexity", "", f"x{format_length(ref)} = ppl(L) / ppl({format_length(ref)}).", ""]
+        header = ["length"] + [f"{m['name']} {c}" for m in models for c in ("ppl", f"x{format_length(ref)}")]
+        rows = [[_length_label(L, results)] + [c for m in models for c in _ppl_cells(m, L, ref)] for L in lengths]
+        lines += _md_table(header, rows) + ["", "![perplexity against length](ppl.png)", ""]
+    if any(m.get("passkey") for m in models):
+        header = ["length"] + [f"{m['name']} passkey" for m in models]
+        rows = [[_length_label(L, results)] + [_passkey_cell(m, L) for m in models] for L in lengths]
+        lines += ["## Passkey retrieval", ""] + _md_table(header, rows)
+        lines += ["", "![passkey accuracy against length](passkey.png)", ""]
+    lines += ["## Time (seconds)", ""] + _md_table(*_time_table(results))
+    return "\n".join(lines) + "\n"
+
+
+def _time_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    models = results["models"]
+    header = ["length"] + [f"{m['name']} {part}" for m in models for part in ("ppl", "passkey")]
+    rows = []
+    for L in results["lengths"]:
+        cells = [_length_label(L, results)]
+        for m in models:
+            for part in ("perplexity", "passkey"):
+                row = by_length(m.get(part)).get(L)
+                cells.append(f"{row['seconds']:.1f}" if row else "–")
+        rows.append(cells)
+    return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def rich_table(results: dict):
+    """The terminal summary: rows = lengths; per model ppl, ratio to the reference length, passkey."""
+    from rich.table import Table
+
+    lengths, models = results["lengths"], results["models"]
+    ref = results.get("reference_length") or reference_length(lengths, results.get("original_context"))
+    table = Table(title=f"longext eval: {results.get('target', '')}")
+    table.add_column("length")
+    for m in models:
+        table.add_column(f"{m['name']} ppl", justify="right")
+        table.add_column(f"x{format_length(ref)}", justify="right")
+        table.add_column("passkey", justify="right")
+    for L in lengths:
+        cells = [_length_label(L, results)]
+        for m in models:
+            cells += [*_ppl_cells(m, L, ref), _passkey_cell(m, L)]
+        table.add_row(*cells)
+    return table
+
+
+# --------------------------------------------------------------------------------------- plots
+def plot(results: dict, out_dir: Path) -> list[str]:
+    """ppl.png (log y) and passkey.png against length (log2 x), dashed lines at L0 and the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for part, name, ylabel in (("perplexity", "ppl.png", "perplexity"), ("passkey", "passkey.png", "passkey accuracy")):
+        series = [(m["name"], by_length(m.get(part))) for m in results["models"] if m.get(part)]
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for label, rows in series:
+            ys = [r["ppl"] if part == "perplexity" else r["accuracy"] for r in rows.values()]
+            ax.plot(list(rows), ys, marker="o", label=label)
+        _decorate(ax, results, log_y=part == "perplexity")
+        ax.set_ylabel(ylabel)
+        if part == "passkey":
+            ax.set_ylim(-0.05, 1.05)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def _decorate(ax, results: dict, log_y: bool) -> None:
+    lengths = results["lengths"]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [format_length(L) for L in lengths], rotation=45)
+    ax.minorticks_off()
+    if log_y:
+        ax.set_yscale("log")
+    for at, label, colour in (
+        (results.get("original_context"), "L0", "grey"), (results.get("target_context"), "target", "black"),
+    ):
+        if at and min(lengths) / 2 <= at <= max(lengths) * 2:  # far-off lines would squash the curves
+            ax.axvline(at, linestyle="--", color=colour, linewidth=1, label=f"{label} = {format_length(at)}")
+    ax.set_xlabel("context length (tokens)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+# -------------------------------------------------------------------------------------- writing
+def write_report(out_dir: Path, results: dict) -> Path:
+    """Write eval.json, eval.md and the plots into out_dir, replacing an older report atomically.
+
+    Raises:
+        LongextError: out_dir exists and holds something other than a longext report.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not _replaceable(out_dir):
+        raise LongextError(f"--out: {out_dir} exists and is not a longext eval report; choose another directory")
+    results = {**results, "machine": results.get("machine") or machine_info()}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        (tmp / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        (tmp / "eval.md").write_text(markdown(results))
+        try:
+            plot(results, tmp)
+        except ImportError:  # matplotlib is an extra; the tables are still complete
+            log.warning("matplotlib is not installed: no ppl.png / passkey.png")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_in(tmp, out_dir)
+    return out_dir
+
+
+def _replaceable(path: Path) -> bool:
+    return path.is_dir() and (not any(path.iterdir()) or (path / "eval.json").is_file())
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Rename tmp to out_dir; an older out_dir is moved aside first and deleted after."""
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

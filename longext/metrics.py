@@ -1,0 +1,98 @@
+"""Training metrics: JSONL + tensorboard on disk, a rich progress line (loss, lr, tokens/s, ETA) on screen."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from longext.recipe import Recipe
+
+
+class MetricsLog:
+    """Appends one JSON line per optimizer step to metrics.jsonl (and tensorboard, when installed)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_from: int = 0):
+        self.enabled, self.path = enabled, run_dir / "metrics.jsonl"
+        self.started, self.tokens, self.writer = time.perf_counter(), 0, None
+        if not enabled:
+            return
+        self._truncate_after(resume_from)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_from + 1 if resume_from else None)
+        except ImportError:  # tensorboard is optional; JSONL always works
+            self.writer = None
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, forget steps the checkpoint does not contain (they will be redone)."""
+        if not self.path.exists():
+            return
+        from longext.rundir import atomic_write_text
+
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def step(self, step: int, loss: float, engine, tokens: int, seconds: float) -> dict:
+        self.tokens += tokens
+        grad_norm = engine.get_global_grad_norm()
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": float(engine.get_lr()[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds if seconds > 0 else None,
+            "step_seconds": seconds,
+            "elapsed": time.perf_counter() - self.started,
+        }
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.writer:
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                    if record[key] is not None:
+                        self.writer.add_scalar(f"train/{key}", record[key], step)
+        return record
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+class StepProgress:
+    """A rich progress bar over optimizer steps plus one printed line per `log_every` steps."""
+
+    def __init__(self, recipe: Recipe, world: int, enabled: bool, start: int = 0):
+        self.enabled, self.every, self.total = enabled, recipe.train.log_every, recipe.train.steps
+        self.tokens_per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * recipe.seq_len * world
+        self.bar = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        )
+        self.task = self.bar.add_task("train", total=self.total, completed=start, status="starting")
+        self.bar.start()
+
+    def update(self, record: dict) -> None:
+        if not self.bar:
+            return
+        rate = record["tokens_per_s"] or 0.0
+        status = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {rate:,.0f} tok/s"
+        self.bar.update(self.task, completed=record["step"], status=status)
+        if record["step"] % self.every == 0 or record["step"] == self.total:
+            remaining = (self.total - record["step"]) * record["step_seconds"]
+            self.bar.console.print(
+                f"step {record['step']:>5}/{self.total}  {status}  step {record['step_seconds']:.2f}s  ETA {remaining:,.0f}s",
+                highlight=False,
+            )
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+            self.bar = None

@@ -1,0 +1,51 @@
+"""Resolve a recipe against the model's config.json (no weights): L0, RoPE state, `auto` values,
+the DeepSpeed config. Shared by `train --dry-run` and the start of every training run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from longext.recipe import Recipe, dump_recipe
+
+
+@dataclass(frozen=True)
+class Resolved:
+    recipe: Recipe  # every `auto` replaced by its value
+    rope: "RopeState"  # noqa: F821
+    model_config: object
+
+
+def resolve(recipe: Recipe) -> Resolved:
+    from longext.models import load_model_config
+    from longext.rope import rope_state
+
+    config = load_model_config(recipe.model.path)
+    state = rope_state(recipe, config)
+    rope = recipe.rope
+    if getattr(rope, "factor", None) == "auto":
+        rope = rope.model_copy(update={"factor": state.factor})
+    data = recipe.data.model_copy(update={"seq_len": recipe.seq_len})
+    model = recipe.model.model_copy(update={"original_context": state.original_context})
+    return Resolved(recipe.model_copy(update={"rope": rope, "data": data, "model": model}), state, config)
+
+
+def describe_plan(recipe: Recipe) -> str:
+    """What `train --dry-run` prints: the resolved recipe, the RoPE state and the DeepSpeed config."""
+    from longext.engine import deepspeed_config
+
+    resolved = resolve(recipe)
+    world = 1
+    parts = [
+        "# resolved recipe",
+        dump_recipe(resolved.recipe).rstrip(),
+        "",
+        "# RoPE state written to the run directory and the exported config",
+        json.dumps(resolved.rope.to_json(), indent=2),
+        "",
+        f"# DeepSpeed config (world size {world}; scales train_batch_size with --nproc)",
+        json.dumps(deepspeed_config(recipe.train, world), indent=2),
+        "",
+        f"# run directory: {recipe.run_dir}",
+    ]
+    return "\n".join(parts)

@@ -1,0 +1,419 @@
+"""The recipe: one strict, typed schema for a whole run, and the loader that reports every problem
+at once as `file:line field.path: message (got X)`.
+
+Nothing here imports torch; `longext recipes validate` and `longext train --dry-run` stay instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from longext.errors import Issue, RecipeError
+from longext.lengths import parse_length
+
+Length = Annotated[int, BeforeValidator(parse_length)]
+Auto = Literal["auto"]
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo like `lora.rnak` must never fall back to a default quietly.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------- model
+class ModelSpec(Section):
+    """The base model."""
+
+    path: str = Field(description="Local model directory (config.json + weights) or a hub name (needs network).")
+    original_context: Length | None = Field(
+        None,
+        description="L0, the window the base model was trained with, in tokens. Default: read from the "
+        "model config (rope original_max_position_embeddings, else max_position_embeddings).",
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel. auto = flash_attention_2 on CUDA when flash-attn is installed, else sdpa."
+    )
+
+
+# ------------------------------------------------------------------------------------------ rope
+class _RopeBase(Section):
+    theta: float | None = Field(None, gt=0, description="New RoPE base (rope_theta) before scaling. Default: the model's.")
+
+
+class NoRope(_RopeBase):
+    """No scaling; optionally a new base (ABF / base change when `theta` is set)."""
+
+    kind: Literal["none"]
+
+
+class LinearRope(_RopeBase):
+    """Position interpolation (PI): every position is divided by `factor`."""
+
+    kind: Literal["linear"]
+    factor: float | Auto = Field("auto", description="Scale s. auto = method.target_len / L0.")
+
+
+class NtkRope(_RopeBase):
+    """Static NTK-aware scaling: base b' = b * s^(d/(d-2)), positions unchanged."""
+
+    kind: Literal["ntk"]
+    factor: float | Auto = Field("auto", description="Scale s. auto = method.target_len / L0.")
+
+
+class DynamicRope(_RopeBase):
+    """Dynamic NTK: the base grows with the current length past L0 (inference-time rule of transformers)."""
+
+    kind: Literal["dynamic"]
+    factor: float | Auto = Field("auto", description="Scale s in b' = b((s*len/L0) - (s-1))^(d/(d-2)). auto = target/L0.")
+
+
+class YarnRope(_RopeBase):
+    """YaRN (NTK-by-parts + attention temperature)."""
+
+    kind: Literal["yarn"]
+    factor: float | Auto = Field("auto", description="Scale s. auto = method.target_len / L0.")
+    beta_fast: float = Field(32.0, gt=0, description="Ramp end: pairs with more rotations than this inside L0 are kept.")
+    beta_slow: float = Field(1.0, gt=0, description="Ramp start: pairs with fewer rotations are fully interpolated.")
+    attention_factor: float | None = Field(None, gt=0, description="cos/sin multiplier. Default 0.1 ln(s) + 1.")
+
+
+class Llama3Rope(_RopeBase):
+    """Llama-3.1 wavelength-banded interpolation."""
+
+    kind: Literal["llama3"]
+    factor: float | Auto = Field("auto", description="Scale s. auto = method.target_len / L0.")
+    low_freq_factor: float = Field(1.0, gt=0, description="Wavelengths above L0/low_freq_factor are divided by s.")
+    high_freq_factor: float = Field(4.0, gt=0, description="Wavelengths below L0/high_freq_factor are kept.")
+
+
+RopeSpec = Annotated[
+    Union[NoRope, LinearRope, NtkRope, DynamicRope, YarnRope, Llama3Rope], Field(discriminator="kind")
+]
+ROPE_KINDS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
+
+
+# ---------------------------------------------------------------------------------------- method
+class StandardMethod(Section):
+    """Plain fine-tuning with contiguous positions at data.seq_len, using the `rope` setting."""
+
+    kind: Literal["standard"]
+    target_len: Length = Field(description="L, the window the extended model must serve, in tokens.")
+
+
+MethodSpec = Annotated[Union[StandardMethod], Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------ lora
+class LoraSpec(Section):
+    """LoRA adapters through peft."""
+
+    r: int = Field(8, ge=1, description="Rank.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Module names that get adapters.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter, e.g. [embed_tokens, norm] (LongLoRA).",
+    )
+
+
+# ------------------------------------------------------------------------------------------ data
+class DataSpec(Section):
+    """Training text: tokenized, packed to seq_len, with labels and attention masks."""
+
+    train: list[str] = Field(
+        default_factory=lambda: ["books"],
+        min_length=1,
+        description="Files (.txt, .jsonl, .json, .parquet) or folders of them; `books` = the offline "
+        "public-domain books set up by `longext models prepare books`.",
+    )
+    text_field: str = Field("text", description="Column holding the text in .jsonl/.json/.parquet files.")
+    seq_len: Length | Auto = Field("auto", description="Tokens per training sample. auto = method.target_len.")
+    packing: Literal["concat", "per_doc"] = Field(
+        "concat",
+        description="concat: documents joined with EOS and cut into seq_len blocks; per_doc: one document per "
+        "sample, truncated, shorter ones padded (padding masked out of loss and attention).",
+    )
+    max_docs: int | None = Field(None, ge=1, description="Use at most this many documents.")
+    holdout_docs: int = Field(
+        0, ge=0, description="Documents at the end of the list kept out of training (for your own eval)."
+    )
+
+
+# ----------------------------------------------------------------------------------------- train
+class TrainSpec(Section):
+    """Optimisation and the DeepSpeed engine."""
+
+    steps: int = Field(ge=1, description="Optimizer steps.")
+    micro_batch_size: int = Field(1, ge=1, description="Samples per rank per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2.0e-5, gt=0, description="Peak learning rate.")
+    schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="After warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to lr, in optimizer steps.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/linear end at lr * min_lr_ratio.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1.0e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Gradient norm clip; null = none.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer state on CPU (DeepSpeedCPUAdam; builds a C++ op once).")
+    offload_params: bool = Field(False, description="ZeRO-3 parameters on CPU.")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 (fp32 master weights) or fp32. fp16 is not offered.")
+    optimizer: Literal["auto", "torch_adamw", "deepspeed_adamw"] = Field(
+        "auto", description="auto = DeepSpeed fused AdamW on CUDA, torch AdamW on CPU (no C++ build)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    seed: int = Field(1234, description="Seeds weights init of adapters, data order and samplers.")
+    log_every: int = Field(1, ge=1, description="Optimizer steps between metric lines.")
+    save_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints (always one at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+
+
+# ------------------------------------------------------------------------------------------ eval
+class PerplexitySpec(Section):
+    enabled: bool = Field(True, description="Run perplexity against length.")
+    texts: list[str] = Field(default_factory=lambda: ["books"], description="Files/folders like data.train, or `books`.")
+    mode: Literal["fixed", "sliding"] = Field(
+        "fixed",
+        description="fixed: the same final `targets` tokens scored with growing context; sliding: windows of "
+        "the length moved by `stride`, each scoring its last stride tokens.",
+    )
+    targets: int = Field(512, ge=1, description="Scored tokens per window (fixed mode).")
+    stride: int = Field(256, ge=1, description="Window step (sliding mode).")
+    windows: int = Field(2, ge=1, description="Windows per length (fixed mode); spread over the texts.")
+
+
+class PasskeySpec(Section):
+    enabled: bool = Field(True, description="Run passkey retrieval at each length.")
+    trials: int = Field(6, ge=1, description="Trials per length.")
+    depths: list[float] = Field(
+        default_factory=lambda: [0.1, 0.5, 0.9], min_length=1, description="Relative depths of the key (0 = start)."
+    )
+    digits: int = Field(5, ge=1, le=20, description="Digits in the key.")
+
+
+class EvalSpec(Section):
+    lengths: list[Length] = Field(
+        default_factory=list, description="Context lengths. Empty = a ladder of powers of two up to --length."
+    )
+    perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
+    passkey: PasskeySpec = Field(default_factory=PasskeySpec)
+    seed: int = Field(0, description="Seeds passkey keys, depths and filler.")
+
+
+class OutputSpec(Section):
+    dir: str | None = Field(None, description="Run directory. Default runs/<name>.")
+    overwrite: bool = Field(False, description="Replace an existing finished run directory.")
+
+
+class Recipe(Section):
+    """One file = one run."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name (letters, digits, _ . -).")
+    description: str = Field("", description="Free text shown by `longext recipes list`.")
+    model: ModelSpec
+    method: MethodSpec
+    rope: RopeSpec = Field(default_factory=lambda: NoRope(kind="none"))
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir or f"runs/{self.name}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.method.target_len if self.data.seq_len == "auto" else self.data.seq_len
+
+
+# --------------------------------------------------------------------------------------- loading
+def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override (`a.b=value`, value parsed as YAML) and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(path, [Issue("<file>", "no such recipe file")])
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(path, [Issue("<yaml>", problem, mark.line + 1 if mark else None)]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(path, [Issue("<root>", f"a recipe is a mapping of sections (got {type(raw).__name__})", 1)])
+    issues: list[Issue] = []
+    for item in overrides:
+        issue = _apply_override(raw, item)
+        if issue:
+            issues.append(issue)
+    if issues:
+        raise RecipeError(path, issues)
+    return validate_recipe(raw, path, text, overridden={o.split("=", 1)[0].strip() for o in overrides})
+
+
+def validate_recipe(raw: dict, path: Path | str, text: str = "", overridden: set[str] = frozenset()) -> Recipe:
+    root = _compose(text)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(path, [_to_issue(e, raw, root, overridden) for e in err.errors()]) from None
+    issues = [
+        Issue(field, message, _line_of(root, field.split(".")))
+        for field, message in cross_checks(recipe)
+    ]
+    if issues:
+        raise RecipeError(path, issues)
+    return recipe
+
+
+def cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
+    """Rules that span fields. Returns (field path, message) pairs."""
+    out = []
+    t = recipe.train
+    if t.offload_params and t.zero_stage != 3:
+        out.append(("train.offload_params", f"parameter offload needs train.zero_stage 3 (got zero_stage {t.zero_stage})"))
+    if recipe.data.seq_len != "auto" and recipe.data.seq_len > recipe.method.target_len:
+        out.append(("data.seq_len", f"must not exceed method.target_len {recipe.method.target_len} (got {recipe.data.seq_len})"))
+    factor = getattr(recipe.rope, "factor", None)
+    if isinstance(factor, float) and factor < 1.0:
+        out.append(("rope.factor", f"must be >= 1 (got {factor})"))
+    for i, depth in enumerate(recipe.eval.passkey.depths):
+        if not 0.0 <= depth <= 1.0:
+            out.append((f"eval.passkey.depths.{i}", f"a depth is between 0 and 1 (got {depth})"))
+    return out
+
+
+def _apply_override(raw: dict, item: str) -> Issue | None:
+    if "=" not in item:
+        return Issue("--set", f"expected KEY=VALUE such as train.lr=1e-5 (got {item!r})")
+    key, value = (s.strip() for s in item.split("=", 1))
+    parts = key.split(".")
+    if not all(parts):
+        return Issue("--set", f"expected a dotted field path such as train.lr (got {key!r})")
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            return Issue(".".join(parts[: i + 1]), f"is not a section, cannot set {key} (got {child!r})")
+        node = child
+    node[parts[-1]] = parsed
+    return None
+
+
+def _compose(text: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text) if text else None
+    except yaml.YAMLError:
+        return None
+
+
+def _to_issue(error: dict, raw: dict, root: yaml.Node | None, overridden: set[str]) -> Issue:
+    loc = _user_loc(error["loc"], raw)
+    field = ".".join(loc) or "<root>"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_fields(loc[:-1], raw)
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        message = "unknown field" + (f", did you mean {close[0]}?" if close else ".")
+        message += f" Allowed: {', '.join(allowed)}" if allowed else ""
+    elif error["type"] == "union_tag_invalid" or error["type"] == "union_tag_not_found":
+        tags = error.get("ctx", {}).get("expected_tags", "")
+        message = f"`kind` must be one of {tags}" if tags else message
+        if error["type"] == "union_tag_invalid":
+            field = f"{field}.kind" if field != "<root>" else "kind"
+            loc = [*loc, "kind"]
+    if error["type"] != "missing" and "input" in error and error["type"] != "extra_forbidden":
+        message += f" (got {error['input']!r})"
+    line = _line_of(root, loc)
+    if field in overridden or any(field.startswith(o + ".") for o in overridden):
+        message += " [from --set]"
+    return Issue(field, message, line)
+
+
+def _user_loc(loc: tuple, raw: Any) -> list[str]:
+    """pydantic's location without the union tags it inserts ('rope', 'yarn', 'factor' -> rope.factor)."""
+    out, node = [], raw
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("kind") == part:
+            continue  # discriminator tag
+        out.append(str(part))
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return out
+
+
+def _allowed_fields(loc: list[str], raw: Any) -> list[str]:
+    """Field names of the section at `loc`, for 'unknown field' messages."""
+    cls: Any = Recipe
+    node = raw
+    for part in loc:
+        node = node.get(part) if isinstance(node, dict) else None
+        info = getattr(cls, "model_fields", {}).get(part)
+        if info is None:
+            return []
+        cls = _section_class(info.annotation, node)
+        if cls is None:
+            return []
+    return sorted(getattr(cls, "model_fields", {}))
+
+
+def _section_class(annotation: Any, node: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            kind = arg.model_fields.get("kind")
+            if kind is None or (isinstance(node, dict) and node.get("kind") in getattr(kind.annotation, "__args__", ())):
+                return arg
+        elif (found := _section_class(arg, node)) is not None:
+            return found
+    return None
+
+
+def _line_of(root: yaml.Node | None, loc: Sequence[str]) -> int | None:
+    """1-based line of the deepest node along `loc` that exists in the YAML text."""
+    if root is None:
+        return None
+    node, line = root, None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            key_node, node = match
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and str(part).isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML text of a (resolved) recipe, every field written out."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,151 @@
+"""The run directory: one recipe, one folder. Everything written here is atomic (temp + rename), so
+an interrupted run leaves either the old file or the new one, and checkpoints `--resume` can use.
+
+    recipe.yaml     the resolved recipe (every `auto` filled in)
+    rope.json       the RoPE state the trained model needs (also written into exported configs)
+    status.json     running | interrupted | failed | finished, with the step
+    metrics.jsonl   one line per logged optimizer step; tb/ the same for tensorboard
+    checkpoints/    DeepSpeed checkpoints (step-000010/, latest), trainable weights + optimizer + data position
+    adapter/        the final peft adapter (adapter_config.json + adapter_model.safetensors)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from longext.errors import LongextError
+from longext.recipe import Recipe, dump_recipe
+
+# Fields a resumed run may change without invalidating its checkpoints.
+RESUMABLE_CHANGES = ("train.steps", "train.save_every", "train.log_every", "train.keep_checkpoints", "eval", "output", "description")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_start(run_dir: Path, recipe: Recipe, resume: bool) -> None:
+    """Refuse to overwrite or to resume what cannot be resumed; clear the folder for overwrite."""
+    has_content = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume:
+        if latest_checkpoint(run_dir) is None:
+            raise LongextError(f"--resume: no checkpoint in {run_dir}/checkpoints (start without --resume)")
+        _check_same_recipe(run_dir, recipe)
+        return
+    if not has_content:
+        return
+    if not recipe.output.overwrite:
+        what = "a finished run" if read_status(run_dir).get("state") == "finished" else "an unfinished run"
+        raise LongextError(
+            f"output.dir: {run_dir} already holds {what} (continue it with --resume, set output.overwrite: true, "
+            f"or choose another --out)"
+        )
+    if _rank() == 0:
+        shutil.rmtree(run_dir)
+
+
+def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
+    stored = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    now = recipe.model_dump(mode="json")
+    changed = [p for p in _diff(stored, now) if not p.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        raise LongextError(
+            f"--resume: the recipe differs from {run_dir}/recipe.yaml in {', '.join(changed)} "
+            f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume)"
+        )
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [p for k in sorted(set(a) | set(b)) for p in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def write_start(run_dir: Path, recipe: Recipe, rope, start: int) -> None:
+    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    atomic_write_text(run_dir / "rope.json", json.dumps(rope.to_json(), indent=2) + "\n")
+    write_status(run_dir, "running", start, recipe.train.steps, 0)
+
+
+def read_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_status(run_dir: Path, state: str, step: int, steps: int | None, rank: int, reason: str | None = None) -> None:
+    if rank != 0:
+        return
+    status = {"state": state, "step": step, "steps": steps, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if reason:
+        status["reason"] = reason
+    atomic_write_text(run_dir / "status.json", json.dumps(status, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return None
+    path = latest.parent / latest.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def save_checkpoint(engine, run_dir: Path, step: int, keep: int) -> None:
+    """Trainable weights, optimizer, scheduler, RNG and the data position. DeepSpeed updates
+    `latest` only after the tag folder is complete, so a crash mid-save keeps the previous one."""
+    ckpt = run_dir / "checkpoints"
+    client_state = {"step": step, "torch_rng": torch.get_rng_state()}
+    engine.save_checkpoint(str(ckpt), tag=f"step-{step:06d}", client_state=client_state, exclude_frozen_parameters=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if _rank() == 0:
+        tags = sorted(p for p in ckpt.glob("step-*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(engine, run_dir: Path) -> int:
+    """Restore the newest checkpoint; returns the optimizer step to continue from."""
+    path = latest_checkpoint(run_dir)
+    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+    if client_state is None:
+        raise LongextError(f"--resume: checkpoint {path} could not be read (it may be from another DeepSpeed layout)")
+    torch.set_rng_state(client_state["torch_rng"])
+    return int(client_state["step"])
+
+
+def save_adapter(engine, run_dir: Path, rank: int) -> Path:
+    """The peft adapter, gathered from ZeRO-3 partitions, written atomically to run_dir/adapter."""
+    from longext.engine import gathered
+
+    module = engine.module
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    final = run_dir / "adapter"
+    with gathered(engine, trainable):
+        if rank == 0:
+            tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".adapter."))
+            module.save_pretrained(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return final
