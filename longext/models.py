@@ -36,10 +36,34 @@ class Loaded:
     recipe: Recipe | None = None
 
 
+def quiet_libraries() -> None:
+    """Keep our progress output readable: no per-file progress bars or deprecation chatter from libraries."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
+def expand_path(path: str) -> str:
+    """`~` and environment variables; `$LONGEXT_CACHE` defaults to the offline-material cache."""
+    if "LONGEXT_CACHE" in path and "LONGEXT_CACHE" not in os.environ:
+        from longext.materials import cache_dir
+
+        path = path.replace("${LONGEXT_CACHE}", str(cache_dir())).replace("$LONGEXT_CACHE", str(cache_dir()))
+    return os.path.expanduser(os.path.expandvars(path))
+
+
 def load_model_config(path: str, field_name: str = "model.path"):
     """AutoConfig for a local directory or a hub name; one-line errors for the usual failures."""
     from transformers import AutoConfig
 
+    path = expand_path(path)
     local = Path(path)
     if local.exists():
         if not (local / "config.json").is_file():
@@ -76,7 +100,7 @@ def attn_implementation(requested: str) -> str:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(expand_path(path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -90,7 +114,8 @@ def build_model(recipe: Recipe, dtype: torch.dtype = torch.float32) -> tuple[Any
     state = rope_state(recipe, config)
     apply_rope_config(config, state)
     model = AutoModelForCausalLM.from_pretrained(
-        recipe.model.path, config=config, dtype=dtype, attn_implementation=attn_implementation(recipe.model.attn_implementation)
+        expand_path(recipe.model.path), config=config, dtype=dtype,
+        attn_implementation=attn_implementation(recipe.model.attn_implementation),
     )
     return model, state
 
@@ -132,7 +157,7 @@ def load_target(target: Path, *, baseline: bool = False, dtype: torch.dtype = to
     if is_run_dir(target):
         recipe = load_run_recipe(target)
         if baseline:
-            return _load_plain(Path(recipe.model.path), name="base", dtype=dtype, recipe=recipe)
+            return _load_plain(Path(expand_path(recipe.model.path)), name="base", dtype=dtype, recipe=recipe)
         return _load_run(target, recipe, dtype)
     if baseline:
         raise LongextError(f"--baseline: {str(target)!r} is not a run directory, so it has no base model to compare with")
@@ -150,13 +175,14 @@ def _load_run(run_dir: Path, recipe: Recipe, dtype: torch.dtype) -> Loaded:
     config = load_model_config(recipe.model.path)
     apply_rope_config(config, state)
     model = AutoModelForCausalLM.from_pretrained(
-        recipe.model.path, config=config, dtype=dtype, attn_implementation=attn_implementation(recipe.model.attn_implementation)
+        expand_path(recipe.model.path), config=config, dtype=dtype,
+        attn_implementation=attn_implementation(recipe.model.attn_implementation),
     )
     if (adapter / "adapter_config.json").is_file():
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return Loaded(
-        model=model, tokenizer=load_tokenizer(recipe.model.path), name=recipe.name,
+        model=model, tokenizer=load_tokenizer(expand_path(recipe.model.path)), name=recipe.name,
         original_context=state.original_context, target_context=state.target_len, rope=state.parameters, recipe=recipe,
     )
 

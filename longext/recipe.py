@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence, Union
+from typing import Annotated, Any, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from longext.errors import Issue, RecipeError
+from longext.lengths import ALLOWED as LENGTH_ALLOWED
 from longext.lengths import parse_length
 
 Length = Annotated[int, BeforeValidator(parse_length)]
@@ -328,34 +329,49 @@ def _compose(text: str) -> yaml.Node | None:
 
 
 def _to_issue(error: dict, raw: dict, root: yaml.Node | None, overridden: set[str]) -> Issue:
-    loc = _user_loc(error["loc"], raw)
-    field = ".".join(loc) or "<root>"
+    """One pydantic error as `field.path: message (got X)`, with the line of the field in the YAML."""
+    loc, member = _user_loc(error["loc"], raw)
+    kind, got = error["type"], error.get("input")
     message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
+    show_got = kind not in ("missing", "extra_forbidden")
+    if member:
+        # `float | "auto"` fails once per member; every member error becomes the same single line.
+        message = f"expected {_expected(_field_annotation(loc, raw))}"
+    elif kind == "extra_forbidden":
         allowed = _allowed_fields(loc[:-1], raw)
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
-        message = "unknown field" + (f", did you mean {close[0]}?" if close else ".")
-        message += f" Allowed: {', '.join(allowed)}" if allowed else ""
-    elif error["type"] == "union_tag_invalid" or error["type"] == "union_tag_not_found":
-        tags = error.get("ctx", {}).get("expected_tags", "")
-        message = f"`kind` must be one of {tags}" if tags else message
-        if error["type"] == "union_tag_invalid":
-            field = f"{field}.kind" if field != "<root>" else "kind"
-            loc = [*loc, "kind"]
-    if error["type"] != "missing" and "input" in error and error["type"] != "extra_forbidden":
-        message += f" (got {error['input']!r})"
-    line = _line_of(root, loc)
+        message = "unknown field" + (f", did you mean {close[0]}?" if close else "")
+        message += f" (allowed: {', '.join(allowed)})" if allowed else ""
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        kinds = ", ".join(repr(k) for k in _kinds(_field_annotation(loc, raw)))
+        loc = [*loc, "kind"]
+        if kind == "union_tag_invalid":
+            message, got = f"must be one of {kinds}", error.get("ctx", {}).get("tag")
+        else:
+            message, show_got = f"Field required, one of {kinds}", False
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        message = "expected a section of `key: value` fields"
+    if show_got and "input" in error and repr(got) not in message:
+        message += f" (got {got!r})"
+    field = ".".join(loc) or "<root>"
     if field in overridden or any(field.startswith(o + ".") for o in overridden):
         message += " [from --set]"
-    return Issue(field, message, line)
+    return Issue(field, message, _line_of(root, loc))
 
 
-def _user_loc(loc: tuple, raw: Any) -> list[str]:
-    """pydantic's location without the union tags it inserts ('rope', 'yarn', 'factor' -> rope.factor)."""
-    out, node = [], raw
+def _user_loc(loc: tuple, raw: Any) -> tuple[list[str], bool]:
+    """pydantic's location as the user wrote it, and whether it pointed inside a union member.
+
+    Discriminator tags are dropped ('rope', 'yarn', 'factor' -> rope.factor), and so are the member
+    names pydantic appends below a plain value ('rope.factor.float', "rope.factor.literal['auto']").
+    """
+    out, node, member = [], raw, False
     for part in loc:
         if isinstance(node, dict) and part not in node and node.get("kind") == part:
             continue  # discriminator tag
+        if out and not isinstance(node, (dict, list)):
+            member = True  # below a scalar: a union member's name, not something the user wrote
+            break
         out.append(str(part))
         if isinstance(node, dict):
             node = node.get(part)
@@ -363,22 +379,54 @@ def _user_loc(loc: tuple, raw: Any) -> list[str]:
             node = node[part]
         else:
             node = None
-    return out
+    return out, member
 
 
 def _allowed_fields(loc: list[str], raw: Any) -> list[str]:
     """Field names of the section at `loc`, for 'unknown field' messages."""
+    return sorted(getattr(_section_at(loc, raw), "model_fields", {}))
+
+
+def _section_at(loc: Sequence[str], raw: Any) -> Any:
+    """The schema class of the section at `loc` (the variant named by `kind` for unions), or None."""
     cls: Any = Recipe
     node = raw
     for part in loc:
         node = node.get(part) if isinstance(node, dict) else None
         info = getattr(cls, "model_fields", {}).get(part)
         if info is None:
-            return []
+            return None
         cls = _section_class(info.annotation, node)
         if cls is None:
-            return []
-    return sorted(getattr(cls, "model_fields", {}))
+            return None
+    return cls
+
+
+def _field_annotation(loc: Sequence[str], raw: Any) -> Any:
+    info = getattr(_section_at(loc[:-1], raw), "model_fields", {}).get(loc[-1]) if loc else None
+    return info.annotation if info is not None else None
+
+
+def _kinds(annotation: Any) -> list[str]:
+    """The `kind` values of a discriminated union of sections (rope -> none, linear, ...)."""
+    members = get_args(annotation) or (annotation,)
+    return [
+        tag for m in members if isinstance(m, type) and issubclass(m, BaseModel) and "kind" in m.model_fields
+        for tag in get_args(m.model_fields["kind"].annotation)
+    ]
+
+
+def _expected(annotation: Any) -> str:
+    """What a union field accepts, in words: `float | "auto"` -> "a number, or 'auto'"."""
+    words = []
+    for arg in get_args(annotation) or (annotation,):
+        if get_origin(arg) is Literal:
+            words += [repr(v) for v in get_args(arg)]
+        elif any(getattr(m, "func", None) is parse_length for m in getattr(arg, "__metadata__", ())):
+            words.append(LENGTH_ALLOWED)
+        else:
+            words.append({float: "a number", int: "a whole number", str: "text", type(None): "null"}.get(arg, str(arg)))
+    return ", or ".join(words)
 
 
 def _section_class(annotation: Any, node: Any) -> Any:

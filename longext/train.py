@@ -15,7 +15,7 @@ from longext.engine import init_distributed, make_engine
 from longext.errors import TrainingStopped
 from longext.methods import plan_method
 from longext.metrics import MetricsLog, StepProgress
-from longext.models import add_lora, build_model, load_tokenizer
+from longext.models import add_lora, build_model, load_tokenizer, quiet_libraries
 from longext.plan import resolve
 from longext.recipe import Recipe
 
@@ -23,6 +23,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
 def run_training(recipe: Recipe, resume: bool = False) -> Path:
+    quiet_libraries()
     run_dir = recipe.run_dir
     resolved = resolve(recipe)  # reads config.json only: fails fast, before any weights load
     rundir.check_start(run_dir, resolved.recipe, resume)

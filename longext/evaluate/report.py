@@ -43,7 +43,7 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -189,15 +189,32 @@ def _decorate(ax, results: dict, log_y: bool) -> None:
     ax.set_xticks(lengths, [format_length(L) for L in lengths], rotation=45)
     ax.minorticks_off()
     if log_y:
-        ax.set_yscale("log")
-    for at, label, colour in (
-        (results.get("original_context"), "L0", "grey"), (results.get("target_context"), "target", "black"),
-    ):
+        _log_y(ax)
+    original, target = results.get("original_context"), results.get("target_context")
+    for at, label, colour in ((original, "L0", "grey"), (target if target != original else None, "target", "black")):
         if at and min(lengths) / 2 <= at <= max(lengths) * 2:  # far-off lines would squash the curves
             ax.axvline(at, linestyle="--", color=colour, linewidth=1, label=f"{label} = {format_length(at)}")
     ax.set_xlabel("context length (tokens)")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def _log_y(ax) -> None:
+    """Log y with plain numbers: 20, 50, 100, 200 ...; every minor tick when the curves span under a decade."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    low, high = ax.dataLim.intervaly
+    narrow = high < 10 * low
+
+    def label(value: float, _pos) -> str:
+        mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+        return f"{value:.4g}" if narrow or mantissa in (1, 2, 5) else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(label))
+    ax.yaxis.set_minor_formatter(FuncFormatter(label))
 
 
 # -------------------------------------------------------------------------------------- writing
@@ -208,7 +225,7 @@ def write_report(out_dir: Path, results: dict) -> Path:
         LongextError: out_dir exists and holds something other than a longext report.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not _replaceable(out_dir):
+    if not replaceable(out_dir):
         raise LongextError(f"--out: {out_dir} exists and is not a longext eval report; choose another directory")
     results = {**results, "machine": results.get("machine") or machine_info()}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +246,10 @@ def write_report(out_dir: Path, results: dict) -> Path:
     return out_dir
 
 
-def _replaceable(path: Path) -> bool:
+def replaceable(path: Path) -> bool:
+    """True when path is free for a report: missing, empty, or an older report."""
+    if not path.exists():
+        return True
     return path.is_dir() and (not any(path.iterdir()) or (path / "eval.json").is_file())
 
 

@@ -1,0 +1,302 @@
+"""`longext eval TARGET`: check the flags, load the model(s), measure, write the report.
+
+Flow: `cli.eval_cmd → EvalRequest.from_cli → run_eval → {models.load_target, perplexity, passkey,
+report.write_report}`. The eval settings start from the run's recipe `eval:` section (or the
+defaults), then `--set` overrides, then the flags; every mistake is a one-line error naming the flag.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from pydantic import ValidationError
+
+from longext.errors import LongextError
+from longext.lengths import parse_length
+from longext.recipe import EvalSpec, _apply_override, _to_issue, load_recipe
+
+MAX_LADDER = 8
+MODES = ("fixed", "sliding")
+
+
+class FlagError(LongextError):
+    """Several flag problems at once, one line each."""
+
+    def __init__(self, lines: list[str]):
+        self._lines = lines
+        super().__init__("\n".join(lines))
+
+    def lines(self) -> list[str]:
+        return self._lines
+
+
+# --------------------------------------------------------------------------------------- request
+@dataclass(frozen=True)
+class EvalRequest:
+    """Everything `run_eval` needs, validated. Lengths are in tokens."""
+
+    target: Path
+    spec: EvalSpec
+    out: Path
+    lengths: tuple[int, ...] = ()  # explicit ladder (--lengths, or the recipe's eval.lengths)
+    longest: int | None = None  # --length: the ladder is built once L0 is known
+    baseline: bool = False
+    text_field: str = "text"
+    texts_flag: str = "eval.perplexity.texts"  # what errors about the texts name: the flag or the field
+
+    @classmethod
+    def from_cli(cls, target, length=None, lengths=None, baseline=False, texts=None, mode=None, passkey=None,
+                 perplexity=None, trials=None, out=None, overrides: Sequence[str] = ()) -> EvalRequest:
+        """Validate the `longext eval` arguments. Raises LongextError with one line per problem."""
+        target = Path(target)
+        if not target.is_dir():
+            raise LongextError(f"TARGET: no such directory: {target}")
+        recipe = load_recipe(target / "recipe.yaml") if (target / "recipe.yaml").is_file() else None
+        if baseline and recipe is None:
+            raise LongextError(f"--baseline: {target} is not a run directory, so it has no base model to compare with")
+        if mode is not None and mode not in MODES:
+            raise LongextError(f"--mode: expected fixed or sliding (got {mode!r})")
+        if length is not None and lengths is not None:
+            raise LongextError("--length, --lengths: give one of them (--length builds a ladder, --lengths lists it)")
+        flags = {("perplexity", "texts"): texts, ("perplexity", "mode"): mode, ("perplexity", "enabled"): perplexity,
+                 ("passkey", "enabled"): passkey, ("passkey", "trials"): trials}
+        spec = eval_spec(recipe.eval if recipe else EvalSpec(), overrides, flags)
+        longest = length_flag("--length", length) if length is not None else None
+        explicit = lengths_flag(lengths) if lengths is not None else ([] if longest else list(spec.lengths))
+        if not longest and not explicit:
+            raise LongextError(
+                "--length: give the longest context to test, e.g. --length 16k, or a ladder with --lengths 4k,8k,16k"
+                + (" (the run's recipe has no eval.lengths)" if recipe else "")
+            )
+        if not spec.perplexity.enabled and not spec.passkey.enabled:
+            raise LongextError("--ppl, --passkey: both are off, nothing to evaluate")
+        out = Path(out) if out else (target / "eval" if recipe else Path("evals") / target.resolve().name)
+        _check_out(out)
+        return cls(
+            target=target, spec=spec, out=out, lengths=tuple(sorted(set(explicit))), longest=longest,
+            baseline=baseline, text_field=recipe.data.text_field if recipe else "text",
+            texts_flag="--texts" if texts else "eval.perplexity.texts",
+        )
+
+    def ladder(self, original_context: int | None) -> list[int]:
+        """The lengths to test: the explicit list, else `ladder_lengths(longest, L0)`."""
+        return list(self.lengths) if self.lengths else ladder_lengths(self.longest, original_context)
+
+
+def length_flag(flag: str, value: object) -> int:
+    """Tokens from a flag value like 16k. Raises LongextError naming the flag."""
+    try:
+        return parse_length(value)
+    except ValueError as err:
+        raise LongextError(f"{flag}: {err} (got {value!r})") from None
+
+
+def lengths_flag(value: str) -> list[int]:
+    """Tokens from a comma list like 4k,8k,12k."""
+    items = [item.strip() for item in str(value).split(",") if item.strip()]
+    if not items:
+        raise LongextError(f"--lengths: expected a comma-separated list like 4k,8k,16k (got {value!r})")
+    return [length_flag("--lengths", item) for item in items]
+
+
+def ladder_lengths(longest: int, original_context: int | None) -> list[int]:
+    """Powers of two from 1k below `longest`, plus `longest`, plus L0 and 1.5 L0 when below it.
+
+    At most MAX_LADDER lengths: the shortest powers of two are dropped first.
+    """
+    keep = {longest}
+    if original_context:
+        keep |= {L for L in (original_context, original_context * 3 // 2) if L < longest}
+    powers = [2**k for k in range(10, 64) if 2**k < longest]
+    for power in reversed(powers):
+        if len(keep) >= MAX_LADDER:
+            break
+        keep.add(power)
+    return sorted(keep)
+
+
+def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[tuple[str, str], object]) -> EvalSpec:
+    """`base` with `--set` overrides (paths relative to `eval.`; an `eval.` prefix is accepted), then the
+    flags that were given (not None), validated by the schema."""
+    raw = base.model_dump(mode="json")
+    lines = []
+    for item in overrides:
+        item = item.strip().removeprefix("eval.")
+        issue = _apply_override(raw, item)
+        if issue:
+            where = "--set" if issue.field == "--set" else f"--set eval.{issue.field}"
+            lines.append(f"{where}: {issue.message}")
+    if lines:
+        raise FlagError(lines)
+    for (section, name), value in flags.items():
+        if value is not None:
+            raw.setdefault(section, {})[name] = list(value) if isinstance(value, (list, tuple)) else value
+    try:
+        spec = EvalSpec.model_validate(raw)
+    except ValidationError as err:
+        wrapped = {"eval": raw}  # so field paths, 'did you mean' hints and lengths read as in a recipe
+        issues = [_to_issue({**e, "loc": ("eval", *e["loc"])}, wrapped, None, set()) for e in err.errors()]
+        raise FlagError([f"--set {issue.field}: {issue.message}" for issue in issues]) from None
+    bad = [(i, d) for i, d in enumerate(spec.passkey.depths) if not 0.0 <= d <= 1.0]
+    if bad:
+        raise FlagError([f"--set eval.passkey.depths.{i}: a depth is between 0 and 1 (got {d})" for i, d in bad])
+    return spec
+
+
+def _check_out(out: Path) -> None:
+    from longext.evaluate.report import replaceable
+
+    if not replaceable(out):
+        raise LongextError(f"--out: {out} exists and is not a longext eval report; choose another directory")
+
+
+# ------------------------------------------------------------------------------------------- run
+def run_eval(request: EvalRequest) -> Path:
+    """Evaluate the target (and its base model with --baseline), write the report, print the table.
+
+    Returns the report directory.
+    """
+    from rich.console import Console
+
+    from longext.evaluate.report import rich_table, write_report
+    from longext.models import load_target
+
+    documents = load_texts(request) if request.spec.perplexity.enabled else []
+    entries, context = [], {}
+    with EvalProgress(Console(stderr=True)) as bar:
+        for i, baseline in enumerate((False, True) if request.baseline else (False,)):
+            loaded = load_target(request.target, baseline=baseline)
+            context = context or {
+                "lengths": request.ladder(loaded.original_context),
+                "original_context": loaded.original_context, "target_context": loaded.target_context,
+            }
+            models_left = 1 + request.baseline - i
+            entries.append(evaluate_model(loaded, context["lengths"], request, documents, bar, models_left))
+            entries[-1]["baseline"] = baseline
+            del loaded
+            gc.collect()
+    results = build_results(request, context, entries, documents)
+    report = write_report(request.out, results)
+    Console().print(rich_table(results))
+    return report
+
+
+def load_texts(request: EvalRequest) -> list[str]:
+    """The perplexity documents named by eval.perplexity.texts (eval split of `books`)."""
+    from longext.data import load_documents
+    from longext.materials import resolve_texts
+
+    paths = resolve_texts(list(request.spec.perplexity.texts), split="eval", field=request.texts_flag)
+    documents = load_documents(paths, request.text_field)
+    if not documents:
+        raise LongextError(f"{request.texts_flag}: no text found in {', '.join(request.spec.perplexity.texts)}")
+    return documents
+
+
+def evaluate_model(loaded, lengths: list[int], request: EvalRequest, documents: list[str], bar: EvalProgress,
+                   models_left: int) -> dict:
+    """One model's perplexity and passkey results, per length (str keys, as in eval.json)."""
+    from longext.evaluate.passkey import passkey_at_lengths, passkey_prompt
+    from longext.evaluate.perplexity import document_token_ids, perplexity_at_lengths, plan_windows
+
+    spec = request.spec
+    ids = document_token_ids(loaded.tokenizer, documents) if spec.perplexity.enabled else []
+    passes = []
+    if spec.perplexity.enabled:
+        plan = plan_windows([len(t) for t in ids], lengths, spec.perplexity)  # raises before any forward pass
+        passes += [w.length for windows in plan.values() for w in windows]
+    if spec.passkey.enabled:
+        passkey_prompt(loaded.tokenizer, min(lengths), "0" * spec.passkey.digits, 0.5)  # too short: raise now
+        passes += [L for L in lengths for _ in range(spec.passkey.trials)]
+    bar.expect(passes, models_left)
+    entry = {
+        "name": loaded.name, "original_context": loaded.original_context, "target_context": loaded.target_context,
+        "rope": json.loads(json.dumps(loaded.rope, default=str)), "text_tokens": [len(t) for t in ids],
+    }
+    progress = bar.callback(loaded.name)
+    if spec.perplexity.enabled:
+        rows = perplexity_at_lengths(loaded.model, ids, lengths, spec.perplexity, set_length=loaded.set_length,
+                                     progress=progress)
+        entry["perplexity"] = {str(L): row for L, row in rows.items()}
+    if spec.passkey.enabled:
+        rows = passkey_at_lengths(loaded.model, loaded.tokenizer, lengths, spec.passkey, spec.seed,
+                                  set_length=loaded.set_length, progress=progress)
+        entry["passkey"] = {str(L): row for L, row in rows.items()}
+    return entry
+
+
+def build_results(request: EvalRequest, context: dict, entries: list[dict], documents: list[str]) -> dict:
+    """The eval.json document (see report.py for the layout); the base model comes first."""
+    from longext.evaluate.report import machine_info, reference_length
+
+    entries = sorted(entries, key=lambda e: not e["baseline"])
+    names = [e["name"] for e in entries]
+    if len(set(names)) < len(names):
+        entries[0]["name"] = f"{entries[0]['name']} (base)"
+    return {
+        "target": str(request.target),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        **context,
+        "reference_length": reference_length(context["lengths"], context["original_context"]),
+        "settings": request.spec.model_dump(mode="json"),
+        "texts": {"sources": list(request.spec.perplexity.texts), "documents": len(documents)},
+        "models": entries,
+    }
+
+
+# -------------------------------------------------------------------------------------- progress
+def pass_cost(tokens: int) -> int:
+    """Relative cost of a forward pass over `tokens`: linear layers plus attention (~L^2)."""
+    return tokens * (tokens + 2048)
+
+
+class EvalProgress:
+    """One rich progress bar over every forward pass of the eval.
+
+    It advances by `pass_cost`, not by tokens, so the ETA stays honest as the lengths (and the
+    quadratic attention cost) grow; the tokens/s column counts plain tokens.
+    """
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=console, transient=False,
+        )
+        self.task = self.bar.add_task("loading", total=None, rate="")
+        self.tokens, self.started = 0, None
+
+    def __enter__(self) -> EvalProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        if kind is None:  # prompts may run a few tokens under their length; end at 100 %
+            self.bar.update(self.task, completed=self.bar.tasks[0].total)
+        self.bar.stop()
+
+    def expect(self, passes: list[int], models: int = 1) -> None:
+        """Add the passes (lengths in tokens) still to come; `models` = how many models will run them."""
+        task = self.bar.tasks[0]
+        remaining = sum(pass_cost(L) for L in passes) * models
+        self.bar.update(self.task, total=task.completed + remaining)
+
+    def callback(self, name: str):
+        """progress(label, tokens) for perplexity_at_lengths / passkey_at_lengths."""
+
+        def report(label: str, tokens: int) -> None:
+            self.started = self.started or time.perf_counter()
+            self.tokens += tokens
+            rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+            self.bar.update(self.task, description=f"{name} {label}", advance=pass_cost(tokens) if tokens else 0,
+                            rate=f"{rate:,.0f} tok/s")
+
+        return report

@@ -1,0 +1,296 @@
+"""`longext export RUN --out DIR`: merge the run's LoRA adapter into the base weights and write a
+model directory that plain transformers (and older consumers) load with the trained RoPE setting.
+
+    OUT/config.json                 base config + rope_parameters (transformers 5) + rope_theta /
+                                    rope_scaling (transformers 4.x, vLLM, DeepSpeed) +
+                                    max_position_embeddings + an informative `longext` block
+    OUT/model*.safetensors          merged weights in --dtype
+    OUT/generation_config.json      when the base model has one
+    OUT/tokenizer files             the base model's tokenizer, unchanged
+
+Everything is written to `.OUT.tmp-*` beside OUT, reloaded there with plain
+`AutoModelForCausalLM.from_pretrained` and compared with the unmerged in-tool model on fixed probe
+tokens; only then is it renamed to OUT (design.md §2 item 5: the RoPE state is an artifact, and
+export proves it).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from longext import __version__
+from longext.errors import LongextError
+from longext.models import expand_path, is_run_dir, load_model_config, load_target, quiet_libraries
+from longext.rope import RopeState, legacy_rope_keys
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALLOWED_DTYPES = ("auto", "float32", "bfloat16")  # float16 only via auto, when the base model is float16
+FP32_BOUND = 1e-4  # max |Δlogit|, float32 weights: merge, save and reload change only summation order
+LOW_PRECISION_RTOL = 5e-2  # bf16/fp16 weights: bound = 5e-2 * max(1, max |logit|), bf16 keeps 8 bits
+PROBE_TOKENS = 64  # tokens per probe segment
+PROBE_KEEP = 128  # logits compared per probe row, at most
+LONG_PROBE_BUDGET = 2e11  # parameters x tokens of the optional contiguous probe past L0 (seconds on CPU)
+RUN_FOLDERS = ("adapter", "checkpoints")  # OUT may not live inside these (and --force would delete them)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    max_abs_diff: float  # max |Δlogit|, reloaded export vs unmerged in-tool model, over all probes
+    bound: float  # the check max_abs_diff had to pass
+    dtype: str  # dtype of the saved weights
+    logit_scale: float  # max |logit| of the in-tool model on the probes
+    probes: tuple[str, ...]  # what was compared, e.g. "2x128 tokens at positions 0-63, 192-255"
+    rope_parameters: dict
+    max_position_embeddings: int
+    replaced: bool  # an existing OUT was replaced (--force)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """[rows, n] token ids with their position ids; `keep` = positions whose logits are compared."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    keep: torch.Tensor
+
+    def describe(self) -> str:
+        pos = self.position_ids[0].tolist()
+        spans, start = [], pos[0]
+        for a, b in zip(pos, pos[1:] + [None]):
+            if b != a + 1:
+                spans.append(f"{start}-{a}")
+                start = b
+        rows, n = self.input_ids.shape
+        return f"{rows}x{n} tokens at positions {', '.join(spans)}"
+
+
+def run_export(run: Path, out: Path, force: bool = False, dtype: str = "auto") -> ExportResult:
+    """Merge, write to a temp dir beside OUT, reload with plain transformers, compare logits, publish."""
+    run, out = Path(run), Path(out)
+    check_export_args(run, out, force, dtype)
+    quiet_libraries()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # save_pretrained imports deepspeed, which warns without it
+    state = RopeState.from_json(json.loads((run / "rope.json").read_text()))
+    merged, reference, probes, info = _merge_run(run, state, dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        write_export(merged, tmp, state, info)
+        del merged
+        gc.collect()
+        diff, bound, scale = verify_export(tmp, state, probes, reference, info["dtype"])
+        replaced = _publish(tmp, out, force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(
+        out_dir=out, max_abs_diff=diff, bound=bound, dtype=info["dtype"], logit_scale=scale,
+        probes=tuple(p.describe() for p in probes), rope_parameters=dict(state.parameters),
+        max_position_embeddings=state.max_position_embeddings, replaced=replaced,
+    )
+
+
+def check_export_args(run: Path, out: Path, force: bool, dtype: str) -> None:
+    """Every refusal that needs no weights, before anything is loaded or written."""
+    if dtype not in ALLOWED_DTYPES:
+        raise LongextError(f"--dtype: got {dtype!r} (allowed: {', '.join(ALLOWED_DTYPES)})")
+    if not run.is_dir():
+        raise LongextError(f"RUN: no such directory: {str(run)!r}")
+    if not is_run_dir(run):
+        raise LongextError(f"RUN: {run} is not a run directory (no recipe.yaml/rope.json)")
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        raise LongextError(f"RUN: {run} has no adapter yet; finish or resume training first")
+    r, o = run.resolve(), out.resolve()
+    if r.is_relative_to(o):
+        raise LongextError(f"--out: {out} is the run directory or contains it; choose another directory")
+    for folder in RUN_FOLDERS:
+        if o.is_relative_to(r / folder):
+            raise LongextError(f"--out: {out} is inside the run's {folder}/ folder; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise LongextError(f"--out: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise LongextError(f"--out: {out} exists; pass --force to replace it")
+
+
+def _merge_run(run: Path, state: RopeState, dtype: str):
+    """In-tool model (base + RoPE + adapter, float32) → reference logits → merged model in the save dtype."""
+    try:
+        loaded = load_target(run, dtype=torch.float32)
+    except (OSError, ValueError) as err:  # a damaged adapter folder (peft/json/safetensors errors)
+        raise LongextError(f"RUN: cannot load the adapter in {run / 'adapter'}: {str(err).splitlines()[0]}") from None
+    recipe = loaded.recipe
+    save_dtype = resolve_dtype(dtype, recipe.model.path)
+    loaded.model.get_base_model().set_attn_implementation("sdpa")  # same kernel as the reloaded side
+    probes = build_probes(loaded.model.config.vocab_size, state, _num_params(loaded.model))
+    reference = probe_logits(loaded.model, probes)
+    try:
+        merged = loaded.model.merge_and_unload(safe_merge=True)
+    except ValueError as err:  # peft's safe_merge: NaN in a merged weight
+        raise LongextError(f"RUN: the adapter in {run / 'adapter'} is broken: {str(err).splitlines()[0]}") from None
+    merged.to(DTYPES[save_dtype])
+    check_finite(merged, run)
+    info = {
+        "dtype": save_dtype, "base": expand_path(recipe.model.path),
+        "longext": {
+            "version": __version__, "run": recipe.name, "method": recipe.method.kind, "rope_kind": state.kind,
+            "original_context": state.original_context, "target_len": state.target_len,
+        },
+    }
+    return merged, reference, probes, info
+
+
+def resolve_dtype(dtype: str, base_path: str) -> str:
+    """`auto` = the base model's saved dtype (config.dtype / torch_dtype), float32 when unknown."""
+    if dtype != "auto":
+        return dtype
+    config = load_model_config(base_path)
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(saved).removeprefix("torch.") if saved is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
+def check_finite(model, run: Path) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LongextError(
+                f"RUN: merged weight {name} of {run} contains NaN/inf (a broken adapter, or too large for the "
+                f"save dtype; try --dtype float32); nothing was written"
+            )
+
+
+def _num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------- probes
+def build_probes(vocab_size: int, state: RopeState, num_params: int = 0, n: int = PROBE_TOKENS) -> list[Probe]:
+    """Fixed random tokens (seed 0), 2 rows per probe:
+
+    - n tokens at positions 0..n-1 (inside L0: the regime dynamic scaling leaves alone);
+    - n tokens at 0..n-1 plus n at L-n..L-1, one causal sequence with a position jump: attention
+      across distances up to L-1 and positions up to the target, for the price of 2n tokens;
+    - one contiguous sequence of L0+n tokens (capped at L), longer than the base's window, when
+      the target is past L0 and the model is small enough (LONG_PROBE_BUDGET).
+    """
+    gen = torch.Generator().manual_seed(0)
+    L0, L = state.original_context, state.target_len
+    n = min(n, L // 2)
+    segments = [[(0, n)]]
+    if L > 2 * n:
+        segments.append([(0, n), (L - n, n)])
+    long_len = min(L, L0 + n)
+    if L > L0 and num_params * long_len <= LONG_PROBE_BUDGET:
+        segments.append([(0, long_len)])
+    probes = []
+    for parts in segments:
+        positions = torch.cat([torch.arange(start, start + length) for start, length in parts])
+        total = positions.numel()
+        keep = torch.linspace(0, total - 1, min(total, PROBE_KEEP)).round().long().unique()
+        ids = torch.randint(0, vocab_size, (2, total), generator=gen)
+        probes.append(Probe(ids, positions.expand(2, -1).clone(), keep))
+    return probes
+
+
+@torch.no_grad()
+def probe_logits(model, probes: list[Probe]) -> list[torch.Tensor]:
+    """[rows, len(keep), vocab] float32 logits per probe. The explicit attention mask keeps
+    transformers from reading a position jump as a packed-sequence boundary."""
+    model.eval()
+    out = []
+    for p in probes:
+        logits = model(
+            input_ids=p.input_ids, position_ids=p.position_ids, attention_mask=torch.ones_like(p.input_ids),
+            logits_to_keep=p.keep, use_cache=False,
+        ).logits
+        out.append(logits.float())
+    return out
+
+
+# ------------------------------------------------------------------------------------- writing
+def write_export(merged, folder: Path, state: RopeState, info: dict) -> None:
+    """Weights, tokenizer and generation config through transformers, then the RoPE keys in config.json."""
+    from transformers import AutoTokenizer
+
+    merged.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(info["base"]).save_pretrained(folder)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(export_config_keys(state))
+    config["dtype"] = info["dtype"]
+    config["longext"] = info["longext"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def export_config_keys(state: RopeState) -> dict:
+    """Both key styles: `rope_parameters` for transformers 5, `rope_theta` + `rope_scaling` for the rest.
+    max_position_embeddings stays L0 for dynamic (raising it switches the scaling off, design.md §4)."""
+    return {
+        "rope_parameters": dict(state.parameters),
+        **legacy_rope_keys(state.parameters),
+        "max_position_embeddings": state.max_position_embeddings,
+    }
+
+
+# ------------------------------------------------------------------------------------ checking
+def verify_export(folder: Path, state: RopeState, probes, reference, dtype: str) -> tuple[float, float, float]:
+    """Reload `folder` with plain transformers in float32; (max |Δlogit|, bound, logit scale) or LongextError."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    got = reloaded_rope_parameters(config.rope_parameters)
+    if got != state.parameters or config.max_position_embeddings != state.max_position_embeddings:
+        raise LongextError(
+            f"export check failed: the written config reloads as rope_parameters={got}, max_position_embeddings="
+            f"{config.max_position_embeddings}; expected {state.parameters}, {state.max_position_embeddings} "
+            f"(nothing was published)"
+        )
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    logits = probe_logits(model, probes)
+    del model
+    diff = max(float((a - b).abs().max()) for a, b in zip(logits, reference))
+    scale = max(float(r.abs().max()) for r in reference)
+    bound = FP32_BOUND if dtype == "float32" else LOW_PRECISION_RTOL * max(1.0, scale)
+    if not diff < bound:  # also catches NaN
+        raise LongextError(
+            f"export check failed: max |Δlogit| {diff:.3g} between the reloaded {dtype} export and the in-tool model "
+            f"exceeds {bound:.3g} (nothing was published)"
+        )
+    return diff, bound, scale
+
+
+def reloaded_rope_parameters(params: dict | None) -> dict:
+    """transformers 5 prefers the legacy `rope_scaling` over `rope_parameters` when both are present,
+    and so carries over its alias `type`; drop that alias when it agrees with `rope_type`."""
+    params = dict(params or {})
+    if "type" in params and params["type"] == params.get("rope_type"):
+        del params["type"]
+    return params
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> bool:
+    """Rename the verified temp dir to OUT; an old OUT is moved aside first and deleted last."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return False
+    replaced = any(out.iterdir())
+    if replaced and not force:  # created while we were working
+        raise LongextError(f"--out: {out} exists; pass --force to replace it")
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-")) / "old"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    finally:
+        shutil.rmtree(old.parent, ignore_errors=True)
+    return replaced

@@ -1,0 +1,147 @@
+"""Training runs in a real DeepSpeed engine on CPU: ZeRO stages, resume, signals, families, ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import losses, write_recipe
+from longext.errors import LongextError, TrainingStopped
+from longext.recipe import load_recipe
+from longext.train import run_training
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def train(path: Path, *overrides: str, resume: bool = False) -> Path:
+    return run_training(load_recipe(path, list(overrides)), resume=resume)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_each_zero_stage_trains_and_saves_a_nonzero_adapter(tmp_path, tiny_model_dir, corpus_dir, stage):
+    from safetensors.torch import load_file
+
+    path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name=f"z{stage}", train={"zero_stage": stage, "steps": 3})
+    run = train(path)
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: non-zero means it trained
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_zero_stages_give_the_same_losses_in_fp32(tmp_path, tiny_model_dir, corpus_dir):
+    runs = [
+        train(write_recipe(tmp_path, tiny_model_dir, corpus_dir, name=f"s{s}", train={"zero_stage": s, "steps": 3}))
+        for s in (0, 3)
+    ]
+    a, b = (losses(r) for r in runs)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_dir, corpus_dir):
+    common = dict(train={"steps": 6, "save_every": 3, "grad_accum": 2, "lr": 3.0e-3})
+    full = train(write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="full", **common))
+    part = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="part", **common)
+    train(part, "train.steps=3")
+    resumed = train(part, resume=True)
+    want, got = losses(full), losses(resumed)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(4, 7):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7)
+
+
+def test_a_finished_run_is_not_overwritten_without_being_asked(tmp_path, tiny_model_dir, corpus_dir):
+    path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="once", train={"steps": 1})
+    train(path)
+    with pytest.raises(LongextError, match="already holds a finished run"):
+        train(path)
+    train(path, "output.overwrite=true")  # allowed when asked
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model_dir, corpus_dir):
+    path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="chg", train={"steps": 2, "save_every": 1})
+    train(path)
+    with pytest.raises(LongextError, match="differs .* in train.lr"):
+        train(path, "train.lr=0.5", "train.steps=3", resume=True)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, corpus_dir):
+    # AdamW moves every weight by ~lr per step whatever the gradient: lr 1e30 overflows the next forward.
+    path = write_recipe(
+        tmp_path, tiny_model_dir, corpus_dir, name="nan", train={"steps": 5, "save_every": 1, "lr": 1.0e30, "grad_clip": None}
+    )
+    with pytest.raises(TrainingStopped, match="non-finite loss .* last good checkpoint is .*step-000001"):
+        train(path)
+    run = tmp_path / "runs" / "nan"
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000001"
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_one_training_step_for_each_supported_family(tmp_path, corpus_dir, tiny_tokenizer, arch):
+    from conftest import build_tiny_model
+
+    model_dir = tmp_path / arch
+    build_tiny_model(arch, vocab_size=len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    run = train(write_recipe(tmp_path, model_dir, corpus_dir, name=arch, train={"steps": 1}, rope={"kind": "yarn"}))
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "rope.json").read_text())["parameters"]["rope_type"] == "yarn"
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    # The in-process tests above made this process rank 0 of a world of one; a child must not inherit that.
+    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "longext", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigterm_mid_run_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, corpus_dir):
+    common = dict(train={"steps": 60, "lr": 2.0e-3}, data={"seq_len": 128})
+    full = train(write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="ref", **common))
+    path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="sig", **common)
+    metrics = tmp_path / "runs" / "sig" / "metrics.jsonl"
+    proc = _cli("train", str(path))
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "training never logged 3 steps"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "interrupted by SIGTERM" in out and "Traceback" not in out
+    run = tmp_path / "runs" / "sig"
+    stopped_at = json.loads((run / "status.json").read_text())["step"]
+    assert 3 <= stopped_at < 60
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{stopped_at:06d}"
+    resumed = train(path, resume=True)
+    want, got = losses(full), losses(resumed)
+    assert sorted(got) == list(range(1, 61))
+    for step in range(stopped_at + 1, 61):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7)
+
+
+def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(tmp_path, tiny_model_dir, corpus_dir):
+    # 1 rank x grad_accum 2 sees exactly the samples 2 ranks x grad_accum 1 see (data.py indexing).
+    one = train(write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="one", train={"zero_stage": 2, "grad_accum": 2}))
+    path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="two", train={"zero_stage": 2, "grad_accum": 1})
+    proc = _cli("train", str(path), "--nproc", "2")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    a, b = losses(one), losses(tmp_path / "runs" / "two")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4)
+    assert (tmp_path / "runs" / "two" / "adapter" / "adapter_model.safetensors").is_file()
