@@ -34,6 +34,16 @@ models_app = typer.Typer(help="Set up offline models and texts (SmolLM2-135M, pu
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(models_app, name="models")
 
+
+@app.callback()
+def _launcher_flags(
+    local_rank: Annotated[Optional[int], typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
+) -> None:
+    # The DeepSpeed launcher runs `python -m longext --local_rank=N train ...`: the flag lands before the
+    # command. Accepted and ignored here (and on `train`); ranks read LOCAL_RANK from the environment.
+    pass
+
+
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a recipe field, e.g. -s train.lr=1e-5 (repeatable)."),
@@ -49,6 +59,7 @@ def _console(stderr: bool = False):
 # ----------------------------------------------------------------------------------------- train
 @app.command()
 def train(
+    ctx: typer.Context,
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML, e.g. recipes/demo.yaml.", show_default=False)],
     overrides: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and DeepSpeed config; load no weights.")] = False,
@@ -71,7 +82,8 @@ def train(
     if nproc > 1 or hostfile:
         from longext.launch import relaunch
 
-        raise typer.Exit(relaunch(sys.argv[1:], nproc=nproc, hostfile=hostfile))
+        argv = ctx.find_root().obj  # what main() was given; None from the console script
+        raise typer.Exit(relaunch(argv if argv is not None else sys.argv[1:], nproc=nproc, hostfile=hostfile))
     from longext.train import run_training
 
     run_dir = run_training(spec, resume=resume)
@@ -195,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     err = _console(stderr=True)
     try:
-        result = command.main(args=argv, prog_name="longext", standalone_mode=False)
+        obj = list(argv) if argv is not None else None  # `train --nproc` re-runs these arguments
+        result = command.main(args=argv, prog_name="longext", standalone_mode=False, obj=obj)
     except click_errors.NoArgsIsHelpError as exc:
         typer.echo(exc.ctx.get_help())
         return 0
@@ -230,7 +243,8 @@ def _usage_line(exc: click_errors.UsageError) -> str:
         name = param.opts[0] if param.param_type_name == "option" else (param.metavar or param.name.upper())
         return f"{name}: {message}" + (f" (got {got!r})" if shown else "")
     if isinstance(exc, click_errors.NoSuchOption) and ctx is not None:
-        options = [p.opts[0] for p in ctx.command.params if p.param_type_name == "option" and not getattr(p, "hidden", False)]
+        params = ctx.command.params
+        options = [p.opts[0] for p in params if p.param_type_name == "option" and not getattr(p, "hidden", False)]
         close = f", did you mean {' or '.join(sorted(exc.possibilities))}?" if exc.possibilities else ""
         return f"{where}: no such option {exc.option_name}{close} (allowed: {', '.join([*options, '--help'])})"
     if ctx is not None and isinstance(ctx.command, typer.core.TyperGroup) and exc.message.startswith("No such command"):

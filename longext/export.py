@@ -33,8 +33,11 @@ from longext.rope import RopeState, legacy_rope_keys
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALLOWED_DTYPES = ("auto", "float32", "bfloat16")  # float16 only via auto, when the base model is float16
-FP32_BOUND = 1e-4  # max |Δlogit|, float32 weights: merge, save and reload change only summation order
-LOW_PRECISION_RTOL = 5e-2  # bf16/fp16 weights: bound = 5e-2 * max(1, max |logit|), bf16 keeps 8 bits
+# Bounds on max |Δlogit|, relative to the logit scale: bound = RTOL * max(1, max |logit|).
+# float32: merging changes only summation order; the tiny test model shows ~3e-7, SmolLM2-135M (30
+# layers, logits ~34) ~3.5e-3 absolute = 1e-4 relative, about its own float32 error against float64.
+FP32_RTOL = 1e-3
+LOW_PRECISION_RTOL = 5e-2  # bf16/fp16 weights: bf16 keeps 8 significant bits (rounding 2^-9 per weight)
 PROBE_TOKENS = 64  # tokens per probe segment
 PROBE_KEEP = 128  # logits compared per probe row, at most
 LONG_PROBE_BUDGET = 2e11  # parameters x tokens of the optional contiguous probe past L0 (seconds on CPU)
@@ -107,8 +110,13 @@ def check_export_args(run: Path, out: Path, force: bool, dtype: str) -> None:
         raise LongextError(f"RUN: no such directory: {str(run)!r}")
     if not is_run_dir(run):
         raise LongextError(f"RUN: {run} is not a run directory (no recipe.yaml/rope.json)")
-    if not (run / "adapter" / "adapter_config.json").is_file():
+    adapter_config = run / "adapter" / "adapter_config.json"
+    if not adapter_config.is_file():
         raise LongextError(f"RUN: {run} has no adapter yet; finish or resume training first")
+    try:
+        json.loads(adapter_config.read_text())
+    except ValueError as err:
+        raise LongextError(f"RUN: {adapter_config} is not valid JSON ({err}); resume training to rewrite it") from None
     r, o = run.resolve(), out.resolve()
     if r.is_relative_to(o):
         raise LongextError(f"--out: {out} is the run directory or contains it; choose another directory")
@@ -123,10 +131,7 @@ def check_export_args(run: Path, out: Path, force: bool, dtype: str) -> None:
 
 def _merge_run(run: Path, state: RopeState, dtype: str):
     """In-tool model (base + RoPE + adapter, float32) → reference logits → merged model in the save dtype."""
-    try:
-        loaded = load_target(run, dtype=torch.float32)
-    except (OSError, ValueError) as err:  # a damaged adapter folder (peft/json/safetensors errors)
-        raise LongextError(f"RUN: cannot load the adapter in {run / 'adapter'}: {str(err).splitlines()[0]}") from None
+    loaded = load_target(run, dtype=torch.float32)
     recipe = loaded.recipe
     save_dtype = resolve_dtype(dtype, recipe.model.path)
     loaded.model.get_base_model().set_attn_implementation("sdpa")  # same kernel as the reloaded side
@@ -258,7 +263,7 @@ def verify_export(folder: Path, state: RopeState, probes, reference, dtype: str)
     del model
     diff = max(float((a - b).abs().max()) for a, b in zip(logits, reference))
     scale = max(float(r.abs().max()) for r in reference)
-    bound = FP32_BOUND if dtype == "float32" else LOW_PRECISION_RTOL * max(1.0, scale)
+    bound = (FP32_RTOL if dtype == "float32" else LOW_PRECISION_RTOL) * max(1.0, scale)
     if not diff < bound:  # also catches NaN
         raise LongextError(
             f"export check failed: max |Δlogit| {diff:.3g} between the reloaded {dtype} export and the in-tool model "

@@ -153,6 +153,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     del quantized
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    for file in out.iterdir():  # safetensors is written 0600; a shared cache must be readable
+        file.chmod(0o644)
     _verify_smollm2(model.eval(), out)
 
 
@@ -246,6 +248,7 @@ def _shakespeare_plays() -> list[Book]:
 def _debian_books(work: Path) -> list[Book]:
     """Austen's six novels, Moby Dick and three tidytext novels, from the Debian R data packages."""
     debs = _apt_download(work)
+    (work / "root").mkdir(parents=True, exist_ok=True)
     for deb in debs.values():
         _run(["dpkg-deb", "-x", str(deb), str(work / "root")], _AptUnavailable)
     source = {pkg: f"{pkg} {deb.name.split('_')[1]} (Debian)" for pkg, deb in debs.items()}
@@ -341,7 +344,7 @@ def _apt_download(work: Path) -> dict[str, Path]:
     debs = {pkg: sorted(downloads_dir().glob(f"{pkg}_*.deb")) for pkg in DEBIAN_PACKAGES}
     missing = [pkg for pkg, found in debs.items() if not found]
     if missing:
-        work.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True)
         cmd = ["apt-get", "download", "-q", *missing]
         try:
             _run(cmd, _AptUnavailable, cwd=work)

@@ -341,3 +341,26 @@ def test_eval_command_end_to_end_on_a_saved_tiny_model(tiny_model_dir, corpus_di
     assert list(model["perplexity"]) == ["192", "256", "320"] and model["passkey"]["320"]["trials"] == 2
     assert all(row["scored_tokens"] == 64 for row in model["perplexity"].values())
     assert {"eval.md", "ppl.png", "passkey.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_eval_of_a_run_with_baseline_compares_both_models_on_the_same_tokens_and_keys(
+    tmp_path, tiny_model_dir, corpus_dir
+):
+    from helpers import write_recipe
+    from longext.cli import main
+    from longext.recipe import load_recipe
+    from longext.train import run_training
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="ev", train={"steps": 2},
+                          eval={"lengths": [192, 256], "perplexity": {"targets": 32}, "passkey": {"trials": 2}})
+    run = run_training(load_recipe(recipe))
+    assert main(["eval", str(run), "--baseline", "--texts", str(corpus_dir)]) == 0
+    results = json.loads((run / "eval" / "eval.json").read_text())
+    base, tuned = results["models"]
+    assert (base["name"], base["baseline"], tuned["name"], tuned["baseline"]) == ("base", True, "ev", False)
+    assert results["lengths"] == [192, 256] and results["target_context"] == 256
+    for part in ("perplexity", "passkey"):
+        assert list(base[part]) == list(tuned[part]) == ["192", "256"]
+    assert base["perplexity"]["256"]["ppl"] != tuned["perplexity"]["256"]["ppl"]  # the adapter and RoPE count
+    keys = [[r["key"] for r in m["passkey"]["256"]["records"]] for m in (base, tuned)]
+    assert keys[0] == keys[1]

@@ -1,0 +1,429 @@
+"""The command line's contract for bad input: exit code 2, one `error:` line per problem on stderr, no
+traceback, nothing written. Plus: every --help works, and the CLI starts without importing torch.
+
+Tests call `longext.cli.main(argv)` in-process; nothing here trains. The few that read a model use the
+tiny saved Llama's config.json (`train --dry-run`, and `train` into a used run directory, which stops
+before any weights load).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+
+from longext.cli import app, main
+from longext.errors import LongextError
+from longext.launch import launch_command
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = {"torch", "transformers", "deepspeed", "peft", "datasets"}
+
+RECIPE = """\
+name: t
+model:
+  path: {model}
+method:
+  kind: standard
+  target_len: 512
+train:
+  steps: 2
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def recipe(tmp_path) -> Path:
+    """A valid recipe whose model.path does not exist (fine for everything but --dry-run and train)."""
+    return write(tmp_path / "r.yaml", RECIPE.format(model=tmp_path / "no-model"))
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def bad_input(capsys, *argv, problems: int = 1) -> list[str]:
+    """Run argv, check the bad-input contract, return the error lines."""
+    code, out, err = run(capsys, *argv)
+    lines = err.splitlines()
+    assert "Traceback" not in out + err, err
+    assert code == 2, err
+    assert len(lines) == problems, err
+    assert all(line.startswith("error: ") for line in lines), err
+    return lines
+
+
+# ---------------------------------------------------------------------------------- recipe input
+def test_missing_recipe_file(capsys, tmp_path):
+    path = tmp_path / "nope.yaml"
+    assert bad_input(capsys, "train", path) == [f"error: {path} <file>: no such recipe file"]
+
+
+def test_yaml_syntax_error_shows_the_line(capsys, tmp_path):
+    path = write(tmp_path / "r.yaml", "name: t\nmodel:\n  path: [unclosed\nmethod:\n  kind: standard\n")
+    [line] = bad_input(capsys, "train", path)
+    assert re.fullmatch(rf"error: {re.escape(str(path))}:\d+ <yaml>: expected ',' or '\]', but got .*", line)
+
+
+def test_unknown_field_gives_file_line_suggestion_and_allowed_fields_on_one_line(capsys, tmp_path):
+    path = write(tmp_path / "r.yaml", RECIPE.format(model="m") + "  stpes: 3\n")
+    [line] = bad_input(capsys, "train", path)
+    assert line.startswith(f"error: {path}:9 train.stpes: unknown field, did you mean steps? (allowed: betas, eps,")
+    assert len(line) > 200  # long, yet never wrapped onto a second line
+
+
+def test_bad_enum_value(capsys, tmp_path):
+    path = write(tmp_path / "r.yaml", RECIPE.format(model="m") + "  precision: fp16\n")
+    assert bad_input(capsys, "recipes", "validate", path) == [
+        f"error: {path}:9 train.precision: Input should be 'bf16' or 'fp32' (got 'fp16')"
+    ]
+
+
+def test_bad_length(capsys, tmp_path):
+    path = write(tmp_path / "r.yaml", RECIPE.format(model="m").replace("target_len: 512", "target_len: 12q"))
+    assert bad_input(capsys, "train", path) == [
+        f"error: {path}:6 method.target_len: expected a positive whole number of tokens like 4096, 4k, 128k "
+        "or 1m (got '12q')"
+    ]
+
+
+def test_wrong_kind_lists_the_kinds(capsys, tmp_path):
+    path = write(tmp_path / "r.yaml", RECIPE.format(model="m") + "rope:\n  kind: foo\n")
+    [line] = bad_input(capsys, "train", path)
+    assert line == (
+        f"error: {path}:10 rope.kind: must be one of 'none', 'linear', 'ntk', 'dynamic', 'yarn', 'llama3' (got 'foo')"
+    )
+
+
+def test_number_or_auto_field_is_one_line_not_one_per_union_member(capsys, tmp_path):
+    path = write(tmp_path / "r.yaml", RECIPE.format(model="m") + "rope:\n  kind: yarn\n  factor: big\n")
+    assert bad_input(capsys, "train", path) == [
+        f"error: {path}:11 rope.factor: expected a number, or 'auto' (got 'big')"
+    ]
+
+
+def test_cross_field_rule(capsys, tmp_path):
+    path = write(tmp_path / "r.yaml", RECIPE.format(model="m") + "  offload_params: true\n")
+    assert bad_input(capsys, "train", path) == [
+        f"error: {path}:9 train.offload_params: parameter offload needs train.zero_stage 3 (got zero_stage 2)"
+    ]
+
+
+def test_several_problems_in_one_file_are_one_line_each(capsys, tmp_path):
+    text = RECIPE.format(model="m").replace("target_len: 512", "target_len: 0") + "  precision: fp16\n  lr: -1\n"
+    lines = bad_input(capsys, "train", write(tmp_path / "r.yaml", text), problems=3)
+    assert {re.match(r"error: \S+:(\d+) (\S+):", line).groups() for line in lines} == {
+        ("6", "method.target_len"), ("9", "train.precision"), ("10", "train.lr"),
+    }
+
+
+# ------------------------------------------------------------------------------------------ --set
+def test_set_without_equals(capsys, recipe):
+    assert bad_input(capsys, "train", recipe, "--set", "train.lr") == [
+        f"error: {recipe} --set: expected KEY=VALUE such as train.lr=1e-5 (got 'train.lr')"
+    ]
+
+
+def test_set_type_error_is_marked_as_from_set(capsys, recipe):
+    assert bad_input(capsys, "train", recipe, "-s", "train.steps=abc") == [
+        f"error: {recipe}:8 train.steps: Input should be a valid integer, unable to parse string as an integer "
+        "(got 'abc') [from --set]"
+    ]
+
+
+def test_set_into_a_value_that_is_not_a_section(capsys, recipe):
+    assert bad_input(capsys, "train", recipe, "-s", "train.steps.max=1") == [
+        f"error: {recipe} train.steps: is not a section, cannot set train.steps.max (got 2)"
+    ]
+
+
+# ----------------------------------------------------------------------------- model.path checks
+def test_dry_run_with_a_missing_model_directory(capsys, recipe, tmp_path):
+    [line] = bad_input(capsys, "train", recipe, "--dry-run")
+    assert line.startswith(f"error: model.path: no such model directory: '{tmp_path / 'no-model'}'")
+
+
+def test_dry_run_with_a_model_directory_without_config_json(capsys, recipe, tmp_path):
+    (tmp_path / "empty-model").mkdir()
+    [line] = bad_input(capsys, "train", recipe, "--dry-run", "-s", f"model.path={tmp_path / 'empty-model'}")
+    assert line == (
+        f"error: model.path: {tmp_path / 'empty-model'} has no config.json (expected a transformers model directory)"
+    )
+
+
+def test_dry_run_with_an_unsupported_model_type(capsys, recipe, tmp_path):
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert bad_input(capsys, "train", recipe, "--dry-run", "-s", f"model.path={model}") == [
+        "error: model.path: model type 'gpt2' is not supported (supported: llama, mistral, qwen2, qwen3)"
+    ]
+
+
+# ----------------------------------------------------------------------------------------- flags
+def test_unknown_flag_lists_the_allowed_ones(capsys, recipe):
+    [line] = bad_input(capsys, "train", recipe, "--bogus")
+    assert line.startswith("error: longext train: no such option --bogus")
+    assert "(allowed: --set, --dry-run, --resume, --out, --nproc, --hostfile, --help)" in line
+    assert "--local_rank" not in line  # hidden: only launchers pass it
+
+
+def test_misspelt_flag_gets_a_suggestion(capsys, recipe):
+    [line] = bad_input(capsys, "train", recipe, "--dry")
+    assert line.startswith("error: longext train: no such option --dry, did you mean --dry-run? (allowed: ")
+
+
+@pytest.mark.parametrize("value, message", [("0", "Input should be greater than or equal to 1 (got '0')"),
+                                            ("two", "Input should be a valid integer")])
+def test_nproc_must_be_a_positive_integer(capsys, recipe, value, message):
+    [line] = bad_input(capsys, "train", recipe, "--nproc", value)
+    assert line.startswith(f"error: --nproc: {message}")
+
+
+def test_unknown_command_lists_the_commands(capsys):
+    [line] = bad_input(capsys, "trian")
+    assert line == (
+        "error: longext: No such command 'trian'. Did you mean 'train'? "
+        "(commands: train, eval, export, recipes, models)"
+    )
+
+
+def test_missing_argument(capsys):
+    assert bad_input(capsys, "train") == [
+        "error: longext train: Missing argument 'RECIPE'. (see `longext train --help`)"
+    ]
+
+
+def test_nproc_relaunches_the_arguments_main_was_given_not_sys_argv(capsys, recipe, monkeypatch):
+    import longext.launch
+
+    calls = []
+    monkeypatch.setattr(longext.launch, "relaunch", lambda argv, nproc, hostfile: calls.append((argv, nproc)) or 0)
+    argv = ["train", str(recipe), "--nproc", "2", "-s", "train.steps=3"]
+    assert main(argv) == 0
+    assert calls == [(argv, 2)]
+
+
+def test_hostfile_that_does_not_exist_is_refused_before_launching():
+    with pytest.raises(LongextError, match=r"--hostfile: no such file: '/no/hostfile'"):
+        launch_command(["train", "r.yaml", "--nproc", "2"], 2, Path("/no/hostfile"), 29500)
+
+
+# ------------------------------------------------------------------------------------------- eval
+def test_eval_of_a_missing_target(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bad_input(capsys, "eval", tmp_path / "nope", "--length", "4k") == [
+        f"error: TARGET: no such directory: {tmp_path / 'nope'}"
+    ]
+    assert list(tmp_path.iterdir()) == []  # no report folder started
+
+
+def test_eval_without_a_target(capsys):
+    assert bad_input(capsys, "eval") == ["error: longext eval: Missing argument 'TARGET'. (see `longext eval --help`)"]
+
+
+LENGTHS = "a positive whole number of tokens like 4096, 4k, 128k or 1m"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--length", "abc"], f"--length: expected {LENGTHS} (got 'abc')"),
+        (["--lengths", "4k,abc"], f"--lengths: expected {LENGTHS} (got 'abc')"),
+        (["--length", "4k", "--mode", "foo"], "--mode: expected fixed or sliding (got 'foo')"),
+        (["--length", "4k", "--trials", "0"], "--trials: Input should be greater than or equal to 1 (got '0')"),
+    ],
+)
+def test_eval_bad_flags(capsys, tmp_path, monkeypatch, flags, message):
+    target = tmp_path / "model"
+    target.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert bad_input(capsys, "eval", target, *flags) == [f"error: {message}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# ----------------------------------------------------------------------------------------- export
+def test_export_of_a_directory_that_is_not_a_run(capsys, tmp_path):
+    pytest.importorskip("longext.export")
+    assert bad_input(capsys, "export", tmp_path, "--out", tmp_path / "merged") == [
+        f"error: RUN: {tmp_path} is not a run directory (no recipe.yaml/rope.json)"
+    ]
+    assert not (tmp_path / "merged").exists()
+
+
+def test_export_dtype_is_checked_before_anything_loads(capsys, tmp_path):
+    assert bad_input(capsys, "export", tmp_path, "--out", tmp_path / "merged", "--dtype", "float16") == [
+        "error: --dtype: 'float16' is not one of 'float32', 'bfloat16', 'auto'"
+    ]
+    assert not (tmp_path / "merged").exists()
+
+
+def test_export_needs_out(capsys, tmp_path):
+    [line] = bad_input(capsys, "export", tmp_path)
+    assert line == "error: longext export: Missing option '--out' / '-o'. (see `longext export --help`)"
+
+
+# ---------------------------------------------------------------------------------------- recipes
+def test_recipes_show_of_an_unknown_name_lists_the_shipped_ones(capsys):
+    [line] = bad_input(capsys, "recipes", "show", "nosuchrecipe")
+    assert line.startswith("error: NAME: no recipe named 'nosuchrecipe' (shipped: demo, ")
+
+
+def test_recipes_validate_reports_every_problem_of_every_file(capsys, tmp_path):
+    one = write(tmp_path / "one.yaml", RECIPE.format(model="m") + "  precision: fp16\nlora:\n  rnak: 4\n")
+    two = write(tmp_path / "two.yaml", "name: t\nmodel: {path: m}\nmethod: {kind: standard, target_len: 4q}\n"
+                                     "train: {steps: 1}\n")
+    good = write(tmp_path / "good.yaml", RECIPE.format(model="m"))
+    code, out, err = run(capsys, "recipes", "validate", one, good, two)
+    assert code == 2
+    assert "Traceback" not in err
+    assert out.splitlines() == [f"ok  {good}"]
+    lines = err.splitlines()
+    files = [line.split(":", 2)[1].split("/")[-1] for line in lines]
+    assert files == ["one.yaml", "one.yaml", "two.yaml"]  # files in the order given
+    assert sorted(lines) == sorted([
+        f"error: {one}:9 train.precision: Input should be 'bf16' or 'fp32' (got 'fp16')",
+        f"error: {one}:11 lora.rnak: unknown field (allowed: alpha, dropout, modules_to_save, r, targets)",
+        f"error: {two}:3 method.target_len: expected a positive whole number of tokens like 4096, 4k, 128k or 1m "
+        "(got '4q')",
+    ])
+
+
+def test_models_prepare_of_an_unknown_material(capsys):
+    assert bad_input(capsys, "models", "prepare", "gpt5") == [
+        "error: WHAT: 'gpt5' is not one of 'smollm2', 'books', 'all'"
+    ]
+
+
+# ----------------------------------------------------------------------------- used run directory
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir) -> Path:
+    """Valid against the tiny model; data.train points nowhere so a real run could not get far."""
+    text = RECIPE.format(model=tiny_model_dir) + f"data:\n  train: [{tmp_path / 'no-data.txt'}]\n"
+    return write(tmp_path / "tiny.yaml", text)
+
+
+def test_train_into_a_used_run_directory_is_refused_and_left_alone(capsys, tmp_path, tiny_recipe):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    [line] = bad_input(capsys, "train", tiny_recipe, "--out", run_dir)
+    assert line == (
+        f"error: output.dir: {run_dir} already holds an unfinished run (continue it with --resume, "
+        "set output.overwrite: true, or choose another --out)"
+    )
+    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
+    assert (run_dir / "notes.txt").read_text() == "mine"
+
+
+def test_resume_without_a_checkpoint_is_refused(capsys, tmp_path, tiny_recipe):
+    run_dir = tmp_path / "run"
+    assert bad_input(capsys, "train", tiny_recipe, "--out", run_dir, "--resume") == [
+        f"error: --resume: no checkpoint in {run_dir}/checkpoints (start without --resume)"
+    ]
+    assert not run_dir.exists()
+
+
+# -------------------------------------------------------------------------------------- dry run
+def test_dry_run_prints_the_resolved_recipe_and_the_deepspeed_config(capsys, tmp_path, tiny_recipe):
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", tiny_recipe, "--dry-run", "-s", "rope.kind=linear", "--out", run_dir)
+    assert (code, err) == (0, "")
+    resolved = yaml.safe_load(out.split("# resolved recipe\n", 1)[1].split("\n# ", 1)[0])
+    assert resolved["rope"]["factor"] == 4.0  # auto = target_len 512 / L0 128 from config.json
+    assert resolved["model"]["original_context"] == 128
+    assert resolved["data"]["seq_len"] == 512
+    assert resolved["output"]["dir"] == str(run_dir)
+    deepspeed = json.loads(out.split("# DeepSpeed config", 1)[1].split("\n", 1)[1].split("\n# ", 1)[0])
+    assert deepspeed["zero_optimization"]["stage"] == 2
+    assert deepspeed["train_micro_batch_size_per_gpu"] == 1
+    assert not run_dir.exists()  # a dry run writes nothing
+
+
+# ------------------------------------------------------------------------------------ help, start-up
+def _command_paths(command=None, path=()) -> list[tuple[str, ...]]:
+    command = command or typer.main.get_command(app)
+    out = [path]
+    for name, sub in getattr(command, "commands", {}).items():
+        out += _command_paths(sub, (*path, name))
+    return out
+
+
+@pytest.mark.parametrize("path", _command_paths(), ids=lambda p: " ".join(p) or "longext")
+def test_every_command_has_help(capsys, path):
+    code, out, err = run(capsys, *path, "--help")
+    assert (code, err) == (0, "")
+    assert out.startswith(f"Usage: {' '.join(['longext', *path])} ")
+
+
+@pytest.mark.parametrize("path", [(), ("recipes",), ("models",)])
+def test_a_group_without_a_command_prints_its_help(capsys, path):
+    code, out, _ = run(capsys, *path)
+    assert code == 0
+    assert out.startswith("Usage: longext")
+
+
+@pytest.mark.parametrize("argv", [["--local_rank=0", "recipes", "validate", "recipes/demo.yaml"],
+                                  ["--local_rank=1", "train", "--help"]])
+def test_deepspeed_launchers_local_rank_before_the_command_is_accepted(capsys, monkeypatch, argv):
+    monkeypatch.chdir(ROOT)  # `deepspeed --module longext train ...` runs `python -m longext --local_rank=N train ...`
+    code, _, err = run(capsys, *argv)
+    assert (code, err) == (0, "")
+
+
+def test_commands_we_document_exist():
+    assert set(_command_paths()) >= {
+        ("train",), ("eval",), ("export",), ("recipes", "list"), ("recipes", "show"), ("recipes", "validate"),
+        ("models", "prepare"), ("models", "where"),
+    }
+
+
+def test_docs_cli_md_names_every_command_and_visible_option():
+    text = (ROOT / "docs" / "cli.md").read_text()
+    root = typer.main.get_command(app)
+    missing = []
+    for path in _command_paths()[1:]:
+        command = root
+        for name in path:
+            command = command.commands[name]
+        if f"longext {' '.join(path)}" not in text and f"`{' '.join(path)}" not in text:
+            missing.append(" ".join(path))
+        for param in command.params:
+            if param.param_type_name == "option" and not getattr(param, "hidden", False):
+                opts = (*param.opts, *param.secondary_opts)
+                missing += [f"{' '.join(path)} {opt}" for opt in opts if f"`{opt}" not in text]
+    assert missing == []
+
+
+def test_importing_the_cli_does_not_import_torch():
+    code = "import sys, longext.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % (HEAVY,)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["recipes", "validate", "recipes/demo.yaml"]])
+def test_a_fresh_process_answers_without_importing_torch(argv):
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "longext", *argv], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    imported = {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert imported, "no -X importtime output"
+    assert not imported & HEAVY
