@@ -22,6 +22,23 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def native_bf16() -> bool:
+    """bf16 matmuls run in hardware: a bf16-capable GPU, or a CPU with avx512_bf16 / AMX."""
+    if on_gpu():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:  # not Linux: assume the slow path and stay in fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16() else "fp32"
+
+
 def uses_deepspeed_optimizer(train: TrainSpec) -> bool:
     """DeepSpeed's own AdamW (fused on GPU, CPUAdam with offload); torch AdamW otherwise (no C++ build on CPU)."""
     if train.offload_optimizer or train.optimizer == "deepspeed_adamw":
@@ -42,7 +59,7 @@ def deepspeed_config(train: TrainSpec, world_size: int) -> dict:
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
         "gradient_clipping": train.grad_clip or 0.0,
-        "bf16": {"enabled": train.precision == "bf16"},
+        "bf16": {"enabled": resolve_precision(train.precision) == "bf16"},
         "zero_optimization": zero,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -194,9 +194,11 @@ def _load_plain(path: Path, name: str, dtype: torch.dtype, recipe: Recipe | None
 
     config = load_model_config(str(path), "TARGET" if recipe is None else "model.path")
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation="sdpa").eval()
-    L0 = original_context(config, recipe.model.original_context if recipe else None)
+    written = (getattr(config, "longext", None) or {}).get("original_context")  # an export says what L0 was
+    L0 = original_context(config, recipe.model.original_context if recipe else written)
     return Loaded(
         model=model, tokenizer=load_tokenizer(str(path)), name=name, original_context=L0,
-        target_context=None if recipe else config.max_position_embeddings, rope=dict(config.rope_parameters or {}),
+        target_context=None if recipe else (getattr(config, "longext", None) or {}).get("target_len", config.max_position_embeddings),
+        rope=dict(config.rope_parameters or {}),
         recipe=recipe,
     )

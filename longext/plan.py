@@ -25,9 +25,12 @@ def resolve(recipe: Recipe) -> Resolved:
     rope = recipe.rope
     if getattr(rope, "factor", None) == "auto":
         rope = rope.model_copy(update={"factor": state.factor})
+    from longext.engine import resolve_precision
+
     data = recipe.data.model_copy(update={"seq_len": recipe.seq_len})
+    train = recipe.train.model_copy(update={"precision": resolve_precision(recipe.train.precision)})
     model = recipe.model.model_copy(update={"original_context": state.original_context})
-    return Resolved(recipe.model_copy(update={"rope": rope, "data": data, "model": model}), state, config)
+    return Resolved(recipe.model_copy(update={"rope": rope, "data": data, "model": model, "train": train}), state, config)
 
 
 def describe_plan(recipe: Recipe) -> str:

@@ -168,7 +168,11 @@ class TrainSpec(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer state on CPU (DeepSpeedCPUAdam; builds a C++ op once).")
     offload_params: bool = Field(False, description="ZeRO-3 parameters on CPU.")
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 (fp32 master weights) or fp32. fp16 is not offered.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="bf16 (fp32 master weights) or fp32; auto = bf16 on GPUs that support it and on CPUs with native "
+        "bf16 (avx512_bf16/AMX), else fp32 (bf16 is emulated, ~100x slower, on plain AVX2 CPUs). fp16 is not offered.",
+    )
     optimizer: Literal["auto", "torch_adamw", "deepspeed_adamw"] = Field(
         "auto", description="auto = DeepSpeed fused AdamW on CUDA, torch AdamW on CPU (no C++ build)."
     )

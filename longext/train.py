@@ -35,7 +35,7 @@ def run_training(recipe: Recipe, resume: bool = False) -> Path:
     model, rope = build_model(resolved.recipe)
     method.apply(model)
     model = add_lora(model, recipe.lora, recipe.train.gradient_checkpointing)
-    engine = make_engine(model, recipe.train, world)
+    engine = make_engine(model, resolved.recipe.train, world)
 
     start = rundir.load_checkpoint(engine, run_dir) if resume else 0
     if rank == 0:

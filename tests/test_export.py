@@ -114,10 +114,11 @@ def test_plain_transformers_reload_matches_the_in_tool_model(exported, kind):
     assert result.dtype == "float32"  # auto = the tiny base's saved dtype
     assert result.bound == pytest.approx(FP32_RTOL * max(1.0, result.logit_scale))
     assert 0 <= result.max_abs_diff < 1e-4  # float32 merge on a tiny model: summation order only
+    assert result.merge_diff < 1e-4 and result.artifact_diff < 1e-4
     peft, plain = in_tool_and_plain(run, result.out_dir)
-    gen = torch.Generator().manual_seed(123)
+    gen, vocab = torch.Generator().manual_seed(123), plain.config.vocab_size
     # 2x64 tokens inside L0, then 2x200 tokens: longer than the base's 128-token window.
-    batches = [torch.randint(0, 400, (2, 64), generator=gen), torch.randint(0, 400, (2, 200), generator=gen)]
+    batches = [torch.randint(0, vocab, (2, 64), generator=gen), torch.randint(0, vocab, (2, 200), generator=gen)]
     want, got = logits_on(peft, batches), logits_on(plain, batches)
     diff = max(float((a - b).abs().max()) for a, b in zip(want, got))
     assert diff < 1e-4
@@ -143,7 +144,7 @@ def test_probes_see_the_rope_setting(exported, kind, tmp_path):
                   rope_theta=10000.0, max_position_embeddings=L0)
     (stripped / "config.json").write_text(json.dumps(config))
     state = RopeState.from_json(json.loads((run / "rope.json").read_text()))
-    probes = build_probes(400, state)
+    probes = build_probes(config["vocab_size"], state)
     good = probe_logits(AutoModelForCausalLM.from_pretrained(result.out_dir, dtype=torch.float32), probes)
     bad = probe_logits(AutoModelForCausalLM.from_pretrained(stripped, dtype=torch.float32), probes)
     assert max(float((a - b).abs().max()) for a, b in zip(good, bad)) > 2 * result.bound
@@ -192,6 +193,7 @@ def test_bfloat16_export_is_checked_against_the_looser_bound(trained, tmp_path):
     assert json.loads((result.out_dir / "config.json").read_text())["dtype"] == "bfloat16"
     assert result.bound == pytest.approx(LOW_PRECISION_RTOL * max(1.0, result.logit_scale))
     assert 1e-4 < result.max_abs_diff < result.bound  # bf16 rounding is visible, and within the bound
+    assert result.artifact_diff < 1e-6  # the file holds exactly the rounded merged model
 
 
 # ---------------------------------------------------------------------------- output folder
@@ -213,18 +215,55 @@ def test_an_empty_out_folder_is_used_without_force(trained, tmp_path):
     assert not result.replaced and (tmp_path / "empty" / "config.json").is_file()
 
 
-def test_failed_check_publishes_nothing_and_keeps_the_old_out(trained, tmp_path, monkeypatch):
+def _wrong_rope(state):
+    return {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_theta": 10000.0,
+            "rope_scaling": None, "max_position_embeddings": state.max_position_embeddings}
+
+
+def _damaged_weights(original):
+    def write(merged, folder, state):
+        from safetensors.torch import load_file, save_file
+
+        original(merged, folder, state)
+        weights = load_file(folder / "model.safetensors")
+        name = next(k for k in weights if "q_proj" in k)
+        weights[name] = weights[name] * 1.5
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+    return write
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("config", r"^export check failed: the written config reloads as rope_parameters=.*'rope_type': 'default'"),
+        ("weights", r"^export check failed: the reloaded export and the merged model differ by max \|Δlogit\| "),
+    ],
+)
+def test_failed_check_publishes_nothing_and_keeps_the_old_out(trained, tmp_path, monkeypatch, damage, message):
+    import longext.export as export
+
     run, out = trained("linear"), tmp_path / "model"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    monkeypatch.setattr("longext.export.FP32_RTOL", 0.0)
-    with pytest.raises(LongextError, match=r"^export check failed: max \|Δlogit\| .* \(nothing was published\)$"):
+    if damage == "config":
+        monkeypatch.setattr(export, "export_config_keys", _wrong_rope)
+    else:
+        monkeypatch.setattr(export, "write_export", _damaged_weights(export.write_export))
+    with pytest.raises(LongextError, match=message):
         run_export(run, out, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert leftovers(tmp_path) == []
-    with pytest.raises(LongextError):
+    with pytest.raises(LongextError, match=r"\(nothing was published\)$"):
         run_export(run, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists() and leftovers(tmp_path) == []
+
+
+def test_merge_check_refuses_before_writing(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr("longext.export.FP32_RTOL", 0.0)
+    with pytest.raises(LongextError, match=r"^merge check failed: .* \(nothing was written\)$"):
+        run_export(trained("linear"), tmp_path / "model")
+    assert not (tmp_path / "model").exists() and leftovers(tmp_path) == []
 
 
 def test_corrupt_adapter_config_leaves_nothing_behind(trained, tmp_path):

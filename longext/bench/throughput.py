@@ -56,11 +56,14 @@ def _timed(step, steps: int) -> list[float]:
     return times
 
 
-def train_case(path: str, model_name: str, seq_len: int, steps: int, precision: str = "bf16") -> dict:
+def train_case(path: str, model_name: str, seq_len: int, steps: int, precision: str = "auto") -> dict:
     """Median step time of forward + backward + AdamW at batch 1 x seq_len, LoRA r8 on q/k/v/o."""
     from longext.models import quiet_libraries
 
+    from longext.engine import resolve_precision
+
     quiet_libraries()
+    precision = resolve_precision(precision)
     model = _model(model_name)
     batch = _batch(model.config.vocab_size, seq_len)
     if path == "engine":
@@ -91,7 +94,8 @@ def train_case(path: str, model_name: str, seq_len: int, steps: int, precision: 
 
     times = _timed(step, steps)
     median = statistics.median(times)
-    return {"step_seconds": median, "tokens_per_s": seq_len / median, "steps": steps, "all_seconds": times}
+    return {"step_seconds": median, "tokens_per_s": seq_len / median, "steps": steps, "all_seconds": times,
+            "precision": precision}
 
 
 def eval_case(model_name: str, length: int, scored: int = 512) -> dict:
@@ -126,7 +130,7 @@ def run_case(case: dict, timeout: int = 3600) -> dict:
 def _main(case: dict) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     if case["case"] == "train":
-        result = train_case(case["path"], case["model"], case["seq_len"], case.get("steps", 3), case.get("precision", "bf16"))
+        result = train_case(case["path"], case["model"], case["seq_len"], case.get("steps", 3), case.get("precision", "auto"))
     else:
         result = eval_case(case["model"], case["length"])
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
