@@ -6,6 +6,7 @@ Heavy imports (torch, transformers, deepspeed) happen inside the commands, so `-
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -81,6 +82,11 @@ def train(
         return
     if nproc > 1 or hostfile:
         from longext.launch import relaunch
+        from longext.plan import resolve
+        from longext.rundir import check_start
+
+        # Every check a rank would make, made once here: one clear line instead of N ranks' tracebacks.
+        check_start(spec.run_dir, resolve(spec).recipe, resume)
 
         argv = ctx.find_root().obj  # what main() was given; None from the console script
         raise typer.Exit(relaunch(argv if argv is not None else sys.argv[1:], nproc=nproc, hostfile=hostfile))
@@ -132,6 +138,21 @@ def export(
 
     result = run_export(run, out, force=force, dtype=dtype)
     _console().print(f"exported to {result.out_dir}  (max |Δlogit| vs in-tool model: {result.max_abs_diff:.2e})")
+
+
+# ----------------------------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    suite: Annotated[str, typer.Argument(help="throughput | toy | smollm2 | all", show_default=False)] = "all",
+    quick: Annotated[bool, typer.Option("--quick", help="Reduced version that finishes in a few minutes.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Re-run cases even when a cached result matches.")] = False,
+    out: Annotated[Path, typer.Option("--out", help="Folder for benchmark runs and raw results.")] = Path("bench-runs"),
+    doc: Annotated[Path, typer.Option("--doc", help="Markdown file the tables are written to.")] = Path("docs/benchmarks.md"),
+) -> None:
+    """Run a benchmark suite (cached), then rewrite the benchmarks page with tables and plots."""
+    from longext.bench.run import run_bench
+
+    _console().print(f"benchmarks written to {run_bench(suite, quick=quick, force=force, out=out, doc=doc)}")
 
 
 # --------------------------------------------------------------------------------------- recipes
@@ -224,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except LongextError as exc:
+        if os.environ.get("RANK", "0") != "0":  # under a launcher every rank fails alike: rank 0 speaks
+            return exc.exit_code
         for line in dict.fromkeys(exc.lines()):  # a union field can fail once per member: one line each
             err.print(f"error: {line}", markup=False, soft_wrap=True)
         return exc.exit_code

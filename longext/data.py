@@ -144,9 +144,7 @@ class TrainData:
 def build_train_data(recipe, tokenizer, positions: PositionSampler = contiguous_positions) -> TrainData:
     from longext.materials import resolve_texts
 
-    from longext.models import expand_path
-
-    paths = resolve_texts([expand_path(e) for e in recipe.data.train], "train", "data.train")
+    paths = resolve_texts(recipe.data.train, "train", "data.train")
     docs = load_documents(paths, recipe.data.text_field)
     if recipe.data.holdout_docs:
         docs = docs[: -recipe.data.holdout_docs]

@@ -78,6 +78,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LONGEXT_CACHE") or Path.home() / ".cache" / "longext").expanduser().absolute()
 
 
+def expand_path(path: str) -> str:
+    """`~` and environment variables in a recipe path; `$LONGEXT_CACHE` defaults to cache_dir()."""
+    for token in ("${LONGEXT_CACHE}", "$LONGEXT_CACHE"):
+        path = path.replace(token, str(cache_dir()))
+    return os.path.expanduser(os.path.expandvars(path))
+
+
 def smollm2_dir() -> Path:
     return cache_dir() / "models" / "smollm2-135m"
 
@@ -444,7 +451,7 @@ def resolve_texts(entries: list[str], split: str, field: str) -> list[Path]:
     """
     paths: list[Path] = []
     for entry in entries:
-        path = Path(entry).expanduser()
+        path = Path(expand_path(entry))
         if entry == "books":
             try:
                 paths += book_files(split)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from longext.errors import LongextError
+from longext.materials import expand_path
 from longext.recipe import LoraSpec, Recipe, load_recipe
 from longext.rope import RopeState, apply_rope_config, rope_state
 
@@ -48,15 +49,6 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-
-
-def expand_path(path: str) -> str:
-    """`~` and environment variables; `$LONGEXT_CACHE` defaults to the offline-material cache."""
-    if "LONGEXT_CACHE" in path and "LONGEXT_CACHE" not in os.environ:
-        from longext.materials import cache_dir
-
-        path = path.replace("${LONGEXT_CACHE}", str(cache_dir())).replace("$LONGEXT_CACHE", str(cache_dir()))
-    return os.path.expanduser(os.path.expandvars(path))
 
 
 def load_model_config(path: str, field_name: str = "model.path"):

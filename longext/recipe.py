@@ -185,6 +185,8 @@ class TrainSpec(Section):
 
 # ------------------------------------------------------------------------------------------ eval
 class PerplexitySpec(Section):
+    """Perplexity against context length on long local texts (docs/eval.md)."""
+
     enabled: bool = Field(True, description="Run perplexity against length.")
     texts: list[str] = Field(default_factory=lambda: ["books"], description="Files/folders like data.train, or `books`.")
     mode: Literal["fixed", "sliding"] = Field(
@@ -198,6 +200,8 @@ class PerplexitySpec(Section):
 
 
 class PasskeySpec(Section):
+    """Passkey retrieval (Mohtashami & Jaggi): a random key hidden in filler, asked for at the end."""
+
     enabled: bool = Field(True, description="Run passkey retrieval at each length.")
     trials: int = Field(6, ge=1, description="Trials per length.")
     depths: list[float] = Field(
@@ -207,6 +211,8 @@ class PasskeySpec(Section):
 
 
 class EvalSpec(Section):
+    """What `longext eval` measures by default for this run; its flags override these."""
+
     lengths: list[Length] = Field(
         default_factory=list, description="Context lengths. Empty = a ladder of powers of two up to --length."
     )
@@ -216,6 +222,8 @@ class EvalSpec(Section):
 
 
 class OutputSpec(Section):
+    """Where the run directory goes."""
+
     dir: str | None = Field(None, description="Run directory. Default runs/<name>.")
     overwrite: bool = Field(False, description="Replace an existing finished run directory.")
 
@@ -227,16 +235,18 @@ class Recipe(Section):
     description: str = Field("", description="Free text shown by `longext recipes list`.")
     model: ModelSpec
     method: MethodSpec
-    rope: RopeSpec = Field(default_factory=lambda: NoRope(kind="none"))
+    rope: RopeSpec = Field(default_factory=lambda: NoRope(kind="none"), description="RoPE setting (kind: none = unchanged).")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec
-    eval: EvalSpec = Field(default_factory=EvalSpec)
-    output: OutputSpec = Field(default_factory=OutputSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Defaults for `longext eval` on this run.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Run directory.")
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output.dir or f"runs/{self.name}")
+        from longext.materials import expand_path
+
+        return Path(expand_path(self.output.dir or f"runs/{self.name}"))
 
     @property
     def seq_len(self) -> int:
