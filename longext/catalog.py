@@ -46,6 +46,6 @@ def recipe_table():
         rope = f"{r.rope.kind} x{factor}" if factor not in ("", None) else r.rope.kind
         table.add_row(
             path.stem, r.method.kind, rope, format_length(r.method.target_len),
-            format_length(r.seq_len), r.model.path, r.description,
+            format_length(r.seq_len) if r.seq_len else "L0", r.model.path, r.description,
         )
     return table

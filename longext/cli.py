@@ -132,11 +132,23 @@ def export(
         Literal["float32", "bfloat16", "auto"],
         typer.Option("--dtype", help="Saved weight dtype: float32 | bfloat16 | auto (the base model's)."),
     ] = "auto",
+    length: Annotated[
+        Optional[str],
+        typer.Option("--length", "-l", help="Window to serve, for E2-LLM runs (written as PI with the factor its rule picks), e.g. 16k."),
+    ] = None,
 ) -> None:
     """Merge the adapter into the base weights and save a model plain transformers loads, RoPE state intact."""
     from longext.export import run_export
 
-    result = run_export(run, out, force=force, dtype=dtype)
+    window = None
+    if length is not None:
+        from longext.lengths import parse_length
+
+        try:
+            window = parse_length(length)
+        except ValueError as err:
+            raise LongextError(f"--length: {err} (got {length!r})") from None
+    result = run_export(run, out, force=force, dtype=dtype, length=window)
     _console().print(f"exported to {result.out_dir}  (max |Δlogit| vs in-tool model: {result.max_abs_diff:.2e})")
 
 

@@ -101,8 +101,10 @@ def contiguous_positions(seq_len: int, gen: torch.Generator) -> tuple[torch.Tens
 class TrainData:
     """Deterministic micro-batches over packed samples, sharded by rank."""
 
-    def __init__(self, samples: Samples, micro_batch_size: int, seed: int, positions: PositionSampler = contiguous_positions):
+    def __init__(self, samples: Samples, micro_batch_size: int, seed: int, positions: PositionSampler = contiguous_positions,
+                 draw_group: int = 1):
         self.samples, self.mbs, self.seed, self.positions = samples, micro_batch_size, seed, positions
+        self.draw_group = draw_group  # samples sharing one position draw (one optimizer step's worth, or 1)
         self._orders: dict[int, torch.Tensor] = {}
 
     def _order(self, epoch: int) -> torch.Tensor:
@@ -118,7 +120,7 @@ class TrainData:
             k = (index * world_size + rank) * self.mbs + j  # global sample counter
             epoch, offset = divmod(k, len(self.samples))
             rows.append(int(self._order(epoch)[offset]))
-            gen = torch.Generator().manual_seed(self.seed * 7_919 + k)
+            gen = torch.Generator().manual_seed(self.seed * 7_919 + k // self.draw_group)
             pos, extra = self.positions(self.samples.input_ids.shape[1], gen)
             positions.append(pos)
             extras.append(extra)
@@ -141,7 +143,7 @@ class TrainData:
         return micro_batches * world_size * self.mbs / len(self.samples)
 
 
-def build_train_data(recipe, tokenizer, positions: PositionSampler = contiguous_positions) -> TrainData:
+def build_train_data(recipe, tokenizer, positions: PositionSampler = contiguous_positions, draw_group: int = 1) -> TrainData:
     from longext.materials import resolve_texts
 
     paths = resolve_texts(recipe.data.train, "train", "data.train")
@@ -153,5 +155,5 @@ def build_train_data(recipe, tokenizer, positions: PositionSampler = contiguous_
     if not docs:
         raise LongextError("data.train: no documents left to train on (check data.max_docs / data.holdout_docs)")
     samples = pack(tokenize_documents(docs, tokenizer), recipe.seq_len, tokenizer.eos_token_id, recipe.data.packing)
-    return TrainData(samples, recipe.train.micro_batch_size, recipe.train.seed, positions)
+    return TrainData(samples, recipe.train.micro_batch_size, recipe.train.seed, positions, draw_group)
 

@@ -101,14 +101,17 @@ class Merged:
     longext: dict
 
 
-def run_export(run: Path, out: Path, force: bool = False, dtype: str = "auto") -> ExportResult:
-    """Merge, write to a temp dir beside OUT, reload with plain transformers, compare logits, publish."""
+def run_export(run: Path, out: Path, force: bool = False, dtype: str = "auto", length: int | None = None) -> ExportResult:
+    """Merge, write to a temp dir beside OUT, reload with plain transformers, compare logits, publish.
+
+    `length`: the window to serve, for methods whose inference setting depends on it (E2-LLM: PI with
+    the factor g its rule picks for that window); the exported config is then a standard one."""
     run, out = Path(run), Path(out)
     check_export_args(run, out, force, dtype)
+    state = serving_state(RopeState.from_json(json.loads((run / "rope.json").read_text())), length)
     quiet_libraries()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # save_pretrained imports deepspeed, which warns without it
-    state = RopeState.from_json(json.loads((run / "rope.json").read_text()))
     merged = merge_run(run, state, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -155,9 +158,37 @@ def check_export_args(run: Path, out: Path, force: bool, dtype: str) -> None:
         raise LongextError(f"--out: {out} exists; pass --force to replace it")
 
 
+def serving_state(state: RopeState, length: int | None) -> RopeState:
+    """The RoPE state to export: the trained one, or for E2-LLM the standard PI setting for `length`."""
+    import dataclasses
+
+    from longext.positions import e2llm_eval_scale
+
+    if state.extra.get("method") != "e2llm":
+        if length is not None and length != state.target_len:
+            raise LongextError(
+                f"--length: this run serves one window ({state.target_len}); --length applies to E2-LLM runs (got {length})"
+            )
+        return state
+    if length is None:
+        raise LongextError(
+            f"--length: an E2-LLM run serves any window up to about {state.target_len}; name the one to export, "
+            f"e.g. --length {state.target_len}"
+        )
+    g = e2llm_eval_scale(length, state.original_context, state.extra["eval_rule"])
+    params = {"rope_type": "linear", "factor": g, "rope_theta": state.parameters["rope_theta"]}
+    if g == 1.0:
+        params = {"rope_type": "default", "rope_theta": state.parameters["rope_theta"]}
+    return dataclasses.replace(
+        state, kind="linear", parameters=params, factor=g, target_len=length,
+        max_position_embeddings=max(length, state.original_context), extra={**state.extra, "served_length": length},
+    )
+
+
 def merge_run(run: Path, state: RopeState, dtype: str) -> Merged:
     """In-tool model (base + RoPE + adapter, float32) → reference logits → merged, checked, cast to the save dtype."""
     loaded = load_target(run, dtype=torch.float32)
+    loaded.set_length(state.target_len)  # E2-LLM: the PI scale for the served window
     recipe, peft_model = loaded.recipe, loaded.model
     save_dtype = resolve_dtype(dtype, recipe.model.path)
     peft_model.get_base_model().set_attn_implementation("sdpa")  # the kernel the reloaded side uses

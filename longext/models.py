@@ -141,9 +141,21 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     return load_recipe(run_dir / "recipe.yaml")
 
 
-def load_target(target: Path, *, baseline: bool = False, dtype: torch.dtype = torch.float32) -> Loaded:
-    """A run directory (base + RoPE + adapter), its base model (`baseline=True`), or any model directory."""
-    target = Path(target)
+def eval_dtype() -> torch.dtype:
+    """bf16 on GPUs that support it (a 7B model at 128k does not fit otherwise), fp32 on CPU."""
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_target(target: Path, *, baseline: bool = False, dtype: torch.dtype | None = None) -> Loaded:
+    """A run directory (base + RoPE + adapter), its base model (`baseline=True`), or any model directory.
+    The model is on the GPU when there is one."""
+    loaded = _load_target(Path(target), baseline, dtype or eval_dtype())
+    if torch.cuda.is_available():
+        loaded.model.to("cuda")
+    return loaded
+
+
+def _load_target(target: Path, baseline: bool, dtype: torch.dtype) -> Loaded:
     if not target.is_dir():
         raise LongextError(f"TARGET: no such directory: {str(target)!r}")
     if is_run_dir(target):
@@ -173,7 +185,10 @@ def _load_run(run_dir: Path, recipe: Recipe, dtype: torch.dtype) -> Loaded:
     if (adapter / "adapter_config.json").is_file():
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
+    from longext.methods import eval_setup
+
     return Loaded(
+        set_length=eval_setup(model, state),
         model=model, tokenizer=load_tokenizer(expand_path(recipe.model.path)), name=recipe.name,
         original_context=state.original_context, target_context=state.target_len, rope=state.parameters, recipe=recipe,
     )

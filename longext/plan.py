@@ -17,20 +17,35 @@ class Resolved:
 
 
 def resolve(recipe: Recipe) -> Resolved:
+    import dataclasses
+
+    from longext.engine import resolve_precision
+    from longext.errors import LongextError
+    from longext.methods import rope_extra
     from longext.models import load_model_config
     from longext.rope import rope_state
 
     config = load_model_config(recipe.model.path)
     state = rope_state(recipe, config)
+    L0 = state.original_context
     rope = recipe.rope
     if getattr(rope, "factor", None) == "auto":
         rope = rope.model_copy(update={"factor": state.factor})
-    from longext.engine import resolve_precision
-
-    data = recipe.data.model_copy(update={"seq_len": recipe.seq_len})
-    train = recipe.train.model_copy(update={"precision": resolve_precision(recipe.train.precision)})
-    model = recipe.model.model_copy(update={"original_context": state.original_context})
-    return Resolved(recipe.model_copy(update={"rope": rope, "data": data, "model": model, "train": train}), state, config)
+    seq_len = recipe.data.seq_len if recipe.data.seq_len != "auto" else recipe.method.default_seq_len(L0)
+    if seq_len > recipe.method.target_len:
+        raise LongextError(f"data.seq_len: {seq_len} is longer than method.target_len {recipe.method.target_len}")
+    method = recipe.method
+    if getattr(method, "g_max", None) == "auto":
+        method = method.model_copy(update={"g_max": method.resolved_g_max(L0)})
+    resolved = recipe.model_copy(update={
+        "rope": rope,
+        "method": method,
+        "data": recipe.data.model_copy(update={"seq_len": seq_len}),
+        "model": recipe.model.model_copy(update={"original_context": L0}),
+        "train": recipe.train.model_copy(update={"precision": resolve_precision(recipe.train.precision)}),
+    })
+    state = dataclasses.replace(state, extra=rope_extra(resolved))
+    return Resolved(resolved, state, config)
 
 
 def describe_plan(recipe: Recipe) -> str:

@@ -105,8 +105,50 @@ class StandardMethod(Section):
     kind: Literal["standard"]
     target_len: Length = Field(description="L, the window the extended model must serve, in tokens.")
 
+    def default_seq_len(self, original: int | None) -> int | None:
+        return self.target_len
 
-MethodSpec = Annotated[Union[StandardMethod], Field(discriminator="kind")]
+
+class PoseMethod(Section):
+    """PoSE (Zhu et al. 2023): train at a short window whose position ids skip ahead so they span target_len."""
+
+    kind: Literal["pose"]
+    target_len: Length = Field(description="L, the window the position ids span and the model must serve, in tokens.")
+    chunks: int = Field(2, ge=1, description="Contiguous pieces per sample, each after a random skip (paper: 2).")
+    sample_scope: Literal["row", "step"] = Field(
+        "row", description="Draw new skips for every sample (row) or once per optimizer step (step)."
+    )
+
+    def default_seq_len(self, original: int | None) -> int | None:
+        return original  # R = L0: the paper trains at the original window
+
+
+class E2LLMMethod(Section):
+    """E2-LLM (Liu et al. 2024): train at L0 with a random PI scale g and offset t per sample; serve any window
+    up to about g_max * L0 with PI factor g chosen from the length at inference."""
+
+    kind: Literal["e2llm"]
+    target_len: Length = Field(description="L, the largest window the run is meant to serve (for eval and docs).")
+    g_max: int | Auto = Field("auto", description="Scales {1..g_max}. auto = ceil(target_len / L0) (paper: 20 for 4k->80k).")
+    scales: list[float] | None = Field(
+        None, min_length=1, description="Explicit scale set G instead of {1..g_max}, e.g. [1, 2, 4, 8]."
+    )
+    sink_tokens: int = Field(4, ge=0, description="First tokens that get no offset t (still divided by g).")
+    sample_scope: Literal["row", "step"] = Field(
+        "row", description="New (g, t) for every sample (row, methods.md's recommendation) or once per step."
+    )
+    eval_rule: Literal["exact", "ceil", "pow2"] = Field(
+        "ceil", description="g at inference for window L: exact L/L0, ceil(L/L0) or the next power of two (>= 1)."
+    )
+
+    def default_seq_len(self, original: int | None) -> int | None:
+        return original  # R = L0 (paper's result tables)
+
+    def resolved_g_max(self, original: int) -> int:
+        return self.g_max if self.g_max != "auto" else max(1, -(-self.target_len // original))
+
+
+MethodSpec = Annotated[Union[StandardMethod, PoseMethod, E2LLMMethod], Field(discriminator="kind")]
 
 
 # ------------------------------------------------------------------------------------------ lora
@@ -249,8 +291,11 @@ class Recipe(Section):
         return Path(expand_path(self.output.dir or f"runs/{self.name}"))
 
     @property
-    def seq_len(self) -> int:
-        return self.method.target_len if self.data.seq_len == "auto" else self.data.seq_len
+    def seq_len(self) -> int | None:
+        """Training length R; None while it waits for L0 (auto for PoSE/E2-LLM before the model config is read)."""
+        if self.data.seq_len != "auto":
+            return self.data.seq_len
+        return self.method.default_seq_len(self.model.original_context)
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -306,6 +351,10 @@ def cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
     factor = getattr(recipe.rope, "factor", None)
     if isinstance(factor, float) and factor < 1.0:
         out.append(("rope.factor", f"must be >= 1 (got {factor})"))
+    if recipe.method.kind == "e2llm" and recipe.rope.kind != "none":
+        out.append(("rope.kind", f"E2-LLM brings its own position interpolation; use rope.kind none (got {recipe.rope.kind!r})"))
+    if getattr(recipe.method, "scales", None) and any(g < 1 for g in recipe.method.scales):
+        out.append(("method.scales", f"every scale is >= 1 (got {recipe.method.scales})"))
     for i, depth in enumerate(recipe.eval.passkey.depths):
         if not 0.0 <= depth <= 1.0:
             out.append((f"eval.passkey.depths.{i}", f"a depth is between 0 and 1 (got {depth})"))

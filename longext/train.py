@@ -26,32 +26,34 @@ def run_training(recipe: Recipe, resume: bool = False) -> Path:
     quiet_libraries()
     run_dir = recipe.run_dir
     resolved = resolve(recipe)  # reads config.json only: fails fast, before any weights load
-    rundir.check_start(run_dir, resolved.recipe, resume)
+    recipe = resolved.recipe  # every `auto` filled in from here on
+    rundir.check_start(run_dir, recipe, resume)
     rank, world = init_distributed()
     torch.manual_seed(recipe.train.seed)
 
-    method = plan_method(resolved.recipe, resolved.model_config)
-    data = build_train_data(resolved.recipe, load_tokenizer(recipe.model.path), method.positions)
-    model, rope = build_model(resolved.recipe)
+    method = plan_method(recipe, resolved.model_config)
+    t = recipe.train
+    group = t.micro_batch_size * t.grad_accum * world if method.per_step else 1
+    data = build_train_data(recipe, load_tokenizer(recipe.model.path), method.positions, group)
+    model, _ = build_model(recipe)
     method.apply(model)
     model = add_lora(model, recipe.lora, recipe.train.gradient_checkpointing)
-    engine = make_engine(model, resolved.recipe.train, world)
+    engine = make_engine(model, recipe.train, world)
 
     start = rundir.load_checkpoint(engine, run_dir) if resume else 0
     if rank == 0:
-        rundir.write_start(run_dir, resolved.recipe, rope, start)
+        rundir.write_start(run_dir, recipe, resolved.rope, start)
     log = MetricsLog(run_dir, enabled=rank == 0, resume_from=start)
     progress = StepProgress(recipe, world, enabled=rank == 0, start=start)
     stop = _StopFlag()
 
     engine.train()
-    t = recipe.train
     for step in range(start, t.steps):
         began, loss_sum, tokens = time.perf_counter(), torch.zeros(()), 0
         for micro in range(t.grad_accum):
             batch = data.micro_batch(step * t.grad_accum + micro, rank, world)
             method.before_forward(engine.module, batch)
-            loss = engine(**{k: batch[k] for k in MODEL_INPUTS}).loss
+            loss = engine(**{k: batch[k].to(engine.device) for k in MODEL_INPUTS}).loss
             if not _all_finite(loss):
                 _stop_nonfinite(run_dir, step, loss, rank)
             engine.backward(loss)

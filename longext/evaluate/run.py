@@ -164,8 +164,9 @@ def run_eval(request: EvalRequest) -> Path:
     from rich.console import Console
 
     from longext.evaluate.report import rich_table, write_report
-    from longext.models import load_target
+    from longext.models import load_target, quiet_libraries
 
+    quiet_libraries()
     documents = load_texts(request) if request.spec.perplexity.enabled else []
     entries, context = [], {}
     with EvalProgress(Console(stderr=True)) as bar:

@@ -1,5 +1,5 @@
 """What each method adds to a standard run: position sampler (data), instance patches (model),
-and per-batch inputs consumed before the forward pass. `standard` adds nothing.
+per-batch inputs consumed before the forward pass, and what inference needs. `standard` adds nothing.
 
 Methods plug in here (one module each); the training loop never tests the method's name.
 """
@@ -25,11 +25,50 @@ class MethodPlan:
     positions: PositionSampler = contiguous_positions
     apply: Callable = field(default=_no_patch)  # model -> None, before LoRA; changes this instance only
     before_forward: Callable = field(default=_no_hook)  # (model, batch) -> None, e.g. per-sample RoPE scale
+    per_step: bool = False  # draw positions once per optimizer step instead of once per sample
 
 
-def plan_method(recipe, model_config) -> MethodPlan:
-    """The MethodPlan for `recipe.method.kind`."""
-    match recipe.method.kind:
+def plan_method(recipe, model_config=None) -> MethodPlan:
+    """The MethodPlan for a resolved recipe (L0, seq_len and g_max already filled in)."""
+    method = recipe.method
+    match method.kind:
         case "standard":
             return MethodPlan()
-    raise NotImplementedError(recipe.method.kind)  # the schema admits only implemented kinds
+        case "pose":
+            from longext.methods.pose import pose_sampler
+
+            return MethodPlan(positions=pose_sampler(method.target_len, method.chunks), per_step=method.sample_scope == "step")
+        case "e2llm":
+            from longext.methods import e2llm
+            from longext.rotary import apply_scaled_rotary
+
+            sampler = e2llm.e2llm_sampler(
+                recipe.model.original_context, recipe.seq_len, method.g_max, method.scales, method.sink_tokens
+            )
+            return MethodPlan(
+                positions=sampler, apply=apply_scaled_rotary, before_forward=e2llm.before_forward,
+                per_step=method.sample_scope == "step",
+            )
+    raise NotImplementedError(method.kind)  # the schema admits only implemented kinds
+
+
+def rope_extra(recipe) -> dict:
+    """Method state the trained model needs at inference, stored in rope.json (RopeState.extra)."""
+    method = recipe.method
+    if method.kind == "e2llm":
+        from longext.positions import e2llm_scales
+
+        scales = e2llm_scales(recipe.model.original_context, recipe.seq_len, method.g_max, method.scales)
+        return {"method": "e2llm", "scales": scales, "eval_rule": method.eval_rule, "sink_tokens": method.sink_tokens}
+    if method.kind == "pose":
+        return {"method": "pose", "chunks": method.chunks}
+    return {}
+
+
+def eval_setup(model, state) -> Callable[[int], None]:
+    """set_length(L) for a loaded run: what the method changes per evaluated window (no-op for most)."""
+    if state.extra.get("method") == "e2llm":
+        from longext.methods.e2llm import eval_hook
+
+        return eval_hook(model, state.original_context, state.extra["eval_rule"])
+    return lambda length: None

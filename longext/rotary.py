@@ -1,0 +1,57 @@
+"""The longext rotary module: the model's own rotary embedding, fed positions divided by a scale.
+
+`apply_scaled_rotary(model)` swaps it in on this model instance only (the decoder's `rotary_emb`
+attribute); nothing in transformers is modified. With no scale set it calls the stock module with the
+stock positions, so every standard RoPE type (default, linear, dynamic, yarn, llama3) is reproduced
+exactly. With a scale g it feeds `position_ids / g` — fractions, never rounded — which is E2-LLM's
+`(m + t)/g` (and PI with factor g at inference). The stock module casts positions to float32 itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from longext.errors import LongextError
+
+
+class ScaledRotary(nn.Module):
+    """Wraps a transformers rotary embedding; `scale` is None, a float, or a [b] tensor (one per sample)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.scale: float | torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, **kwargs):
+        scale = self.scale
+        if scale is not None:
+            if isinstance(scale, torch.Tensor) and scale.dim() > 0:
+                scale = scale.to(position_ids.device, torch.float32).reshape(-1, 1)  # [b, 1] over [b, s]
+            position_ids = position_ids.to(torch.float32) / scale
+        return self.inner(x, position_ids, **kwargs)
+
+
+def _rotary_owner(model) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    if not isinstance(getattr(decoder, "rotary_emb", None), nn.Module):
+        raise LongextError(f"model: {type(base).__name__} has no model-level rotary embedding to scale")
+    return decoder
+
+
+def apply_scaled_rotary(model) -> ScaledRotary:
+    """Install (once) and return the ScaledRotary of this model. Parameter names do not change: the
+    rotary module holds only non-persistent buffers."""
+    owner = _rotary_owner(model)
+    if not isinstance(owner.rotary_emb, ScaledRotary):
+        owner.rotary_emb = ScaledRotary(owner.rotary_emb)
+    return owner.rotary_emb
+
+
+def set_rope_scale(model, scale: float | torch.Tensor | None) -> None:
+    """Scale the positions the next forward passes feed to RoPE (after apply_scaled_rotary)."""
+    rotary = _rotary_owner(model).rotary_emb
+    if not isinstance(rotary, ScaledRotary):
+        raise RuntimeError("set_rope_scale needs apply_scaled_rotary(model) first")
+    rotary.scale = scale
