@@ -88,7 +88,7 @@ def test_unknown_field_gives_file_line_suggestion_and_allowed_fields_on_one_line
 def test_bad_enum_value(capsys, tmp_path):
     path = write(tmp_path / "r.yaml", RECIPE.format(model="m") + "  precision: fp16\n")
     assert bad_input(capsys, "recipes", "validate", path) == [
-        f"error: {path}:9 train.precision: Input should be 'bf16' or 'fp32' (got 'fp16')"
+        f"error: {path}:9 train.precision: Input should be 'auto', 'bf16' or 'fp32' (got 'fp16')"
     ]
 
 
@@ -197,7 +197,7 @@ def test_unknown_command_lists_the_commands(capsys):
     [line] = bad_input(capsys, "trian")
     assert line == (
         "error: longext: No such command 'trian'. Did you mean 'train'? "
-        "(commands: train, eval, export, recipes, models)"
+        "(commands: train, eval, export, bench, recipes, models)"
     )
 
 
@@ -207,9 +207,10 @@ def test_missing_argument(capsys):
     ]
 
 
-def test_nproc_relaunches_the_arguments_main_was_given_not_sys_argv(capsys, recipe, monkeypatch):
+def test_nproc_relaunches_the_arguments_main_was_given_not_sys_argv(capsys, tmp_path, tiny_model_dir, monkeypatch):
     import longext.launch
 
+    recipe = write(tmp_path / "ok.yaml", RECIPE.format(model=tiny_model_dir))  # pre-launch checks read its config
     calls = []
     monkeypatch.setattr(longext.launch, "relaunch", lambda argv, nproc, hostfile: calls.append((argv, nproc)) or 0)
     argv = ["train", str(recipe), "--nproc", "2", "-s", "train.steps=3"]
@@ -295,7 +296,7 @@ def test_recipes_validate_reports_every_problem_of_every_file(capsys, tmp_path):
     files = [line.split(":", 2)[1].split("/")[-1] for line in lines]
     assert files == ["one.yaml", "one.yaml", "two.yaml"]  # files in the order given
     assert sorted(lines) == sorted([
-        f"error: {one}:9 train.precision: Input should be 'bf16' or 'fp32' (got 'fp16')",
+        f"error: {one}:9 train.precision: Input should be 'auto', 'bf16' or 'fp32' (got 'fp16')",
         f"error: {one}:11 lora.rnak: unknown field (allowed: alpha, dropout, modules_to_save, r, targets)",
         f"error: {two}:3 method.target_len: expected a positive whole number of tokens like 4096, 4k, 128k or 1m "
         "(got '4q')",

@@ -207,7 +207,7 @@ def test_every_problem_is_reported_at_once_with_its_line_and_field(tmp_path):
     assert (
         f"{path}:7 method.target_len: expected a positive whole number of tokens like 4096, 4k, 128k or 1m (got '4q')"
     ) in lines
-    assert f"{path}:13 train.precision: Input should be 'bf16' or 'fp32' (got 'fp16')" in lines
+    assert f"{path}:13 train.precision: Input should be 'auto', 'bf16' or 'fp32' (got 'fp16')" in lines
     assert f"{path}:10 rope.beta_fast: Input should be greater than 0 (got -2)" in lines
 
 
