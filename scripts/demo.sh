@@ -20,7 +20,7 @@ step "3/4 export: merge the adapter, write a config any transformers user can lo
 longext export "$RUN" --out "$OUT" --force
 
 step "4/4 eval the exported model with plain transformers loading"
-longext eval "$OUT" --lengths 4k,12k --no-passkey --texts books
+longext eval "$OUT" --lengths 4k,12k --no-passkey --set perplexity.windows=1  # same settings as the run's eval
 
 step "summary"
 python - "$RUN/eval/eval.json" "evals/$(basename "$OUT")/eval.json" <<'PY'
