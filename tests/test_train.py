@@ -48,8 +48,9 @@ def test_zero_stages_give_the_same_losses_in_fp32(tmp_path, tiny_model_dir, corp
         assert a[step] == pytest.approx(b[step], rel=1e-5)
 
 
-def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_dir, corpus_dir):
-    common = dict(train={"steps": 6, "save_every": 3, "grad_accum": 2, "lr": 3.0e-3})
+@pytest.mark.parametrize("stage", [0, 3])
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_dir, corpus_dir, stage):
+    common = dict(train={"steps": 6, "save_every": 3, "grad_accum": 2, "lr": 3.0e-3, "zero_stage": stage})
     full = train(write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="full", **common))
     part = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="part", **common)
     train(part, "train.steps=3")
@@ -58,6 +59,14 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_dir, co
     assert sorted(got) == list(range(1, 7))
     for step in range(4, 7):
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, corpus_dir):
+    plain = train(write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="nogc", train={"steps": 2}))
+    ckpt = train(write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="gc", train={"steps": 2, "gradient_checkpointing": True}))
+    a, b = losses(plain), losses(ckpt)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
 
 
 def test_a_finished_run_is_not_overwritten_without_being_asked(tmp_path, tiny_model_dir, corpus_dir):
