@@ -303,12 +303,23 @@ def write_export(merged: Merged, folder: Path, state: RopeState) -> None:
     config.update(export_config_keys(state))
     config["dtype"] = merged.dtype
     config["longext"] = merged.longext
+    if is_harpe(state):  # per-head bases: custom modeling code next to the weights, wired through auto_map
+        from longext.methods.harpe import write_harpe_code
+
+        config.update(write_harpe_code(folder, config["model_type"], state.extra))
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def is_harpe(state: RopeState) -> bool:
+    return state.extra.get("method") == "harpe"
 
 
 def export_config_keys(state: RopeState) -> dict:
     """Both key styles: `rope_parameters` for transformers 5, `rope_theta` + `rope_scaling` for the rest.
-    max_position_embeddings stays L0 for dynamic (raising it switches the scaling off, design.md §4)."""
+    max_position_embeddings stays L0 for dynamic (raising it switches the scaling off, design.md §4).
+    HARPE: no legacy keys (no older consumer can run per-head bases; a lone rope_theta would mislead)."""
+    if is_harpe(state):
+        return {"rope_parameters": dict(state.parameters), "max_position_embeddings": state.max_position_embeddings}
     return {
         "rope_parameters": dict(state.parameters),
         **legacy_rope_keys(state.parameters),
@@ -321,7 +332,13 @@ def verify_export(folder: Path, state: RopeState, merged: Merged) -> tuple[float
     """Reload `folder` with plain transformers in float32; (max |Δlogit| vs in-tool, vs merged) or LongextError."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder)
+    remote = is_harpe(state)  # the HARPE modeling code written next to the weights
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
+    if remote and list(config.head_rope_thetas) != list(state.extra["bases"]):
+        raise LongextError(
+            f"export check failed: the written config reloads with head_rope_thetas={config.head_rope_thetas}; "
+            f"expected {state.extra['bases']} (nothing was published)"
+        )
     got = reloaded_rope_parameters(config.rope_parameters)
     if got != state.parameters or config.max_position_embeddings != state.max_position_embeddings:
         raise LongextError(
@@ -329,7 +346,9 @@ def verify_export(folder: Path, state: RopeState, merged: Merged) -> tuple[float
             f"{config.max_position_embeddings}; expected {state.parameters}, {state.max_position_embeddings} "
             f"(nothing was published)"
         )
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=remote
+    )
     logits = probe_logits(model, merged.probes)
     del model
     artifact_diff = max_abs_diff(logits, merged.saved)

@@ -65,15 +65,27 @@ def load_model_config(path: str, field_name: str = "model.path"):
             f"{field_name}: no such model directory: {path!r} (for the offline SmolLM2 run `longext models prepare smollm2`)"
         )
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=_own_export(local))
     except (OSError, ValueError) as err:
         raise LongextError(f"{field_name}: cannot load a model config from {path!r}: {str(err).splitlines()[0]}") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    if config.model_type not in SUPPORTED_MODEL_TYPES and not _own_export(local):
         raise LongextError(
             f"{field_name}: model type {config.model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     return config
+
+
+def _own_export(path: Path) -> bool:
+    """A model longext exported with its own modeling code (HARPE): its code is ours, so loading it
+    with trust_remote_code is safe; nothing else gets that."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return str(config.get("model_type", "")).startswith("longext_") and "longext" in config
 
 
 def attn_implementation(requested: str) -> str:
@@ -200,7 +212,9 @@ def _load_plain(path: Path, name: str, dtype: torch.dtype, recipe: Recipe | None
     from longext.rope import original_context
 
     config = load_model_config(str(path), "TARGET" if recipe is None else "model.path")
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, attn_implementation="sdpa", trust_remote_code=_own_export(path)
+    ).eval()
     written = (getattr(config, "longext", None) or {}).get("original_context")  # an export says what L0 was
     L0 = original_context(config, recipe.model.original_context if recipe else written)
     return Loaded(

@@ -148,7 +148,71 @@ class E2LLMMethod(Section):
         return self.g_max if self.g_max != "auto" else max(1, -(-self.target_len // original))
 
 
-MethodSpec = Annotated[Union[StandardMethod, PoseMethod, E2LLMMethod], Field(discriminator="kind")]
+class TableBases(Section):
+    """A published base set (HARPE Table 2: 32 bases, 1.00M-4.54M, for Llama-2-7B 4k->128k). Fewer bases (GQA):
+    the entries at evenly spaced ranks, smallest and largest kept; more than 32 is an error."""
+
+    kind: Literal["table"]
+    table: Literal["harpe_llama2_32h"] = Field("harpe_llama2_32h", description="Which published set.")
+    rescale: tuple[float, float] | None = Field(
+        None, description="[low, high]: map the table's range onto these bases, keeping its shape. null = as published."
+    )
+    order: Literal["ascending", "descending", "as_is"] = Field("ascending", description="Base order over the heads.")
+
+
+class UniformBases(Section):
+    """Evenly spaced bases b_min + h (b_max - b_min)/(n - 1)."""
+
+    kind: Literal["uniform"]
+    b_min: float = Field(1.0e6, gt=0, description="Smallest base.")
+    b_max: float = Field(5.0e6, gt=0, description="Largest base.")
+    order: Literal["ascending", "descending", "as_is"] = Field("ascending", description="Base order over the heads.")
+
+
+class PeakValleyBases(Section):
+    """HARPE's greedy peak-valley search on the grid b_min + i*stride (waveform definition reconstructed)."""
+
+    kind: Literal["peak_valley"]
+    b_min: float = Field(1.0e6, gt=0, description="Smallest base, the search's first pick.")
+    b_max: float = Field(5.0e6, gt=0, description="Largest candidate base.")
+    stride: float = Field(3.0e4, gt=0, description="Candidate grid step (paper: 30k).")
+    order: Literal["ascending", "descending", "as_is"] = Field(
+        "ascending", description="Base order over the heads; as_is = the order the search picked them."
+    )
+
+
+class ExplicitBases(Section):
+    """Bases given one by one: one per key/value head (per attention head for multi-head models)."""
+
+    kind: Literal["explicit"]
+    values: list[float] = Field(min_length=1, description="The bases, e.g. [1.0e6, 2.5e6, 5.0e6].")
+    order: Literal["ascending", "descending", "as_is"] = Field("as_is", description="Base order over the heads.")
+
+
+HarpeBases = Annotated[Union[TableBases, UniformBases, PeakValleyBases, ExplicitBases], Field(discriminator="kind")]
+
+
+class HarpeMethod(Section):
+    """HARPE (Lian et al. 2024): a RoPE base per attention head (per key/value group with GQA), trained once,
+    directly at target_len."""
+
+    kind: Literal["harpe"]
+    target_len: Length = Field(description="L, the window the model is trained at and serves, in tokens.")
+    bases: HarpeBases = Field(
+        default_factory=lambda: TableBases(kind="table"),
+        description="Base set: kind table | uniform | peak_valley | explicit.",
+    )
+    assign: Literal["per_kv_group", "per_head"] = Field(
+        "per_kv_group",
+        description="per_kv_group: query heads sharing a key/value head share its base (any model); per_head: one "
+        "base per query head, only for models without grouped-query attention (where both are the same).",
+    )
+
+    def default_seq_len(self, original: int | None) -> int | None:
+        return self.target_len  # single stage, directly at the target length
+
+
+MethodSpec = Annotated[Union[StandardMethod, PoseMethod, E2LLMMethod, HarpeMethod], Field(discriminator="kind")]
 
 
 # ------------------------------------------------------------------------------------------ lora
@@ -353,11 +417,32 @@ def cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
         out.append(("rope.factor", f"must be >= 1 (got {factor})"))
     if recipe.method.kind == "e2llm" and recipe.rope.kind != "none":
         out.append(("rope.kind", f"E2-LLM brings its own position interpolation; use rope.kind none (got {recipe.rope.kind!r})"))
+    if recipe.method.kind == "harpe":
+        out += _harpe_checks(recipe)
     if getattr(recipe.method, "scales", None) and any(g < 1 for g in recipe.method.scales):
         out.append(("method.scales", f"every scale is >= 1 (got {recipe.method.scales})"))
     for i, depth in enumerate(recipe.eval.passkey.depths):
         if not 0.0 <= depth <= 1.0:
             out.append((f"eval.passkey.depths.{i}", f"a depth is between 0 and 1 (got {depth})"))
+    return out
+
+
+def _harpe_checks(recipe: Recipe) -> list[tuple[str, str]]:
+    """HARPE sets the bases itself; checks on the base set that need no model config."""
+    out, bases = [], recipe.method.bases
+    if recipe.rope.kind != "none":
+        out.append(("rope.kind", f"HARPE sets a RoPE base per head itself; use rope.kind none (got {recipe.rope.kind!r})"))
+    elif recipe.rope.theta is not None:
+        out.append(("rope.theta", f"HARPE sets a RoPE base per head in method.bases; remove it (got {recipe.rope.theta:g})"))
+    if bases.kind in ("uniform", "peak_valley") and not bases.b_min < bases.b_max:
+        out.append(("method.bases.b_max", f"must be above b_min {bases.b_min:g} (got {bases.b_max:g})"))
+    if bases.kind == "peak_valley" and bases.b_min < bases.b_max and bases.stride > bases.b_max - bases.b_min:
+        span = bases.b_max - bases.b_min
+        out.append(("method.bases.stride", f"must be at most b_max - b_min = {span:g} (got {bases.stride:g})"))
+    if bases.kind == "explicit" and any(not b > 0 for b in bases.values):
+        out.append(("method.bases.values", f"every base is > 0 (got {bases.values})"))
+    if bases.kind == "table" and bases.rescale is not None and not 0 < bases.rescale[0] < bases.rescale[1]:
+        out.append(("method.bases.rescale", f"expected [low, high] with 0 < low < high (got {list(bases.rescale)})"))
     return out
 
 

@@ -1,10 +1,16 @@
-"""The longext rotary module: the model's own rotary embedding, fed positions divided by a scale.
+"""The longext rotary module: the model's own rotary embedding, fed positions divided by a scale, or
+per-head bases in its place.
 
 `apply_scaled_rotary(model)` swaps it in on this model instance only (the decoder's `rotary_emb`
 attribute); nothing in transformers is modified. With no scale set it calls the stock module with the
 stock positions, so every standard RoPE type (default, linear, dynamic, yarn, llama3) is reproduced
 exactly. With a scale g it feeds `position_ids / g` — fractions, never rounded — which is E2-LLM's
 `(m + t)/g` (and PI with factor g at inference). The stock module casts positions to float32 itself.
+
+With per-head bases (HARPE, `apply_scaled_rotary(model, bases=...)`) it returns cos/sin of shape
+[b, n, s, d], one set per key/value head, instead of the stock [b, s, d]; the attention modules must
+then be the HARPE ones (`longext.harpe.modeling_longext_harpe.swap_harpe_attention`), which rotate
+each head with its group's set.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ from longext.errors import LongextError
 
 
 class ScaledRotary(nn.Module):
-    """Wraps a transformers rotary embedding; `scale` is None, a float, or a [b] tensor (one per sample)."""
+    """Wraps a transformers rotary embedding; `scale` is None, a float, or a [b] tensor (one per sample).
+    `head_bases` (HARPE: one base per key/value head) replaces the inner module's single base."""
 
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
         self.scale: float | torch.Tensor | None = None
+        self.head_bases: list[float] | None = None
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, **kwargs):
         scale = self.scale
@@ -29,6 +37,14 @@ class ScaledRotary(nn.Module):
             if isinstance(scale, torch.Tensor) and scale.dim() > 0:
                 scale = scale.to(position_ids.device, torch.float32).reshape(-1, 1)  # [b, 1] over [b, s]
             position_ids = position_ids.to(torch.float32) / scale
+        if self.head_bases is not None:
+            from longext.harpe.modeling_longext_harpe import harpe_cos_sin, harpe_inv_freq
+
+            # [n, d/2] recomputed per forward (negligible): no buffer for a dtype cast or a device move to round
+            dim = 2 * self.inner.inv_freq.shape[-1]
+            with torch.no_grad():
+                inv_freq = harpe_inv_freq(self.head_bases, dim, device=position_ids.device)
+                return harpe_cos_sin(inv_freq, position_ids, x.dtype)  # [b, n, s, d]
         return self.inner(x, position_ids, **kwargs)
 
 
@@ -40,12 +56,14 @@ def _rotary_owner(model) -> nn.Module:
     return decoder
 
 
-def apply_scaled_rotary(model) -> ScaledRotary:
-    """Install (once) and return the ScaledRotary of this model. Parameter names do not change: the
-    rotary module holds only non-persistent buffers."""
+def apply_scaled_rotary(model, bases: list[float] | None = None) -> ScaledRotary:
+    """Install (once) and return the ScaledRotary of this model; `bases` sets per-head bases (HARPE).
+    Parameter names do not change: the rotary module holds only non-persistent buffers."""
     owner = _rotary_owner(model)
     if not isinstance(owner.rotary_emb, ScaledRotary):
         owner.rotary_emb = ScaledRotary(owner.rotary_emb)
+    if bases is not None:
+        owner.rotary_emb.head_bases = [float(b) for b in bases]
     return owner.rotary_emb
 
 

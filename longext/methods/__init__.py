@@ -49,6 +49,12 @@ def plan_method(recipe, model_config=None) -> MethodPlan:
                 positions=sampler, apply=apply_scaled_rotary, before_forward=e2llm.before_forward,
                 per_step=method.sample_scope == "step",
             )
+        case "harpe":
+            from longext.methods.harpe import apply_harpe, head_bases
+            from longext.models import load_model_config
+
+            bases = head_bases(method, model_config or load_model_config(recipe.model.path))
+            return MethodPlan(apply=lambda model: apply_harpe(model, bases))
     raise NotImplementedError(method.kind)  # the schema admits only implemented kinds
 
 
@@ -62,6 +68,11 @@ def rope_extra(recipe) -> dict:
         return {"method": "e2llm", "scales": scales, "eval_rule": method.eval_rule, "sink_tokens": method.sink_tokens}
     if method.kind == "pose":
         return {"method": "pose", "chunks": method.chunks}
+    if method.kind == "harpe":
+        from longext.methods.harpe import rope_extra as harpe_extra
+        from longext.models import load_model_config
+
+        return harpe_extra(method, load_model_config(recipe.model.path))
     return {}
 
 
@@ -71,4 +82,8 @@ def eval_setup(model, state) -> Callable[[int], None]:
         from longext.methods.e2llm import eval_hook
 
         return eval_hook(model, state.original_context, state.extra["eval_rule"])
+    if state.extra.get("method") == "harpe":
+        from longext.methods.harpe import eval_hook as harpe_eval_hook
+
+        return harpe_eval_hook(model, state.extra["bases"])
     return lambda length: None

@@ -1,0 +1,111 @@
+"""HARPE (Lian et al. 2024, methods.md §5): a RoPE base per attention head, trained once at the target length.
+
+The bases are resolved against the model config once (`head_bases`) and stored in rope.json; training,
+evaluation and export read them from there. On the model, two per-instance swaps: the ScaledRotary
+(longext/rotary.py) returns one cos/sin set per key/value head, and each layer's attention becomes the
+HARPE subclass of its family, which rotates every head with its group's set.
+
+GQA: query heads that share a key/value head share its base (`per_kv_group`, methods.md §5.5), so there
+are num_key_value_heads bases; `per_head` (one base per query head) is accepted only when there is one
+key/value head per query head, where the two are the same and the paper applies unchanged.
+"""
+
+from __future__ import annotations
+
+from longext.errors import LongextError
+from longext.harpe import bases as harpe_bases
+
+
+def head_bases(method, config) -> list[float]:
+    """One base per key/value head for this model config, from the recipe's `method` (HarpeMethod).
+
+    Raises LongextError naming the recipe field when the set does not fit the model.
+    """
+    heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    if method.assign == "per_head" and kv != heads:
+        raise LongextError(
+            f"method.assign: per_head needs one key/value head per query head; this model has {heads} query heads "
+            f"over {kv} key/value heads (grouped-query attention), so use per_kv_group"
+        )
+    spec = method.bases
+    match spec.kind:
+        case "table":
+            try:
+                values = harpe_bases.table_bases(spec.table, kv)
+            except ValueError as err:
+                raise LongextError(f"method.bases.table: {err}; use kind uniform or peak_valley") from None
+            if spec.rescale is not None:
+                values = harpe_bases.rescaled(values, *spec.rescale)
+        case "uniform":
+            values = harpe_bases.uniform_bases(spec.b_min, spec.b_max, kv)
+        case "peak_valley":
+            dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            try:
+                search = (spec.b_min, spec.b_max, spec.stride, kv, dim, method.target_len)
+                values = list(harpe_bases.peak_valley_bases(*search))
+            except ValueError as err:
+                raise LongextError(f"method.bases.stride: {err}; lower the stride or widen [b_min, b_max]") from None
+        case "explicit":
+            if len(spec.values) != kv:
+                raise LongextError(
+                    f"method.bases.values: expected one base per key/value head ({kv}; the model has {heads} query "
+                    f"heads over {kv} key/value heads), got {len(spec.values)}"
+                )
+            values = list(spec.values)
+    return harpe_bases.ordered(values, spec.order)
+
+
+def rope_extra(method, config) -> dict:
+    """What rope.json keeps: the resolved bases, so eval and export never re-run a search."""
+    return {
+        "method": "harpe", "bases": head_bases(method, config), "assign": method.assign,
+        "strategy": method.bases.kind, "reconstructed": method.bases.kind == "peak_valley",
+    }
+
+
+def apply_harpe(model, bases: list[float]) -> None:
+    """Per-head bases on this model instance: the ScaledRotary returns [b, n, s, d] cos/sin and every
+    layer's attention rotates each head with its kv group's set. Parameter names are unchanged."""
+    from longext.harpe.modeling_longext_harpe import swap_harpe_attention
+    from longext.rotary import apply_scaled_rotary
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kv = base.config.num_key_value_heads or base.config.num_attention_heads
+    if len(bases) != kv:
+        raise LongextError(f"HARPE: {len(bases)} bases for a model with {kv} key/value heads")
+    apply_scaled_rotary(model, bases)
+    swap_harpe_attention(base.get_decoder())
+
+
+def eval_hook(model, bases: list[float]):
+    """Install the run's bases for inference; the window length changes nothing."""
+    apply_harpe(model, bases)
+    return lambda length: None
+
+
+def write_harpe_code(folder, family: str, extra: dict) -> dict:
+    """Copy the HARPE modeling code into an export folder; returns the config.json keys that select it.
+
+    The model_type and architecture are HARPE's own, so plain transformers without trust_remote_code
+    refuses the folder instead of loading it with one base for every head.
+    """
+    import shutil
+    from pathlib import Path
+
+    from longext.harpe import modeling_longext_harpe as modeling
+
+    if family not in modeling.EXPORT_CLASSES:
+        have = ", ".join(modeling.EXPORT_CLASSES)
+        raise LongextError(f"HARPE export: no modeling code for model type {family!r} (have {have})")
+    config_cls, model_cls = modeling.EXPORT_CLASSES[family]
+    shutil.copyfile(modeling.__file__, Path(folder) / "modeling_longext_harpe.py")
+    return {
+        "model_type": config_cls.model_type,
+        "architectures": [model_cls.__name__],
+        "auto_map": {
+            "AutoConfig": f"modeling_longext_harpe.{config_cls.__name__}",
+            "AutoModelForCausalLM": f"modeling_longext_harpe.{model_cls.__name__}",
+        },
+        "head_rope_thetas": list(extra["bases"]),
+        "head_rope_assign": extra["assign"],
+    }
