@@ -7,7 +7,7 @@ export LONGEXT_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install materials demo test test-all bench bench-quick lint clean
+.PHONY: install materials demo test test-all bench bench-quick toy-base lint clean
 
 install: $(VENV)/.installed
 
@@ -32,11 +32,17 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q
 
+# Benchmarks (docs/bench.md): cached per case under bench-runs/, page in docs/benchmarks.md.
+# Long jobs: run them niced on a shared machine, e.g. `nice -n 19 make bench`.
 bench: materials
 	$(BIN)/longext bench all
 
 bench-quick: materials
 	$(BIN)/longext bench all --quick
+
+# Re-pretrain the committed toy base (bench/toy-base; ~10-15 CPU minutes, seeded). `make bench` does not need it.
+toy-base: materials
+	$(BIN)/python scripts/toy_base.py --out bench/toy-base
 
 lint: install
 	$(BIN)/python -m compileall -q longext tests

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 L0 = 128
 ANSWER_TOKENS = 7  # " " + 5 digits + "."
+FILLER_CHARS = 60_000  # held-out filler for passkey prompts up to 8 x L0
 
 
 def build_tokenizer(texts: list[str], vocab: int):
@@ -80,7 +81,9 @@ class Mixture:
         self.stream = torch.tensor([t for part in parts for t in part], dtype=torch.long)
         self.sentences = filler_sentences(book_text)
         self.passkey_prompt = passkey_prompt
-        self.bare = len(passkey_prompt(tokenizer, 10_000, "00000", 0.5, self.sentences[:1]).ids) - 0
+        from longext.evaluate.passkey import prompt_text
+
+        self.bare = len(tokenizer(prompt_text(self.sentences, 0, 0, 0, "00000")[1])["input_ids"])
         self.vocab = len(tokenizer)
 
     def book_row(self, rng: random.Random):
@@ -91,8 +94,8 @@ class Mixture:
         key = str(rng.randrange(10_000, 100_000))
         # the shortest prompts hold no filler at all; the prompt leaves room for the answer inside L0
         length = rng.randint(min(self.bare + 8, L0 - ANSWER_TOKENS), L0 - ANSWER_TOKENS)
-        prompt = self.passkey_prompt(self.tok, length, key, rng.random(), self.sentences,
-                                     rng.randrange(len(self.sentences)))
+        start = rng.randrange(len(self.sentences) - 16)  # passkey_prompt tokenizes its whole sentence list once
+        prompt = self.passkey_prompt(self.tok, length, key, rng.random(), self.sentences[start : start + 16])
         answer = self.tok(" " + key + ".")["input_ids"]
         ids = (prompt.ids + answer)[:L0]
         weights = [1.0] * len(prompt.ids) + [self.args.answer_weight] * (len(ids) - len(prompt.ids))
@@ -150,9 +153,19 @@ def gate(model, tokenizer, eval_text: str, trials: int, seed: int) -> dict:
 
     spec = PasskeySpec(trials=trials, depths=[(i + 0.5) / 10 for i in range(10)])
     model.eval()
-    row = passkey_at_lengths(model, tokenizer, [L0], spec, seed, filler=eval_text)[L0]
+    # a slice of the held-out books is plenty of filler, and keeps prompt building cheap
+    row = passkey_at_lengths(model, tokenizer, [L0], spec, seed, filler=eval_text[:FILLER_CHARS])[L0]
     model.train()
     return {"length": L0, "accuracy": row["accuracy"], "correct": row["correct"], "trials": row["trials"]}
+
+
+def record_attempt(settings: dict, path: Path) -> None:
+    """One line per pretraining attempt (settings, last log line, gate): what was tried, for the docs."""
+    keep = ("argv", "params", "tokens_trained", "train_seconds", "gate")
+    line = {**{k: settings[k] for k in keep}, "last_log": settings["log"][-1] if settings["log"] else None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def sha256(path: Path) -> str:
@@ -167,17 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--p-passkey", type=float, default=0.35)
-    p.add_argument("--p-repeat", type=float, default=0.2)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--p-passkey", type=float, default=0.4)
+    p.add_argument("--p-repeat", type=float, default=0.25)
     p.add_argument("--answer-weight", type=float, default=5.0)
     p.add_argument("--gate-trials", type=int, default=50)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--init", type=Path, default=None, help="continue from a saved base (a new schedule)")
+    p.add_argument("--attempts", type=Path, default=Path("bench/toy-base-attempts.jsonl"),
+                   help="append a summary of this attempt here")
     args = p.parse_args(argv)
 
     from longext.materials import book_files
@@ -188,14 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     train_text = "\n".join(f.read_text(encoding="utf-8") for f in book_files("train"))
     eval_text = "\n".join(f.read_text(encoding="utf-8") for f in book_files("eval"))
-    if args.init:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.init)
-        model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
-    else:
-        tokenizer = build_tokenizer(train_text.split("\n\n"), args.vocab)
-        model = build_model(len(tokenizer), args)
+    tokenizer = build_tokenizer(train_text.split("\n\n"), args.vocab)
+    model = build_model(len(tokenizer), args)
     data = Mixture(tokenizer, train_text, args)
     params = sum(p.numel() for p in model.parameters())
     print(f"params {params:,}  vocab {len(tokenizer)}  bare passkey prompt {data.bare} tokens  "
@@ -243,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     files = sorted(f for f in args.out.iterdir() if f.is_file() and f.name != "SHA256SUMS")
     (args.out / "SHA256SUMS").write_text("".join(f"{sha256(f)}  {f.name}\n" for f in files))
+    record_attempt(settings, args.attempts)
     print(f"saved {args.out} in {time.perf_counter() - began:.0f}s", flush=True)
     return 0
 

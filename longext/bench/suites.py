@@ -1,0 +1,132 @@
+"""The benchmark suites as lists of cases (pure data: a case's JSON is part of its cache key).
+
+- throughput: `throughput.run_case` measurements (train tokens/s engine vs plain, eval seconds);
+- toy: the committed toy base (bench/toy-base, L0 = 128) extended to 8 x L0 = 1024;
+- smollm2: SmolLM2-135M (L0 = 8k) extended x2 to 16k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from longext.errors import LongextError
+
+SUITES = ("throughput", "toy", "smollm2")
+ALLOWED = (*SUITES, "all")
+TOY_DIR = Path(__file__).resolve().parents[2] / "bench" / "toy-base"
+TOY_L0, TOY_TARGET = 128, 1024
+SMOL_TARGET = 16384
+
+
+def suite_cases(suite: str, quick: bool) -> list[dict]:
+    if suite not in SUITES:
+        raise LongextError(f"SUITE: unknown benchmark suite {suite!r} (allowed: {', '.join(ALLOWED)})")
+    return {"throughput": throughput_cases, "toy": toy_cases, "smollm2": smollm2_cases}[suite](quick)
+
+
+# ------------------------------------------------------------------------------------ throughput
+def throughput_cases(quick: bool) -> list[dict]:
+    """Engine (DeepSpeed ZeRO-2) vs plain transformers + peft, same model, LoRA, batch and optimizer."""
+    cases = []
+    models, lengths = (("tiny",), (2048,)) if quick else (("tiny", "smollm2"), (2048, 8192))
+    for model in models:
+        for seq_len in lengths:
+            steps = 2 if model == "smollm2" and seq_len > 2048 else 3  # SmolLM2 at 8k: ~2 min a step here
+            for path in ("engine", "plain"):
+                cases.append({"kind": "throughput", "name": f"train-{model}-{seq_len}-{path}",
+                              "case": "train", "path": path, "model": model, "seq_len": seq_len, "steps": steps})
+    for length in (2048, 4096) if quick else (2048, 4096, 8192, 12288, 16384):
+        cases.append({"kind": "throughput", "name": f"eval-smollm2-{length}", "case": "eval", "model": "smollm2",
+                      "length": length})
+    return cases
+
+
+# ------------------------------------------------------------------------------------------- toy
+def toy_checksum(toy_dir: Path = TOY_DIR) -> str:
+    sums = toy_dir / "SHA256SUMS"
+    if not sums.is_file():
+        raise LongextError(f"toy suite: no toy base at {toy_dir} (build it with `make toy-base`)")
+    return hashlib.sha256(sums.read_bytes()).hexdigest()
+
+
+def toy_recipe(name: str, rope: dict, train: dict | None = None, toy_dir: Path = TOY_DIR) -> dict:
+    """A longext recipe for the toy base; `train` = the fine-tuning settings (training-free rows keep steps 1)."""
+    return {
+        "name": name,
+        "model": {"path": str(toy_dir), "original_context": TOY_L0},
+        "method": {"kind": "standard", "target_len": TOY_TARGET},
+        "rope": rope,
+        # high rank on every linear layer of a 1M-parameter model: close to full fine-tuning
+        "lora": {"r": 32, "alpha": 32.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+        "data": {"train": ["books"], "seq_len": TOY_TARGET},
+        "train": train or {"steps": 1},
+    }
+
+
+def toy_cases(quick: bool, toy_dir: Path = TOY_DIR) -> list[dict]:
+    checksum = toy_checksum(toy_dir)
+    lengths = [TOY_L0, 2 * TOY_L0, 4 * TOY_L0, TOY_TARGET]
+    settings = {"ppl_lengths": lengths, "targets": 64, "windows": 8 if quick else 32,
+                "passkey_lengths": lengths, "trials": 10 if quick else 20,
+                "depths": [(i + 0.5) / 10 for i in range(10)], "filler_chars": 60_000, "seed": 0}
+    # one optimizer and token budget for every fine-tuned method (schedules by steps)
+    finetune = {"steps": 20 if quick else 80, "micro_batch_size": 2, "lr": 2.0e-3, "warmup_steps": 10,
+                "schedule": "cosine", "min_lr_ratio": 0.1, "zero_stage": 2, "precision": "auto", "seed": 0,
+                "log_every": 10}
+    rows = [
+        ("base", "no extension", {"kind": "none"}, False),
+        ("pi", "PI x8, training-free", {"kind": "linear"}, False),
+        ("ntk", "NTK x8, training-free", {"kind": "ntk"}, False),
+        ("dynamic", "dynamic NTK x8, training-free", {"kind": "dynamic"}, False),
+        ("yarn", "YaRN x8, training-free", {"kind": "yarn"}, False),
+        ("pi-ft", "PI x8, fine-tuned at 1024", {"kind": "linear"}, True),
+    ]
+    cases = [
+        {"kind": "model", "name": f"toy-{name}", "label": label, "train": train, "toy_base": checksum,
+         "recipe": toy_recipe(f"toy-{name}", rope, finetune if train else None, toy_dir), "eval": settings}
+        for name, label, rope, train in rows
+    ]
+    # the determinism check: the fine-tuned row again, same seed, run from scratch (last: the cheapest to lose)
+    repeat = {**cases[-1], "name": "toy-pi-ft-repeat", "label": "PI x8, fine-tuned (repeat run)", "repeat_of": "toy-pi-ft"}
+    return [*cases, repeat]
+
+
+# --------------------------------------------------------------------------------------- smollm2
+def smollm2_cases(quick: bool) -> list[dict]:
+    """Training-free x2 baselines and the demo-like YaRN LoRA row.
+
+    quick (also the reduced run documented in docs/benchmarks.md when the full one does not fit):
+    perplexity at 8k and 16k only, one 256-token target window, passkey at 4k with 2 trials.
+    """
+    if quick:
+        settings = {"ppl_lengths": [8192, 16384], "targets": 256, "windows": 1,
+                    "passkey_lengths": [4096], "trials": 2, "depths": [0.25, 0.75], "filler_chars": 400_000}
+    else:
+        lengths = [4096, 8192, 12288, 16384]
+        settings = {"ppl_lengths": lengths, "targets": 512, "windows": 1, "passkey_lengths": lengths,
+                    "trials": 6, "depths": [0.1, 0.3, 0.5, 0.7, 0.9, 0.2], "filler_chars": 400_000}
+    settings["seed"] = 0
+    base = {"path": "${LONGEXT_CACHE}/models/smollm2-135m"}
+
+    def recipe(name: str, rope: dict, train: dict | None = None) -> dict:
+        return {"name": name, "model": base, "method": {"kind": "standard", "target_len": SMOL_TARGET}, "rope": rope,
+                "lora": {"r": 8, "alpha": 16.0}, "data": {"train": ["books"], "seq_len": 2048},
+                "train": train or {"steps": 1}}
+
+    demo_train = {"steps": 10, "micro_batch_size": 1, "lr": 2.0e-4, "warmup_steps": 2, "schedule": "cosine",
+                  "min_lr_ratio": 0.1, "zero_stage": 2, "precision": "auto", "seed": 0}
+    rows = [
+        ("base", "no extension", {"kind": "none"}, False),
+        ("pi", "PI x2, training-free", {"kind": "linear"}, False),
+        ("dynamic", "dynamic NTK x2, training-free", {"kind": "dynamic"}, False),
+        ("yarn", "YaRN x2, training-free", {"kind": "yarn"}, False),
+        ("yarn-lora", "YaRN x2 + LoRA 10 steps at 2k (demo)", {"kind": "yarn"}, True),
+    ]
+    if quick:
+        rows = rows[:4]
+    return [
+        {"kind": "model", "name": f"smollm2-{name}", "label": label, "train": train,
+         "recipe": recipe(f"smollm2-{name}", rope, demo_train if train else None), "eval": settings}
+        for name, label, rope, train in rows
+    ]

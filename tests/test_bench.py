@@ -1,0 +1,197 @@
+"""The benchmark harness: cache keys and reuse, suite errors, the page renderer, and determinism of
+a tiny case. Nothing here runs a real suite (those take minutes to hours: `make bench`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from longext.bench import report, run
+from longext.bench.suites import suite_cases
+from longext.errors import LongextError
+
+
+def fake_case(name: str, **extra) -> dict:
+    return {"kind": "model", "name": name, "label": name, **extra}
+
+
+class CountingRunner:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, case: dict, folder: Path) -> dict:
+        self.calls.append(case["name"])
+        return {"value": len(self.calls)}
+
+
+# ------------------------------------------------------------------------------------------ cache
+def test_a_finished_case_is_reused_until_its_settings_or_the_source_change(tmp_path):
+    runner, cases = CountingRunner(), [fake_case("a", lr=1e-3), fake_case("b")]
+    first = run.run_cases(cases, tmp_path, force=False, source="src1", runner=runner, log=lambda _: None)
+    assert runner.calls == ["a", "b"] and not any(d["cached"] for d in first)
+
+    again = run.run_cases(cases, tmp_path, force=False, source="src1", runner=runner, log=lambda _: None)
+    assert runner.calls == ["a", "b"] and all(d["cached"] for d in again)
+    assert [d["result"] for d in again] == [d["result"] for d in first]
+
+    changed = [fake_case("a", lr=2e-3), fake_case("b")]  # a recipe field changed: only that case re-runs
+    run.run_cases(changed, tmp_path, force=False, source="src1", runner=runner, log=lambda _: None)
+    assert runner.calls == ["a", "b", "a"]
+
+    run.run_cases(changed, tmp_path, force=False, source="src2", runner=runner, log=lambda _: None)
+    assert runner.calls == ["a", "b", "a", "a", "b"]  # new source hash: everything re-runs
+
+    run.run_cases(changed, tmp_path, force=True, source="src2", runner=runner, log=lambda _: None)
+    assert runner.calls[-2:] == ["a", "b"]
+
+
+def test_a_failed_case_leaves_no_result_and_runs_again(tmp_path):
+    def failing(case, folder):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        run.run_cases([fake_case("a")], tmp_path, False, "s", failing, log=lambda _: None)
+    assert not (tmp_path / "cases" / "a" / "result.json").exists()
+    runner = CountingRunner()
+    run.run_cases([fake_case("a")], tmp_path, False, "s", runner, log=lambda _: None)
+    assert runner.calls == ["a"]
+
+
+def test_source_hash_follows_dependencies_but_not_the_renderer(tmp_path):
+    pkg = tmp_path / "longext"
+    (pkg / "bench").mkdir(parents=True)
+    (pkg / "train.py").write_text("x = 1\n")
+    (pkg / "bench" / "report.py").write_text("y = 1\n")
+    before = run.source_hash(pkg)
+    (pkg / "bench" / "report.py").write_text("y = 2\n")
+    assert run.source_hash(pkg) == before
+    (pkg / "train.py").write_text("x = 2\n")
+    assert run.source_hash(pkg) != before
+    assert run.case_key({"a": 1}, "s") != run.case_key({"a": 2}, "s") != run.case_key({"a": 2}, "t")
+
+
+def test_unknown_suite_is_a_one_line_error_listing_the_allowed_ones(tmp_path):
+    with pytest.raises(LongextError) as err:
+        run.run_bench("toys", out=tmp_path, doc=tmp_path / "b.md")
+    message = str(err.value)
+    assert "\n" not in message and "'toys'" in message
+    assert all(name in message for name in ("throughput", "toy", "smollm2", "all"))
+    with pytest.raises(LongextError):
+        suite_cases("all", quick=True)  # `all` is a run_bench choice, not a suite of its own
+
+
+def test_cli_bench_reports_an_unknown_suite_with_exit_2(tmp_path, capsys):
+    from longext.cli import main
+
+    assert main(["bench", "nope", "--out", str(tmp_path), "--doc", str(tmp_path / "b.md")]) == 2
+    assert "error: SUITE: unknown benchmark suite 'nope'" in capsys.readouterr().err
+
+
+def test_throughput_quick_is_tiny_at_2k_only():
+    cases = suite_cases("throughput", quick=True)
+    train = [c for c in cases if c["case"] == "train"]
+    assert {c["model"] for c in train} == {"tiny"} and {c["seq_len"] for c in train} == {2048}
+    assert {c["path"] for c in train} == {"engine", "plain"}
+    assert sorted(c["length"] for c in cases if c["case"] == "eval") == [2048, 4096]
+
+
+# --------------------------------------------------------------------------------------- rendering
+def model_result(ppl: dict[int, float], passkey: dict[int, tuple[int, int]], train: bool = False) -> dict:
+    result = {
+        "params_nonembed": 1000, "layers": 2, "hidden": 10, "peak_rss_mb": 500.0, "seconds": 60.0,
+        "perplexity": {str(L): {"ppl": p, "tokens_per_s": 1000.0 * L} for L, p in ppl.items()},
+        "passkey": {str(L): {"correct": c, "trials": t, "accuracy": c / t} for L, (c, t) in passkey.items()},
+    }
+    if train:
+        result.update(train_tokens=4096, train_tokens_per_s=1234.0, train_seq_len=100, train_peak_rss_mb=700.0)
+    return result
+
+
+def suite_doc(cases: list[tuple[str, str, dict]], **extra) -> dict:
+    return {"finished": "2026-01-01T00:00:00+00:00", "quick": False, "wall_seconds": 120.0, "cached_cases": 0,
+            "machine": {"cpu": "Test CPU", "cores": 2, "ram_gb": 4, "flags": {"avx2": True, "avx512_bf16": False}},
+            "versions": {"torch": "9.9"},
+            "cases": [{"case": {"name": n, "label": label, **({"repeat_of": n[:-7]} if n.endswith("-repeat") else {})},
+                       "result": r, "cached": False} for n, label, r in cases],
+            **extra}
+
+
+def test_the_page_is_rendered_from_results_only():
+    doc = suite_doc([
+        ("toy-base", "no extension", model_result({128: 10.0, 1024: 30.0}, {128: (19, 20), 1024: (0, 20)})),
+        ("toy-pi-ft", "PI fine-tuned", model_result({128: 10.5, 1024: 10.8}, {128: (18, 20)}, train=True)),
+        ("toy-pi-ft-repeat", "again", model_result({128: 10.5, 1024: 10.8 * 1.02}, {128: (18, 20)}, train=True)),
+    ], toy_base={"params": 12345, "vocab": 1024, "gate": {"correct": 19, "trials": 20, "passed": True}})
+    text = report.render({"toy": doc, "throughput": None, "smollm2": None})
+    assert "| no extension | 10.00 | 30.00 |" in text
+    assert "| no extension | 19/20 | 0/20 |" in text and "| PI fine-tuned | 18/20 | – |" in text
+    assert "Test CPU, 2 cores" in text and "avx512_bf16 no" in text and "torch 9.9" in text
+    assert "wall time 2.0 min" in text and "**met**" in text
+    assert "ppl(128) = 3.00 (needs ≥ 2): holds" in text and "= 1.08 (needs ≤ 1.1): holds" in text
+    # compute ratio: (N + layers*train_len*d) / (N + layers*target*d) = (1000 + 2000) / (1000 + 20480)
+    assert f"| {3000 / 21480:.2f} |" in text
+    assert "Not run yet (`longext bench throughput`)" in text
+    assert "largest perplexity difference 2.00%, passkey counts identical (needs ≤ 1 % and identical): fails" in text
+
+
+def test_a_suite_without_new_results_keeps_its_old_section():
+    old = report.render({"toy": suite_doc([("toy-base", "no extension", model_result({128: 7.0}, {}))],
+                                          toy_base={"gate": {}})})
+    new = report.render({"toy": None, "smollm2": suite_doc([("smollm2-base", "none", model_result({8192: 20.0}, {}))])},
+                        old)
+    assert "| no extension | 7.00 |" in new and "| none | 20.00 |" in new
+    assert new.count("<!-- suite:toy -->") == 1
+
+
+def test_throughput_table_has_the_engine_to_plain_ratio():
+    def case(name, path, tps):
+        return {"case": {"name": name, "case": "train", "path": path, "model": "tiny", "seq_len": 2048, "steps": 3},
+                "result": {"tokens_per_s": tps, "peak_rss_mb": 100.0, "precision": "fp32"}}
+
+    doc = suite_doc([])
+    doc["cases"] = [case("train-tiny-2048-engine", "engine", 900.0), case("train-tiny-2048-plain", "plain", 1000.0)]
+    text = report.throughput_section(doc)
+    assert "| tiny | 2k | 3 | 900 | 1,000 | 0.90 |" in text
+
+
+def test_write_doc_is_atomic_and_writes_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    doc = suite_doc([("toy-base", "no extension", model_result({128: 10.0, 256: 12.0}, {128: (1, 2), 256: (0, 2)}))],
+                    toy_base={"gate": {}}, suite="toy")
+    run.write_json(tmp_path / "out" / "toy" / "suite.json", doc)
+    page = run.write_doc(tmp_path / "out", tmp_path / "docs" / "benchmarks.md")
+    assert "| no extension | 10.00 | 12.00 |" in page.read_text()
+    assert sorted(p.name for p in (tmp_path / "docs" / "bench").iterdir()) == ["toy-passkey.png", "toy-ppl.png"]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+# ------------------------------------------------------------------------------------- determinism
+def test_a_tiny_case_gives_identical_figures_twice(tmp_path, tiny_model_dir, corpus_dir):
+    """The toy suite's determinism claim, on a tiny model: train 2 steps with longext, evaluate
+    perplexity and passkey; a second run with the same seed gives the same accuracies and
+    perplexities within 1% (in practice: equal)."""
+    from longext.bench.cases import model_case
+
+    texts = sorted(str(p) for p in corpus_dir.glob("*.txt"))
+    case = {
+        "kind": "model", "name": "tiny-pi-ft", "label": "tiny", "train": True,
+        "recipe": {
+            "name": "tiny-pi-ft", "model": {"path": str(tiny_model_dir)},
+            "method": {"kind": "standard", "target_len": 256}, "rope": {"kind": "linear"},
+            "lora": {"r": 4, "alpha": 8.0}, "data": {"train": texts, "seq_len": 64},
+            "train": {"steps": 2, "lr": 1e-3, "precision": "fp32", "zero_stage": 0, "seed": 3},
+        },
+        "eval": {"ppl_lengths": [128, 256], "targets": 32, "windows": 2, "passkey_lengths": [256], "trials": 2,
+                 "depths": [0.25, 0.75], "texts": texts, "filler_chars": 20_000, "seed": 0},
+    }
+    first = model_case(case, tmp_path / "one")
+    second = model_case(case, tmp_path / "two")
+    for L in ("128", "256"):
+        a, b = first["perplexity"][L]["ppl"], second["perplexity"][L]["ppl"]
+        assert math.isfinite(a) and abs(a - b) <= 0.01 * a
+    assert [r["answer"] for r in first["passkey"]["256"]["records"]] == [r["answer"] for r in second["passkey"]["256"]["records"]]
+    assert first["train_tokens"] == second["train_tokens"] == 2 * 64
+    assert json.dumps(first["final_loss"]) == json.dumps(second["final_loss"])
