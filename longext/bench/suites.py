@@ -89,7 +89,37 @@ def toy_cases(quick: bool, toy_dir: Path = TOY_DIR) -> list[dict]:
     ]
     # the determinism check: the fine-tuned row again, same seed, run from scratch (last: the cheapest to lose)
     repeat = {**cases[-1], "name": "toy-pi-ft-repeat", "label": "PI x8, fine-tuned (repeat run)", "repeat_of": "toy-pi-ft"}
-    return [*cases, repeat]
+    methods = [] if quick else [
+        {"kind": "model", "name": f"toy-{name}", "label": label, "train": True, "toy_base": checksum,
+         "recipe": {**toy_recipe(f"toy-{name}", rope, finetune, toy_dir), **changes}, "eval": settings}
+        for name, label, rope, changes in toy_method_rows()
+    ]
+    return [*cases, repeat, *methods]
+
+
+# Base set for HARPE at 8 x L0 on the toy (4 heads, base 1e4) [choice]: b_max = 20 x the base, b_min =
+# b_max / 5 as in the paper's 1M-5M range; ABF baselines at the largest and at the mean base.
+TOY_HARPE_BASES = (4.0e4, 2.0e5)
+
+
+def toy_method_rows() -> list[tuple[str, str, dict, dict]]:
+    """(name, label, rope, recipe changes) of the extension methods, same optimizer and steps as PI-FT."""
+    standard = {"kind": "standard", "target_len": TOY_TARGET}
+    short = {"seq_len": "auto"}  # R = L0: E2-LLM and PoSE train at the original window
+    b_min, b_max = TOY_HARPE_BASES
+    return [
+        ("pi-ft-4x", "PI x4, fine-tuned at 512", {"kind": "linear"},
+         {"method": {"kind": "standard", "target_len": 4 * TOY_L0}, "data": {"train": ["books"], "seq_len": 4 * TOY_L0}}),
+        ("e2llm", "E2-LLM (g 1..8), trained at 128", {"kind": "none"},
+         {"method": {"kind": "e2llm", "target_len": TOY_TARGET}, "data": {"train": ["books"], **short}}),
+        ("pose", "PoSE (PI x8), trained at 128", {"kind": "linear"},
+         {"method": {"kind": "pose", "target_len": TOY_TARGET}, "data": {"train": ["books"], **short}}),
+        ("harpe", f"HARPE uniform {b_min:.0e}-{b_max:.0e}, fine-tuned at 1024", {"kind": "none"},
+         {"method": {"kind": "harpe", "target_len": TOY_TARGET, "bases": {"kind": "uniform", "b_min": b_min, "b_max": b_max}}}),
+        ("abf-max", f"ABF single base {b_max:.0e}, fine-tuned at 1024", {"kind": "none", "theta": b_max}, {"method": standard}),
+        ("abf-mean", f"ABF single base {(b_min + b_max) / 2:.0e}, fine-tuned at 1024",
+         {"kind": "none", "theta": (b_min + b_max) / 2}, {"method": standard}),
+    ]
 
 
 # --------------------------------------------------------------------------------------- smollm2
