@@ -152,6 +152,28 @@ def export(
     _console().print(f"exported to {result.out_dir}  (max |Δlogit| vs in-tool model: {result.max_abs_diff:.2e})")
 
 
+# --------------------------------------------------------------------------------------- analyze
+@app.command()
+def analyze(
+    base: Annotated[Path, typer.Argument(metavar="BASE", help="The base model (model or run directory).", show_default=False)],
+    reference: Annotated[Path, typer.Argument(metavar="REFERENCE", help="A model already extended to long context, same tokenizer.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write.", show_default=False)],
+    texts: Annotated[Optional[list[str]], typer.Option("--texts", help="Long texts to score (files/folders or `books`). Repeatable.")] = None,
+    length: Annotated[str, typer.Option("--length", "-l", help="Tokens per scored window, e.g. 16k.")] = "4k",
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Windows spread evenly over the texts.")] = 4,
+) -> None:
+    """LongRecipe's impactful-token analysis: rank token types by how much REFERENCE raises their logit over BASE."""
+    from longext.lengths import parse_length
+    from longext.longrecipe.analysis import run_analysis
+
+    try:
+        window = parse_length(length)
+    except ValueError as err:
+        raise LongextError(f"--length: {err} (got {length!r})") from None
+    path = run_analysis(base, reference, texts or ["books"], window, samples, out)
+    _console().print(f"token ranking written to {path}  (use it as method.selection.analysis)")
+
+
 # ----------------------------------------------------------------------------------------- bench
 @app.command()
 def bench(

@@ -28,6 +28,12 @@ def resolve(recipe: Recipe) -> Resolved:
     config = load_model_config(recipe.model.path)
     state = rope_state(recipe, config)
     L0 = state.original_context
+    if recipe.method.kind == "longrecipe":  # the method computes its enlarged base from L0 (methods.md §4.1.5)
+        from longext.methods.longrecipe import resolve_method
+
+        method, rope = resolve_method(recipe, config, L0)
+        recipe = recipe.model_copy(update={"method": method, "rope": rope})
+        state = rope_state(recipe, config)
     rope = recipe.rope
     if getattr(rope, "factor", None) == "auto":
         rope = rope.model_copy(update={"factor": state.factor})

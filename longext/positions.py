@@ -66,3 +66,47 @@ def e2llm_eval_scale(length: int, original: int, rule: str) -> float:
     if rule == "pow2":
         return float(2 ** math.ceil(math.log2(ratio)))
     raise ValueError(f"unknown scale rule {rule!r}")
+
+
+def longrecipe_positions(
+    segment_lengths: list[int], target_len: int, gen: torch.Generator, gap_mode: str = "composition",
+    max_gap: int | None = None, contiguous_prefix: bool = True,
+) -> torch.Tensor:
+    """LongRecipe's position index transformation (Hu et al. 2024 §3.2; methods.md §4.1.4, canonical version).
+
+    Positions are contiguous inside each segment (kept sentence); the gap before every segment but the first
+    is random. `composition`: all L - B skipped positions go into the n - 1 gaps between segments (a uniformly
+    random weak composition), so the first token is at 0 and the last at exactly target_len - 1; the released
+    code also leaves a random tail gap, which on short samples (few segments) loses a large part of the
+    window. `bounded` (paper): independent gaps in {0..max_gap};
+    the caller must keep max_gap small enough (positions past target_len are clipped to target_len - 1 and
+    stay non-decreasing). With `contiguous_prefix` the first r ~ U{1..(B+1)//2} tokens get 0..r-1 (PoSE-like
+    head, one jump at r; unlike the released code, r is moved to the end of its sentence so that the jump falls
+    between sentences). Returns [B] int64 non-decreasing positions.
+    """
+    lengths = torch.tensor(segment_lengths, dtype=torch.long)
+    B, n = int(lengths.sum()), len(segment_lengths)
+    if B > target_len or (lengths <= 0).any():
+        raise ValueError(f"need positive segment lengths with sum <= target_len, got sum {B}, target {target_len}")
+    extra = target_len - B
+    if n == 1:
+        gaps = torch.zeros(1, dtype=torch.long)
+    elif gap_mode == "composition":
+        # stars and bars: a uniformly random split of `extra` into the n - 1 gaps between segments
+        bars = torch.randperm(extra + n - 2, generator=gen)[: n - 2].sort().values
+        edges = torch.cat([torch.tensor([-1]), bars, torch.tensor([extra + n - 2])])
+        gaps = torch.cat([torch.zeros(1, dtype=torch.long), edges.diff() - 1])
+    elif gap_mode == "bounded":
+        if max_gap is None:
+            raise ValueError("bounded gap mode needs max_gap")
+        gaps = torch.cat([torch.zeros(1, dtype=torch.long), torch.randint(0, max_gap + 1, (n - 1,), generator=gen)])
+    else:
+        raise ValueError(f"unknown gap mode {gap_mode!r}")
+    shift = torch.repeat_interleave(gaps.cumsum(0), lengths)  # [B]: skipped positions before each token
+    positions = (torch.arange(B) + shift).clamp(max=target_len - 1)
+    if contiguous_prefix:
+        r = int(torch.randint(1, (B + 1) // 2 + 1, (1,), generator=gen))
+        ends = lengths.cumsum(0)
+        r = int(ends[int(torch.searchsorted(ends, r))])  # finish the sentence r falls in: the jump is between sentences
+        positions[:r] = torch.arange(r)
+    return positions

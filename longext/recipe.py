@@ -212,7 +212,79 @@ class HarpeMethod(Section):
         return self.target_len  # single stage, directly at the target length
 
 
-MethodSpec = Annotated[Union[StandardMethod, PoseMethod, E2LLMMethod, HarpeMethod], Field(discriminator="kind")]
+class LongRecipeSelection(Section):
+    """Which sentences of the training text are kept (methods.md §4.1.1-4.1.2)."""
+
+    mode: Literal["digits", "logit_change", "none"] = Field(
+        "digits",
+        description="digits: keep every sentence with a digit (the released code's proxy for the paper's numeral "
+        "finding); logit_change: every sentence with a top-ranked token type of `analysis` (the paper's); other "
+        "sentences are kept with probability keep_other. none: keep every sentence.",
+    )
+    keep_other: float = Field(0.5, ge=0, le=1, description="Probability of keeping any other sentence (code: 0.5).")
+    analysis: str | None = Field(None, description="logit_change mode: the JSON file written by `longext analyze`.")
+    top_fraction: float = Field(
+        0.2, gt=0, le=1, description="logit_change mode: the share of ranked token types that count as impactful (paper: 0.2)."
+    )
+
+
+class LongRecipePositions(Section):
+    """Position index transformation: contiguous inside a sentence, random gaps between (methods.md §4.1.4)."""
+
+    gap_mode: Literal["composition", "bounded"] = Field(
+        "composition",
+        description="composition: all target_len - seq_len skipped positions split at random over the gaps, so "
+        "every sample spans the whole target window; bounded (paper): independent gaps in {0..max_gap}.",
+    )
+    max_gap: int | None = Field(None, ge=0, description="Largest gap M in bounded mode (required there).")
+    contiguous_prefix: bool = Field(
+        True,
+        description="First r ~ U{1..(seq_len+1)//2} tokens, extended to the end of their sentence, keep positions "
+        "0..r-1 (code).",
+    )
+
+
+class LongRecipeReplay(Section):
+    """Stage 2: more steps in the same run on general text at a short length, contiguous positions, lower lr."""
+
+    steps: int = Field(ge=1, description="Optimizer steps of the replay stage (after train.steps of extension).")
+    lr: float | None = Field(None, gt=0, description="Constant learning rate. Default train.lr / 10 (paper: 5e-5 -> 5e-6).")
+    data: list[str] | None = Field(
+        None, min_length=1, description="Files or folders like data.train (paper: instruction data). Default: data.train."
+    )
+    seq_len: Length | Auto = Field("auto", description="Tokens per replay sample. auto = L0.")
+
+
+class LongRecipeMerge(Section):
+    """Stage 3: average with the original model, theta = w theta_original + (1 - w) theta_tuned."""
+
+    weight_original: float = Field(0.5, ge=0, le=1, description="w (paper: 0.5).")
+
+
+class LongRecipeMethod(Section):
+    """LongRecipe (Hu et al. 2024): train on selected sentences at a fraction of target_len with position ids that
+    span target_len, and an enlarged RoPE base computed once from the target length."""
+
+    kind: Literal["longrecipe"]
+    target_len: Length = Field(description="L, the window the position ids span and the model must serve, in tokens.")
+    train_len_ratio: float = Field(0.3, gt=0, le=1, description="data.seq_len auto = round(ratio * target_len) (paper: 0.3).")
+    rope_factor: float | Auto = Field(
+        "auto",
+        description="s in the base b' = b (s L/L0 - (s - 1))^(d/(d-2)) at L = target_len. auto = round(target_len / L0) "
+        "(paper: 10 for 8k->80k, 16 for 8k->128k). rope.theta, when set, is used as the base instead.",
+    )
+    selection: LongRecipeSelection = Field(default_factory=LongRecipeSelection, description="Sentence selection.")
+    positions: LongRecipePositions = Field(default_factory=LongRecipePositions, description="Position transform.")
+    replay: LongRecipeReplay | None = Field(None, description="Replay stage after extension; null = none.")
+    merge: LongRecipeMerge | None = Field(None, description="Merge with the original weights at the end; null = none.")
+
+    def default_seq_len(self, original: int | None) -> int | None:
+        return round(self.train_len_ratio * self.target_len)
+
+
+MethodSpec = Annotated[
+    Union[StandardMethod, PoseMethod, E2LLMMethod, HarpeMethod, LongRecipeMethod], Field(discriminator="kind")
+]
 
 
 # ------------------------------------------------------------------------------------------ lora
@@ -419,6 +491,8 @@ def cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
         out.append(("rope.kind", f"E2-LLM brings its own position interpolation; use rope.kind none (got {recipe.rope.kind!r})"))
     if recipe.method.kind == "harpe":
         out += _harpe_checks(recipe)
+    if recipe.method.kind == "longrecipe":
+        out += _longrecipe_checks(recipe)
     if getattr(recipe.method, "scales", None) and any(g < 1 for g in recipe.method.scales):
         out.append(("method.scales", f"every scale is >= 1 (got {recipe.method.scales})"))
     for i, depth in enumerate(recipe.eval.passkey.depths):
@@ -443,6 +517,26 @@ def _harpe_checks(recipe: Recipe) -> list[tuple[str, str]]:
         out.append(("method.bases.values", f"every base is > 0 (got {bases.values})"))
     if bases.kind == "table" and bases.rescale is not None and not 0 < bases.rescale[0] < bases.rescale[1]:
         out.append(("method.bases.rescale", f"expected [low, high] with 0 < low < high (got {list(bases.rescale)})"))
+    return out
+
+
+def _longrecipe_checks(recipe: Recipe) -> list[tuple[str, str]]:
+    out, method = [], recipe.method
+    if recipe.rope.kind != "none":
+        out.append(("rope.kind", f"LongRecipe sets its own enlarged RoPE base (method.rope_factor, or rope.theta); "
+                                 f"use rope.kind none (got {recipe.rope.kind!r})"))
+    if isinstance(method.rope_factor, float) and method.rope_factor < 1.0:
+        out.append(("method.rope_factor", f"must be >= 1 (got {method.rope_factor})"))
+    if method.selection.mode == "logit_change" and method.selection.analysis is None:
+        out.append(("method.selection.analysis", "logit_change selection needs the file of `longext analyze` (got null)"))
+    if method.positions.gap_mode == "bounded" and method.positions.max_gap is None:
+        out.append(("method.positions.max_gap", "bounded gap mode needs max_gap (got null)"))
+    if method.replay and method.replay.seq_len != "auto" and method.replay.seq_len > method.target_len:
+        out.append(("method.replay.seq_len", f"must not exceed method.target_len {method.target_len} "
+                                             f"(got {method.replay.seq_len})"))
+    if recipe.data.packing != "concat":
+        out.append(("data.packing", f"LongRecipe fills every sample with whole selected sentences; use concat "
+                                    f"(got {recipe.data.packing!r})"))
     return out
 
 

@@ -3,10 +3,12 @@ an interrupted run leaves either the old file or the new one, and checkpoints `-
 
     recipe.yaml     the resolved recipe (every `auto` filled in)
     rope.json       the RoPE state the trained model needs (also written into exported configs)
-    status.json     running | interrupted | failed | finished, with the step
+    status.json     running | interrupted | failed | finished, with the step (and, for multi-stage methods,
+                    which stages are done: LongRecipe's extension / replay / merge)
     metrics.jsonl   one line per logged optimizer step; tb/ the same for tensorboard
     checkpoints/    DeepSpeed checkpoints (step-000010/, latest), trainable weights + optimizer + data position
     adapter/        the final peft adapter (adapter_config.json + adapter_model.safetensors)
+    adapter-tuned/  LongRecipe with a merge: the adapter before the merge with the original weights
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
     stored = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     now = recipe.model_dump(mode="json")
     changed = [p for p in _diff(stored, now) if not p.startswith(RESUMABLE_CHANGES)]
+    if (stored.get("method") or {}).get("replay") and stored["train"]["steps"] != now["train"]["steps"]:
+        raise LongextError(
+            f"--resume: train.steps ends the extension stage of this run; it cannot change on resume "
+            f"(was {stored['train']['steps']}, got {now['train']['steps']})"
+        )
     if changed:
         raise LongextError(
             f"--resume: the recipe differs from {run_dir}/recipe.yaml in {', '.join(changed)} "
@@ -77,10 +84,11 @@ def _diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def write_start(run_dir: Path, recipe: Recipe, rope, start: int) -> None:
+def write_start(run_dir: Path, recipe: Recipe, rope, start: int, total: int | None = None, stages: dict | None = None) -> None:
+    """`total`: optimizer steps over all stages (default train.steps)."""
     atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
     atomic_write_text(run_dir / "rope.json", json.dumps(rope.to_json(), indent=2) + "\n")
-    write_status(run_dir, "running", start, recipe.train.steps, 0)
+    write_status(run_dir, "running", start, total or recipe.train.steps, 0, stages=stages)
 
 
 def read_status(run_dir: Path) -> dict:
@@ -90,12 +98,16 @@ def read_status(run_dir: Path) -> dict:
         return {}
 
 
-def write_status(run_dir: Path, state: str, step: int, steps: int | None, rank: int, reason: str | None = None) -> None:
+def write_status(run_dir: Path, state: str, step: int, steps: int | None, rank: int, reason: str | None = None,
+                 stages: dict | None = None) -> None:
+    """status.json; `stages` (multi-stage methods) maps each stage to done | running | pending."""
     if rank != 0:
         return
     status = {"state": state, "step": step, "steps": steps, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if reason:
         status["reason"] = reason
+    if stages:
+        status["stages"] = stages
     atomic_write_text(run_dir / "status.json", json.dumps(status, indent=2) + "\n")
 
 

@@ -11,7 +11,7 @@ import torch
 
 from longext import rundir
 from longext.data import build_train_data
-from longext.engine import init_distributed, make_engine
+from longext.engine import init_distributed, lr_lambda, make_engine
 from longext.errors import TrainingStopped
 from longext.methods import plan_method
 from longext.metrics import MetricsLog, StepProgress
@@ -34,24 +34,32 @@ def run_training(recipe: Recipe, resume: bool = False) -> Path:
     method = plan_method(recipe, resolved.model_config)
     t = recipe.train
     group = t.micro_batch_size * t.grad_accum * world if method.per_step else 1
-    data = build_train_data(recipe, load_tokenizer(recipe.model.path), method.positions, group)
+    tokenizer = load_tokenizer(recipe.model.path)
+    if method.build_data is not None:
+        data = method.build_data(recipe, tokenizer)
+    else:
+        data = build_train_data(recipe, tokenizer, method.positions, group)
     model, _ = build_model(recipe)
     method.apply(model)
     model = add_lora(model, recipe.lora, recipe.train.gradient_checkpointing)
     engine = make_engine(model, recipe.train, world)
+    stages = _Stages(method, t.steps, data, tokenizer, recipe, engine)
+    total = stages.total
 
     start = rundir.load_checkpoint(engine, run_dir) if resume else 0
     if rank == 0:
-        rundir.write_start(run_dir, recipe, resolved.rope, start)
+        rundir.write_start(run_dir, recipe, resolved.rope, start, total, stages.status(start))
     log = MetricsLog(run_dir, enabled=rank == 0, resume_from=start)
-    progress = StepProgress(recipe, world, enabled=rank == 0, start=start)
+    progress = StepProgress(recipe.model_copy(update={"train": t.model_copy(update={"steps": total})}), world,
+                            enabled=rank == 0, start=start)
     stop = _StopFlag()
 
     engine.train()
-    for step in range(start, t.steps):
+    for step in range(start, total):
         began, loss_sum, tokens = time.perf_counter(), torch.zeros(()), 0
+        stage_data, first = stages.data_at(step)
         for micro in range(t.grad_accum):
-            batch = data.micro_batch(step * t.grad_accum + micro, rank, world)
+            batch = stage_data.micro_batch((step - first) * t.grad_accum + micro, rank, world)
             method.before_forward(engine.module, batch)
             loss = engine(**{k: batch[k].to(engine.device) for k in MODEL_INPUTS}).loss
             if not _all_finite(loss):
@@ -62,24 +70,63 @@ def run_training(recipe: Recipe, resume: bool = False) -> Path:
             tokens += int(batch["attention_mask"].sum()) * world
         record = log.step(step + 1, _mean_over_ranks(loss_sum / t.grad_accum), engine, tokens, time.perf_counter() - began)
         progress.update(record)
-        if _due(step + 1, t.save_every) or stop.requested():
+        stage_end = stages.is_boundary(step + 1)
+        if _due(step + 1, t.save_every) or stop.requested() or stage_end:
             rundir.save_checkpoint(engine, run_dir, step + 1, t.keep_checkpoints)
+        if stage_end:
+            rundir.write_status(run_dir, "running", step + 1, total, rank, stages=stages.status(step + 1))
         if stop.requested():
             progress.close()
-            rundir.write_status(run_dir, "interrupted", step + 1, t.steps, rank)
+            rundir.write_status(run_dir, "interrupted", step + 1, total, rank, stages=stages.status(step + 1))
             raise TrainingStopped(
-                f"interrupted by {stop.name} at step {step + 1}/{t.steps}; checkpoint saved in {run_dir}/checkpoints; "
+                f"interrupted by {stop.name} at step {step + 1}/{total}; checkpoint saved in {run_dir}/checkpoints; "
                 f"continue with `longext train <recipe> --resume`",
                 exit_code=128 + stop.signum,
             )
 
     progress.close()
-    if start < t.steps and not _due(t.steps, t.save_every):
-        rundir.save_checkpoint(engine, run_dir, t.steps, t.keep_checkpoints)
+    if start < total and not _due(total, t.save_every):
+        rundir.save_checkpoint(engine, run_dir, total, t.keep_checkpoints)
     rundir.save_adapter(engine, run_dir, rank)
-    rundir.write_status(run_dir, "finished", t.steps, t.steps, rank)
+    if method.finish is not None:
+        rundir.write_status(run_dir, "running", total, total, rank, stages=stages.status(total))
+        method.finish(engine, run_dir, rank)
+    rundir.write_status(run_dir, "finished", total, total, rank, stages=stages.status(total, finished=True))
     log.close()
     return run_dir
+
+
+class _Stages:
+    """The main stage, then the method's extra stage (LongRecipe's replay) in the same engine, and its finish step
+    (a merge). Which stage a step belongs to follows from the step alone, so --resume continues in the right one."""
+
+    def __init__(self, method, steps: int, data, tokenizer, recipe: Recipe, engine):
+        self.method, self.steps, self.data = method, steps, data
+        extra = method.extra_stage
+        self.total = steps + (extra.steps if extra else 0)
+        self.extra_data = extra.build_data(recipe, tokenizer) if extra else None
+        if extra:  # the main schedule, then a constant lr (a multiplier of train.lr, like every LambdaLR factor)
+            main, ratio = lr_lambda(recipe.train), extra.lr / recipe.train.lr
+            engine.lr_scheduler.lr_lambdas = [lambda step: main(step) if step < steps else ratio]
+
+    def data_at(self, step: int):
+        """(TrainData, first step of its stage) for optimizer step `step` (0-based)."""
+        return (self.data, 0) if step < self.steps else (self.extra_data, self.steps)
+
+    def is_boundary(self, step: int) -> bool:
+        return self.method.extra_stage is not None and step == self.steps
+
+    def status(self, step: int, finished: bool = False) -> dict[str, str] | None:
+        """Every stage: done, running or pending, for status.json (None for single-stage runs)."""
+        m = self.method
+        if m.extra_stage is None and m.finish is None:
+            return None
+        out = {m.stage_name: "done" if step >= self.steps else "running"}
+        if m.extra_stage:
+            out[m.extra_stage.name] = "done" if step >= self.total else "running" if step >= self.steps else "pending"
+        if m.finish:
+            out[m.finish_name] = "done" if finished else "pending"
+        return out
 
 
 def _due(step: int, every: int | None) -> bool:

@@ -197,7 +197,7 @@ def test_unknown_command_lists_the_commands(capsys):
     [line] = bad_input(capsys, "trian")
     assert line == (
         "error: longext: No such command 'trian'. Did you mean 'train'? "
-        "(commands: train, eval, export, bench, recipes, models)"
+        "(commands: train, eval, export, analyze, bench, recipes, models)"
     )
 
 

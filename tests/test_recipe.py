@@ -250,7 +250,7 @@ def test_wrong_kind_lists_the_allowed_kinds(tmp_path):
 
 def test_missing_kind_is_a_missing_field_with_the_allowed_kinds(tmp_path):
     path = write(tmp_path, MINIMAL.replace("  kind: standard\n", ""))
-    assert problems(path) == [(4, "method.kind", "Field required, one of 'standard', 'pose', 'e2llm', 'harpe'")]
+    assert problems(path) == [(4, "method.kind", "Field required, one of 'standard', 'pose', 'e2llm', 'harpe', 'longrecipe'")]
 
 
 def test_missing_required_fields_are_all_reported(tmp_path):

@@ -77,7 +77,8 @@ def _header(doc: dict) -> list[str]:
     m, v = doc.get("machine", {}), doc.get("versions", {})
     flags = ", ".join(f"{k} {'yes' if on else 'no'}" for k, on in m.get("flags", {}).items())
     lines = [
-        f"Run {doc.get('finished', '?')} ({'--quick' if doc.get('quick') else 'full'}), "
+        f"Run started {doc.get('started', '?')}, {'last updated' if doc.get('complete') is False else 'finished'} "
+        f"{doc.get('finished', '?')} ({'--quick' if doc.get('quick') else 'full'}), "
         f"wall time {_minutes(doc.get('wall_seconds'))} ({doc.get('cached_cases', 0)} of {len(doc.get('cases', []))} "
         f"cases reused from the cache; their own measured time is in the raw JSON).",
         "",
@@ -91,8 +92,13 @@ def _header(doc: dict) -> list[str]:
     return lines
 
 
+def _load(case_doc: dict | None) -> str:
+    load = (case_doc or {}).get("load")
+    return "–" if not load else f"{load[0]:.1f} → {load[1]:.1f}"
+
+
 def _minutes(seconds) -> str:
-    return "?" if seconds is None else f"{seconds / 60:.1f} min"
+    return "–" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def _case_rows(doc: dict) -> list[dict]:
@@ -113,20 +119,23 @@ def throughput_section(doc: dict) -> str:
         ratio = e["tokens_per_s"] / p["tokens_per_s"] if p else None
         rows.append([case["model"], format_length(case["seq_len"]), str(case["steps"]), _num(e["tokens_per_s"], 0),
                      _num(p.get("tokens_per_s"), 0), _num(ratio, 2), _num(e["peak_rss_mb"], 0),
-                     _num(p.get("peak_rss_mb"), 0), e.get("precision", "?")])
+                     _num(p.get("peak_rss_mb"), 0), e.get("precision", "?"), _load(c), _load(plain)])
     if rows:
         lines += ["Training, batch 1 × seq_len, LoRA r8 on q/k/v/o, AdamW; median step after one warm-up step. "
                   "engine = longext's DeepSpeed ZeRO-2 engine, plain = the same model in a hand-written "
                   "transformers + peft loop.", ""]
         lines += _table(["model", "seq_len", "timed steps", "engine tok/s", "plain tok/s", "engine/plain",
-                         "engine peak RSS MB", "plain peak RSS MB", "precision"], rows)
+                         "engine peak RSS MB", "plain peak RSS MB", "precision", "load engine", "load plain"], rows)
         lines.append("")
     evals = [[c["case"]["model"], format_length(c["case"]["length"]), _num(c["result"]["seconds"], 1),
-              _num(c["result"]["tokens_per_s"], 0), _num(c["result"]["peak_rss_mb"], 0)]
+              _num(c["result"]["tokens_per_s"], 0), _num(c["result"]["peak_rss_mb"], 0), _load(c)]
              for c in cases.values() if c["case"]["case"] == "eval"]
     if evals:
         lines += ["Evaluation: one fixed-target perplexity window (512 scored tokens), fp32, SDPA.", ""]
-        lines += _table(["model", "length", "seconds", "tok/s", "peak RSS MB"], evals)
+        lines += _table(["model", "length", "seconds", "tok/s", "peak RSS MB", "load"], evals)
+    cores = doc.get("machine", {}).get("cores", "?")
+    lines += ["", f"load = the machine's 1-minute load average before → after the measurement ({cores} cores: above "
+              f"{cores}, other processes were competing for the CPU and the figures are pessimistic)."]
     return "\n".join(lines)
 
 
@@ -182,7 +191,7 @@ def toy_section(doc: dict) -> str:
 
     base = doc.get("toy_base", {})
     gate = base.get("gate", {})
-    lines = ["## Toy scale: project-pretrained Llama, L0 = 128 → 1024", "", *_header(doc)]
+    lines = [f"## Toy scale: project-pretrained Llama, L0 = {TOY_L0} → {TOY_TARGET}", "", *_header(doc)]
     lines += [
         f"Base: `bench/toy-base` ({_num(base.get('params'), 0)} parameters, vocab {base.get('vocab', '?')}, "
         f"{_num(base.get('tokens_trained'), 0)} pretraining tokens in {_minutes(base.get('train_seconds'))}, "
@@ -253,7 +262,7 @@ def determinism(a: dict, b: dict) -> str:
 def smollm2_section(doc: dict) -> str:
     from longext.bench.suites import SMOL_TARGET
 
-    lines = ["## SmolLM2-135M: 8k → 16k", "", *_header(doc)]
+    lines = [f"## SmolLM2-135M: 8k → {format_length(SMOL_TARGET)}", "", *_header(doc)]
     if doc.get("quick"):
         lines += ["**Reduced run** (`--quick`): fewer lengths, one short target window, few passkey trials and no "
                   "fine-tuned row; the full suite did not fit in the session that produced this page.", ""]

@@ -97,10 +97,11 @@ def run_cases(cases: list[dict], folder: Path, force: bool, source: str,
             docs.append({**doc, "cached": True})
             continue
         log(f"[{i}/{len(cases)}] {case['name']}: running")
-        began = time.perf_counter()
+        began, load_before = time.perf_counter(), os.getloadavg()[0]
         result = runner(case, path.parent)
+        # the machine may be shared: the 1-minute load average around the case says how much
         doc = {"key": key, "case": case, "result": result, "seconds": time.perf_counter() - began,
-               "finished": _now()}
+               "finished": _now(), "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
         write_json(path, doc)
         log(f"[{i}/{len(cases)}] {case['name']}: done in {doc['seconds']:.0f}s")
         docs.append({**doc, "cached": False})
@@ -133,7 +134,8 @@ def toy_info() -> dict:
     """The toy base's settings (without the training log) and every pretraining attempt."""
     from longext.bench.suites import TOY_DIR
 
-    settings = json.loads((TOY_DIR / "settings.json").read_text())
+    path = TOY_DIR / "settings.json"
+    settings = json.loads(path.read_text()) if path.is_file() else {}
     out = {"toy_base": {k: v for k, v in settings.items() if k != "log"}}
     attempts = TOY_DIR.parent / "toy-base-attempts.jsonl"
     if attempts.is_file():
@@ -160,6 +162,9 @@ def write_doc(out: Path, doc_path: Path) -> Path:
 
     doc_path = Path(doc_path)
     suites = load_suites(out)
+    attempts = toy_info().get("toy_attempts")
+    if suites["toy"] is not None and attempts:
+        suites["toy"]["toy_attempts"] = attempts  # history, not a result of the run: always the current list
     old = doc_path.read_text() if doc_path.is_file() else ""
     for suite, doc in suites.items():
         if doc is not None and suite != "throughput":

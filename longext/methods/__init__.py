@@ -21,11 +21,27 @@ def _no_hook(model, batch: dict) -> None:
 
 
 @dataclass(frozen=True)
+class ExtraStage:
+    """Training steps after the main stage in the same engine, with their own data, contiguous positions and a
+    constant learning rate (LongRecipe's replay)."""
+
+    name: str
+    steps: int
+    lr: float
+    build_data: Callable  # (recipe, tokenizer) -> TrainData
+
+
+@dataclass(frozen=True)
 class MethodPlan:
     positions: PositionSampler = contiguous_positions
     apply: Callable = field(default=_no_patch)  # model -> None, before LoRA; changes this instance only
     before_forward: Callable = field(default=_no_hook)  # (model, batch) -> None, e.g. per-sample RoPE scale
     per_step: bool = False  # draw positions once per optimizer step instead of once per sample
+    build_data: Callable | None = None  # (recipe, tokenizer) -> TrainData, for methods that select their text
+    stage_name: str = "train"  # name of the main stage in status.json
+    extra_stage: ExtraStage | None = None
+    finish: Callable | None = None  # (engine, run_dir, rank) -> None after the adapter is saved, e.g. a merge
+    finish_name: str = "merge"  # its name in status.json
 
 
 def plan_method(recipe, model_config=None) -> MethodPlan:
@@ -55,6 +71,10 @@ def plan_method(recipe, model_config=None) -> MethodPlan:
 
             bases = head_bases(method, model_config or load_model_config(recipe.model.path))
             return MethodPlan(apply=lambda model: apply_harpe(model, bases))
+        case "longrecipe":
+            from longext.methods.longrecipe import method_plan
+
+            return method_plan(recipe)
     raise NotImplementedError(method.kind)  # the schema admits only implemented kinds
 
 
@@ -73,6 +93,10 @@ def rope_extra(recipe) -> dict:
         from longext.models import load_model_config
 
         return harpe_extra(method, load_model_config(recipe.model.path))
+    if method.kind == "longrecipe":
+        from longext.methods.longrecipe import rope_extra as longrecipe_extra
+
+        return longrecipe_extra(recipe)
     return {}
 
 

@@ -1,0 +1,72 @@
+"""LongRecipe's stages after extension (methods.md §4.1.6): replay on general short data with contiguous positions
+at a lower learning rate, in the same engine, and a merge with the original weights.
+
+Merge. LongRecipe averages every parameter, θ = w·θ_original + (1 - w)·θ_tuned. With LoRA the tuned weight is
+W + s·B·A, so the average is W + (1 - w)·s·B·A: the same adapter with B scaled by (1 - w). Fully trained
+modules (lora.modules_to_save) are averaged with their original weights directly. The result is still a peft
+adapter, so eval and export treat it like any other run; the unmerged adapter stays in adapter-tuned/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from longext.data import TrainData, build_train_data
+
+WEIGHTS = "adapter_model.safetensors"
+LORA_UP = ("lora_B", "lora_embedding_B")
+
+
+def build_replay_data(recipe, tokenizer) -> TrainData:
+    """The replay set at replay.seq_len (L0 by default), ordinary contiguous positions."""
+    replay = recipe.method.replay
+    data = recipe.data.model_copy(update={"train": replay.data, "seq_len": replay.seq_len})
+    return build_train_data(recipe.model_copy(update={"data": data}), tokenizer)
+
+
+def merged_adapter_state(state: dict[str, torch.Tensor], originals: dict[str, torch.Tensor], weight_original: float):
+    """Adapter tensors of the merged model (see the module docstring); `originals` maps the saved key of each
+    modules_to_save weight to the original weight."""
+    keep = 1.0 - weight_original
+    out = {}
+    for key, value in state.items():
+        if any(f".{up}." in key for up in LORA_UP):
+            out[key] = (value.float() * keep).to(value.dtype)
+        elif key in originals:
+            out[key] = (weight_original * originals[key].float() + keep * value.float()).to(value.dtype)
+        elif ".lora_" in key:
+            out[key] = value  # lora_A / lora_embedding_A: the product scales through B alone
+        else:
+            raise RuntimeError(f"merge: no rule for adapter tensor {key}")
+    return out
+
+
+def merge_with_original(engine, run_dir: Path, weight_original: float, rank: int) -> None:
+    """Rewrite run_dir/adapter as the merge with the original model; the tuned adapter moves to adapter-tuned/."""
+    from safetensors.torch import load_file, save_file
+
+    from longext.engine import gathered
+
+    originals = {
+        name.replace(".original_module", ""): p for name, p in engine.module.named_parameters() if ".original_module." in name
+    }
+    with gathered(engine, originals.values()):
+        if rank == 0:
+            adapter, tuned = run_dir / "adapter", run_dir / "adapter-tuned"
+            state = load_file(adapter / WEIGHTS)
+            saved = {k: p.detach().cpu() for k, p in originals.items() if k in state}
+            merged = merged_adapter_state(state, saved, weight_original)
+            tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".adapter-merged."))
+            shutil.copytree(adapter, tmp, dirs_exist_ok=True)
+            save_file(merged, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            if tuned.exists():
+                shutil.rmtree(tuned)
+            os.replace(adapter, tuned)
+            os.replace(tmp, adapter)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
