@@ -143,17 +143,22 @@ class TrainData:
         return micro_batches * world_size * self.mbs / len(self.samples)
 
 
-def build_train_data(recipe, tokenizer, positions: PositionSampler = contiguous_positions, draw_group: int = 1) -> TrainData:
+def training_documents(recipe) -> list[str]:
+    """The texts of data.train after data.holdout_docs and data.max_docs."""
     from longext.materials import resolve_texts
 
-    paths = resolve_texts(recipe.data.train, "train", "data.train")
-    docs = load_documents(paths, recipe.data.text_field)
+    docs = load_documents(resolve_texts(recipe.data.train, "train", "data.train"), recipe.data.text_field)
     if recipe.data.holdout_docs:
         docs = docs[: -recipe.data.holdout_docs]
     if recipe.data.max_docs:
         docs = docs[: recipe.data.max_docs]
     if not docs:
         raise LongextError("data.train: no documents left to train on (check data.max_docs / data.holdout_docs)")
+    return docs
+
+
+def build_train_data(recipe, tokenizer, positions: PositionSampler = contiguous_positions, draw_group: int = 1) -> TrainData:
+    docs = training_documents(recipe)
     samples = pack(tokenize_documents(docs, tokenizer), recipe.seq_len, tokenizer.eos_token_id, recipe.data.packing)
     return TrainData(samples, recipe.train.micro_batch_size, recipe.train.seed, positions, draw_group)
 

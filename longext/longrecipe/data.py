@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from longext.data import Samples, TrainData, load_documents, tokenize_documents
+from longext.data import Samples, TrainData, tokenize_documents, training_documents
 from longext.errors import LongextError
 from longext.longrecipe.selection import digit_ids, fill_samples, select_sentences, sentence_end_ids, split_sentences
 from longext.longrecipe.selection import token_texts
@@ -70,16 +70,8 @@ def selected_samples(token_docs: list[list[int]], texts: list[str], eos_id: int,
 
 
 def build_longrecipe_data(recipe, tokenizer) -> LongRecipeData:
-    from longext.materials import resolve_texts
-
     method = recipe.method
-    docs = load_documents(resolve_texts(recipe.data.train, "train", "data.train"), recipe.data.text_field)
-    if recipe.data.holdout_docs:
-        docs = docs[: -recipe.data.holdout_docs]
-    if recipe.data.max_docs:
-        docs = docs[: recipe.data.max_docs]
-    if not docs:
-        raise LongextError("data.train: no documents left to train on (check data.max_docs / data.holdout_docs)")
+    docs = training_documents(recipe)
     texts = token_texts(tokenizer)
     samples, segments = selected_samples(
         tokenize_documents(docs, tokenizer), texts, tokenizer.eos_token_id, recipe.seq_len,
