@@ -15,7 +15,7 @@ import typer
 from typer._click import exceptions as click_errors  # typer >= 0.29 vendors click; the `click` package is not used
 
 
-from longext.errors import LongextError
+from longext.errors import LongextError, Problems
 
 HELP = """Extend the context window of a Llama-family model in one fine-tuning job.
 
@@ -223,7 +223,7 @@ def recipes_validate(
         except RecipeError as err:
             problems.extend(err.lines())
     if problems:
-        raise _Problems(problems)
+        raise Problems(problems)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -248,15 +248,6 @@ def models_where() -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
-class _Problems(LongextError):
-    def __init__(self, lines: list[str]):
-        self._lines = lines
-        super().__init__("\n".join(lines))
-
-    def lines(self) -> list[str]:
-        return self._lines
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors become one line each and exit code 2; bugs keep their traceback."""
     command = typer.main.get_command(app)

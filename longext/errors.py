@@ -16,6 +16,17 @@ class LongextError(Exception):
         return [str(self)]
 
 
+class Problems(LongextError):
+    """Several problems found at once (flags, several files): one line each."""
+
+    def __init__(self, lines: list[str]):
+        self._lines = lines
+        super().__init__("\n".join(lines))
+
+    def lines(self) -> list[str]:
+        return self._lines
+
+
 @dataclass(frozen=True)
 class Issue:
     """One problem in a recipe: where it is and what is wrong."""

@@ -34,13 +34,13 @@ class MetricsLog:
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
-    def step(self, step: int, loss: float, engine, tokens: int, seconds: float) -> dict:
+    def step(self, step: int, loss: float, lr: float, engine, tokens: int, seconds: float) -> dict:
         self.tokens += tokens
         grad_norm = engine.get_global_grad_norm()
         record = {
             "step": step,
             "loss": loss,
-            "lr": float(engine.get_lr()[0]),
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens": tokens,
             "tokens_per_s": tokens / seconds if seconds > 0 else None,

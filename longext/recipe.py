@@ -316,7 +316,11 @@ class DataSpec(Section):
         "public-domain books set up by `longext models prepare books`.",
     )
     text_field: str = Field("text", description="Column holding the text in .jsonl/.json/.parquet files.")
-    seq_len: Length | Auto = Field("auto", description="Tokens per training sample. auto = method.target_len.")
+    seq_len: Length | Auto = Field(
+        "auto",
+        description="Tokens per training sample. auto = the method's default: target_len (standard, harpe), "
+        "L0 (pose, e2llm), round(train_len_ratio * target_len) (longrecipe).",
+    )
     packing: Literal["concat", "per_doc"] = Field(
         "concat",
         description="concat: documents joined with EOS and cut into seq_len blocks; per_doc: one document per "

@@ -57,6 +57,7 @@ def run_training(recipe: Recipe, resume: bool = False) -> Path:
     engine.train()
     for step in range(start, total):
         began, loss_sum, tokens = time.perf_counter(), torch.zeros(()), 0
+        lr = float(engine.get_lr()[0])  # the rate this step's update uses (the scheduler moves on after it)
         stage_data, first = stages.data_at(step)
         for micro in range(t.grad_accum):
             batch = stage_data.micro_batch((step - first) * t.grad_accum + micro, rank, world)
@@ -68,7 +69,7 @@ def run_training(recipe: Recipe, resume: bool = False) -> Path:
             engine.step()  # the optimizer steps at the accumulation boundary only
             loss_sum += loss.detach().float()
             tokens += int(batch["attention_mask"].sum()) * world
-        record = log.step(step + 1, _mean_over_ranks(loss_sum / t.grad_accum), engine, tokens, time.perf_counter() - began)
+        record = log.step(step + 1, _mean_over_ranks(loss_sum / t.grad_accum), lr, engine, tokens, time.perf_counter() - began)
         progress.update(record)
         stage_end = stages.is_boundary(step + 1)
         if _due(step + 1, t.save_every) or stop.requested() or stage_end:

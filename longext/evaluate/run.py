@@ -16,23 +16,12 @@ from typing import Sequence
 
 from pydantic import ValidationError
 
-from longext.errors import LongextError
+from longext.errors import LongextError, Problems
 from longext.lengths import parse_length
 from longext.recipe import EvalSpec, _apply_override, _to_issue, load_recipe
 
 MAX_LADDER = 8
 MODES = ("fixed", "sliding")
-
-
-class FlagError(LongextError):
-    """Several flag problems at once, one line each."""
-
-    def __init__(self, lines: list[str]):
-        self._lines = lines
-        super().__init__("\n".join(lines))
-
-    def lines(self) -> list[str]:
-        return self._lines
 
 
 # --------------------------------------------------------------------------------------- request
@@ -132,7 +121,7 @@ def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[tuple[str, s
             where = "--set" if issue.field == "--set" else f"--set eval.{issue.field}"
             lines.append(f"{where}: {issue.message}")
     if lines:
-        raise FlagError(lines)
+        raise Problems(lines)
     for (section, name), value in flags.items():
         if value is not None:
             raw.setdefault(section, {})[name] = list(value) if isinstance(value, (list, tuple)) else value
@@ -141,10 +130,10 @@ def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[tuple[str, s
     except ValidationError as err:
         wrapped = {"eval": raw}  # so field paths, 'did you mean' hints and lengths read as in a recipe
         issues = [_to_issue({**e, "loc": ("eval", *e["loc"])}, wrapped, None, set()) for e in err.errors()]
-        raise FlagError([f"--set {issue.field}: {issue.message}" for issue in issues]) from None
+        raise Problems([f"--set {issue.field}: {issue.message}" for issue in issues]) from None
     bad = [(i, d) for i, d in enumerate(spec.passkey.depths) if not 0.0 <= d <= 1.0]
     if bad:
-        raise FlagError([f"--set eval.passkey.depths.{i}: a depth is between 0 and 1 (got {d})" for i, d in bad])
+        raise Problems([f"--set eval.passkey.depths.{i}: a depth is between 0 and 1 (got {d})" for i, d in bad])
     return spec
 
 
