@@ -80,6 +80,15 @@ def train(
 
         _console().print(describe_plan(spec), markup=False)
         return
+    if os.environ.get("WORLD_SIZE", "1") == "1":  # once, in the process the user started; a launch's ranks skip it
+        if not hostfile:  # a hostfile's rank count is known only to the launcher; the ranks check it there
+            from longext.errors import Problems
+            from longext.sp import world_problems
+
+            problems = world_problems(spec.train.sequence_parallel, nproc)
+            if problems:
+                raise Problems(problems)
+        _memory_check(spec, nproc)
     if nproc > 1 or hostfile:
         from longext.launch import relaunch
         from longext.plan import resolve
@@ -94,6 +103,62 @@ def train(
 
     run_dir = run_training(spec, resume=resume)
     _console().print(f"run directory: {run_dir}")
+
+
+def _memory_check(spec, ranks: int) -> None:
+    """`longext plan`'s estimate against this machine (GPU memory, or available RAM shared by the ranks)."""
+    if spec.train.memory_check == "off":
+        return
+    from longext.memplan import budget_problem, device_budget, plan_recipe
+
+    device, budget = device_budget(ranks)
+    problem = budget_problem(*plan_recipe(spec, gpus=ranks, budget=budget, device=device))
+    if problem and spec.train.memory_check == "refuse":
+        raise LongextError(problem)
+    if problem:
+        _console(stderr=True).print(f"warning: {problem}", markup=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------------ plan
+@app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML, e.g. recipes/llama3-8b-128k.yaml.", show_default=False)],
+    overrides: SetOpt = None,
+    gpus: Annotated[int, typer.Option("--gpus", help="Devices the run uses (ZeRO partitions over all of them).")] = 1,
+    gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", help="Memory per GPU, e.g. 80GB or 80GiB. Default: this machine's GPU, else 80GB.")] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Plan CPU ranks instead of GPUs (budget: available RAM / ranks).")] = False,
+    full: Annotated[bool, typer.Option("--full-finetune", help="What-if: train every weight instead of LoRA (to compare with full fine-tuning figures).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
+) -> None:
+    """Per-device memory and step FLOPs of RECIPE from the model config alone (no weights); says whether it fits."""
+    import json
+
+    from longext.memplan import parse_size, plan_recipe, render_plan
+    from longext.recipe import load_recipe
+
+    problems = []
+    if gpus < 1:
+        problems.append(f"--gpus: must be at least 1 (got {gpus})")
+    budget = None
+    if gpu_memory is not None:
+        try:
+            budget = parse_size(gpu_memory)
+        except ValueError as err:
+            problems.append(f"--gpu-memory: {err} (got {gpu_memory!r})")
+    if problems:
+        raise Problems(problems)
+    spec = load_recipe(recipe, overrides or [])
+    if budget is None:
+        from longext.memplan import default_budget
+
+        budget = default_budget(cpu, gpus)
+    est, switches = plan_recipe(spec, gpus=gpus, budget=budget, device="cpu" if cpu else "cuda", full=full)
+    if as_json:
+        typer.echo(json.dumps({**est.to_json(), "fixing_switches": switches and [list(x) for x in switches]}, indent=1))
+        return
+    console = _console()
+    for item in render_plan(est, switches, spec.name):
+        console.print(item)
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -177,7 +242,7 @@ def analyze(
 # ----------------------------------------------------------------------------------------- bench
 @app.command()
 def bench(
-    suite: Annotated[str, typer.Argument(help="throughput | toy | smollm2 | all", show_default=False)] = "all",
+    suite: Annotated[str, typer.Argument(help="throughput | toy | smollm2 | longgen | memory | all", show_default=False)] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="Reduced version that finishes in a few minutes.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-run cases even when a cached result matches.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Folder for benchmark runs and raw results.")] = Path("bench-runs"),

@@ -116,8 +116,9 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def make_engine(model, train: TrainSpec, world_size: int):
-    """deepspeed.initialize over the trainable parameters; returns the engine."""
+def make_engine(model, train: TrainSpec, world_size: int, mpu=None):
+    """deepspeed.initialize over the trainable parameters; returns the engine. With sequence parallelism,
+    `world_size` is the data-parallel degree (ranks / sequence_parallel) and `mpu` DeepSpeed's SP groups."""
     import deepspeed
 
     config = deepspeed_config(train, world_size)
@@ -132,6 +133,7 @@ def make_engine(model, train: TrainSpec, world_size: int):
         optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=config,
+        mpu=mpu,
     )
     return engine
 

@@ -191,7 +191,8 @@ def merge_run(run: Path, state: RopeState, dtype: str) -> Merged:
     loaded.set_length(state.target_len)  # E2-LLM: the PI scale for the served window
     recipe, peft_model = loaded.recipe, loaded.model
     save_dtype = resolve_dtype(dtype, recipe.model.path)
-    peft_model.get_base_model().set_attn_implementation("sdpa")  # the kernel the reloaded side uses
+    if not is_longgen(state):  # LongGen's registered function already sends its full layers to SDPA
+        peft_model.get_base_model().set_attn_implementation("sdpa")  # the kernel the reloaded side uses
     probes = build_probes(peft_model.config.vocab_size, state, sum(p.numel() for p in peft_model.parameters()))
     reference = probe_logits(peft_model, probes)
     scale = max(float(r.abs().max()) for r in reference)
@@ -307,11 +308,19 @@ def write_export(merged: Merged, folder: Path, state: RopeState) -> None:
         from longext.methods.harpe import write_harpe_code
 
         config.update(write_harpe_code(folder, config["model_type"], state.extra))
+    if is_longgen(state):  # sparse layers: LongGen modeling code next to the weights, wired through auto_map
+        from longext.methods.longgen import write_longgen_code
+
+        config.update(write_longgen_code(folder, config["model_type"], state.extra))
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def is_harpe(state: RopeState) -> bool:
     return state.extra.get("method") == "harpe"
+
+
+def is_longgen(state: RopeState) -> bool:
+    return state.extra.get("method") == "longgen"
 
 
 def export_config_keys(state: RopeState) -> dict:
@@ -332,9 +341,14 @@ def verify_export(folder: Path, state: RopeState, merged: Merged) -> tuple[float
     """Reload `folder` with plain transformers in float32; (max |Δlogit| vs in-tool, vs merged) or LongextError."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    remote = is_harpe(state)  # the HARPE modeling code written next to the weights
+    remote = is_harpe(state) or is_longgen(state)  # the modeling code written next to the weights
     config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
-    if remote and list(config.head_rope_thetas) != list(state.extra["bases"]):
+    if is_longgen(state) and dict(getattr(config, "longgen", None) or {}) != state.extra["longgen"]:
+        raise LongextError(
+            f"export check failed: the written config reloads with longgen={getattr(config, 'longgen', None)}; "
+            f"expected {state.extra['longgen']} (nothing was published)"
+        )
+    if is_harpe(state) and list(config.head_rope_thetas) != list(state.extra["bases"]):
         raise LongextError(
             f"export check failed: the written config reloads with head_rope_thetas={config.head_rope_thetas}; "
             f"expected {state.extra['bases']} (nothing was published)"

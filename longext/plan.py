@@ -50,6 +50,10 @@ def resolve(recipe: Recipe) -> Resolved:
         "model": recipe.model.model_copy(update={"original_context": L0}),
         "train": recipe.train.model_copy(update={"precision": resolve_precision(recipe.train.precision)}),
     })
+    from longext.sp import check_parallel, resolve_switches
+
+    check_parallel(resolved, config)  # heads, lengths and kernel against train.sequence_parallel, before any weights
+    resolved = resolved.model_copy(update={"train": resolve_switches(resolved.train, seq_len, config.vocab_size)})
     state = dataclasses.replace(state, extra=rope_extra(resolved))
     return Resolved(resolved, state, config)
 

@@ -7,6 +7,7 @@ Nothing here imports torch; `longext recipes validate` and `longext train --dry-
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, Union, get_args, get_origin
 
@@ -17,13 +18,33 @@ from longext.errors import Issue, RecipeError
 from longext.lengths import ALLOWED as LENGTH_ALLOWED
 from longext.lengths import parse_length
 
+class YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 with `1e-5` read as a float (plain PyYAML wants `1.0e-5` and would give the string '1e-5')."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)
+
+
 Length = Annotated[int, BeforeValidator(parse_length)]
 Auto = Literal["auto"]
 
 
 class Section(BaseModel):
-    # Unknown keys are errors: a typo like `lora.rnak` must never fall back to a default quietly.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are errors: a typo like `lora.rnak` must never fall back to a default quietly. Strict types:
+    # `steps: true` or `lr: "1e-5"` is an error, not 1 or a parsed string (lengths like "4k" go through Length).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -155,7 +176,7 @@ class TableBases(Section):
     kind: Literal["table"]
     table: Literal["harpe_llama2_32h"] = Field("harpe_llama2_32h", description="Which published set.")
     rescale: tuple[float, float] | None = Field(
-        None, description="[low, high]: map the table's range onto these bases, keeping its shape. null = as published."
+        None, strict=False, description="[low, high]: map the table's range onto these bases, keeping its shape. null = as published."
     )
     order: Literal["ascending", "descending", "as_is"] = Field("ascending", description="Base order over the heads.")
 
@@ -282,8 +303,74 @@ class LongRecipeMethod(Section):
         return round(self.train_len_ratio * self.target_len)
 
 
+def _layer_indices(value: Any) -> Any:
+    """One clean error for a layer list, instead of one per member of `list[int] | 'auto'`."""
+    if value == "auto" or (isinstance(value, list) and all(type(i) is int for i in value)):
+        return value
+    raise ValueError("expected a list of 0-based layer indices such as [10, 11, 12], or 'auto'")
+
+
+class LongGenLayout(Section):
+    """Which decoder layers keep full attention; every other layer is sparse (methods.md §6.1, layout [choice])."""
+
+    full_layers: Annotated[list[int] | Auto, BeforeValidator(_layer_indices)] = Field(
+        "auto",
+        description="0-based indices of the full-attention layers, e.g. [10, 11, 12]; [] = every layer sparse. "
+        "auto = round(N * full_fraction) layers placed by `placement` (N = the model's layer count).",
+    )
+    full_fraction: float = Field(
+        1 / 3, ge=0, le=1, description="Share of full layers when full_layers is auto (paper: about 1/3)."
+    )
+    placement: Literal["middle", "bottom", "top", "interleaved"] = Field(
+        "middle",
+        description="Where the auto full layers go: middle = one centred block (paper's best), bottom / top = the "
+        "first / last layers, interleaved = evenly spread (ablations).",
+    )
+
+
+class LongGenSparse(Section):
+    """The static pattern of the sparse layers (methods.md §6.1; every constant is a [choice], the paper's are unknown)."""
+
+    type: Literal["attn_sink", "block_sparse"] = Field(
+        "attn_sink",
+        description="attn_sink: a query sees the first sink_tokens keys and the `window` most recent ones; "
+        "block_sparse: blocks of block_size, the local_blocks nearest plus every vert_stride-th earlier block.",
+    )
+    sink_tokens: int = Field(64, ge=0, description="attn_sink: first tokens every query sees.")
+    window: int = Field(1984, ge=1, description="attn_sink: keys at distance < window (the query itself included) are seen.")
+    block_size: int = Field(64, ge=1, description="block_sparse: tokens per block.")
+    local_blocks: int = Field(16, ge=1, description="block_sparse: blocks at block distance < local_blocks are seen.")
+    vert_stride: int = Field(8, ge=1, description="block_sparse: earlier block K is seen when (K + 1 + shift) % vert_stride == 0.")
+    homo_head: bool = Field(
+        True,
+        description="block_sparse: the same strided blocks on every head (true) or shifted per head (false, Phi-3-small's "
+        "rule). The KV cache keeps a block while any head can read it, so false saves compute but little KV memory.",
+    )
+
+
+class LongGenMethod(Section):
+    """LongGen (Ge et al. 2024): about a third of the layers keep full attention, the rest use a static sparse pattern,
+    and the hybrid is fine-tuned directly at target_len (one stage; the extension itself comes from `rope`,
+    methods.md §6.3 suggests rope.kind none with theta 5e6 for Llama-2 4k -> 128k)."""
+
+    kind: Literal["longgen"]
+    target_len: Length = Field(description="L, the window the hybrid model is trained at and serves, in tokens.")
+    layout: LongGenLayout = Field(default_factory=LongGenLayout, description="Which layers stay full.")
+    sparse: LongGenSparse = Field(default_factory=LongGenSparse, description="The sparse layers' pattern.")
+    kernel: Literal["auto", "block", "flex", "dense"] = Field(
+        "auto",
+        description="Sparse attention kernel: block = block-wise attention over the gathered key blocks (CPU/any); "
+        "flex = FlexAttention with a block mask (CUDA); dense = SDPA with the full boolean mask (reference, O(L^2)); "
+        "auto = flex on CUDA when available, else block.",
+    )
+
+    def default_seq_len(self, original: int | None) -> int | None:
+        return self.target_len  # trained in its deployment architecture at the target length
+
+
 MethodSpec = Annotated[
-    Union[StandardMethod, PoseMethod, E2LLMMethod, HarpeMethod, LongRecipeMethod], Field(discriminator="kind")
+    Union[StandardMethod, PoseMethod, E2LLMMethod, HarpeMethod, LongRecipeMethod, LongGenMethod],
+    Field(discriminator="kind"),
 ]
 
 
@@ -318,7 +405,7 @@ class DataSpec(Section):
     text_field: str = Field("text", description="Column holding the text in .jsonl/.json/.parquet files.")
     seq_len: Length | Auto = Field(
         "auto",
-        description="Tokens per training sample. auto = the method's default: target_len (standard, harpe), "
+        description="Tokens per training sample. auto = the method's default: target_len (standard, harpe, longgen), "
         "L0 (pose, e2llm), round(train_len_ratio * target_len) (longrecipe).",
     )
     packing: Literal["concat", "per_doc"] = Field(
@@ -344,7 +431,7 @@ class TrainSpec(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to lr, in optimizer steps.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/linear end at lr * min_lr_ratio.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.95), strict=False, description="AdamW betas.")
     eps: float = Field(1.0e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float | None = Field(1.0, gt=0, description="Gradient norm clip; null = none.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
@@ -359,6 +446,24 @@ class TrainSpec(Section):
         "auto", description="auto = DeepSpeed fused AdamW on CUDA, torch AdamW on CPU (no C++ build)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    checkpoint_offload: bool = Field(
+        False, description="With gradient_checkpointing: keep the saved layer inputs in pinned CPU memory until "
+        "backward (less GPU memory, slower). A no-op on CPU, where they already are."
+    )
+    sequence_parallel: int = Field(
+        1, ge=1, description="Ulysses sequence parallelism: ranks that share one sample's sequence (DeepSpeed ALST). "
+        "Must divide the world size, the attention heads and the training length."
+    )
+    tiled_loss: bool | Auto = Field(
+        "auto", description="Cross-entropy over sequence tiles, never the full [length, vocab] logits. "
+        "auto = on when (length / sequence_parallel) x vocab reaches 256M logits, or sequence_parallel > 1."
+    )
+    tiled_mlp: bool | Auto = Field(
+        "auto", description="DeepSpeed TiledMLP: the MLP over sequence tiles with recompute in backward. auto = on from 64k tokens per rank."
+    )
+    memory_check: Literal["refuse", "warn", "off"] = Field(
+        "refuse", description="Before training, the `longext plan` estimate: refuse a run that clearly does not fit, warn, or skip."
+    )
     seed: int = Field(1234, description="Seeds weights init of adapters, data order and samplers.")
     log_every: int = Field(1, ge=1, description="Optimizer steps between metric lines.")
     save_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints (always one at the end).")
@@ -446,11 +551,14 @@ def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
         raise RecipeError(path, [Issue("<file>", "no such recipe file")])
     text = path.read_text()
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise RecipeError(path, [Issue("<yaml>", problem, mark.line + 1 if mark else None)]) from None
+    duplicates = _duplicate_keys(_compose(text))
+    if duplicates:
+        raise RecipeError(path, duplicates)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -484,6 +592,9 @@ def cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
     """Rules that span fields. Returns (field path, message) pairs."""
     out = []
     t = recipe.train
+    if t.checkpoint_offload and not t.gradient_checkpointing:
+        out.append(("train.checkpoint_offload",
+                    "offloads the activation checkpoints, so it needs train.gradient_checkpointing: true (got false)"))
     if t.offload_params and t.zero_stage != 3:
         out.append(("train.offload_params", f"parameter offload needs train.zero_stage 3 (got zero_stage {t.zero_stage})"))
     if recipe.data.seq_len != "auto" and recipe.data.seq_len > recipe.method.target_len:
@@ -497,6 +608,8 @@ def cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
         out += _harpe_checks(recipe)
     if recipe.method.kind == "longrecipe":
         out += _longrecipe_checks(recipe)
+    if recipe.method.kind == "longgen":
+        out += _longgen_checks(recipe)
     if getattr(recipe.method, "scales", None) and any(g < 1 for g in recipe.method.scales):
         out.append(("method.scales", f"every scale is >= 1 (got {recipe.method.scales})"))
     for i, depth in enumerate(recipe.eval.passkey.depths):
@@ -544,6 +657,19 @@ def _longrecipe_checks(recipe: Recipe) -> list[tuple[str, str]]:
     return out
 
 
+def _longgen_checks(recipe: Recipe) -> list[tuple[str, str]]:
+    """LongGen rules that need no model config; layer indices against the layer count are checked in
+    longext.methods.longgen.longgen_spec (plan.resolve, i.e. `train --dry-run` and the start of training)."""
+    out, method = [], recipe.method
+    layers, sparse = method.layout.full_layers, method.sparse
+    if layers != "auto":
+        if any(i < 0 for i in layers):
+            out.append(("method.layout.full_layers", f"layer indices are 0-based and >= 0 (got {layers})"))
+        if len(set(layers)) != len(layers):
+            out.append(("method.layout.full_layers", f"each layer at most once (got {layers})"))
+    return out
+
+
 def _apply_override(raw: dict, item: str) -> Issue | None:
     if "=" not in item:
         return Issue("--set", f"expected KEY=VALUE such as train.lr=1e-5 (got {item!r})")
@@ -552,7 +678,7 @@ def _apply_override(raw: dict, item: str) -> Issue | None:
     if not all(parts):
         return Issue("--set", f"expected a dotted field path such as train.lr (got {key!r})")
     try:
-        parsed = yaml.safe_load(value) if value else None
+        parsed = load_yaml(value) if value else None
     except yaml.YAMLError:
         parsed = value
     node = raw
@@ -569,9 +695,28 @@ def _apply_override(raw: dict, item: str) -> Issue | None:
 
 def _compose(text: str) -> yaml.Node | None:
     try:
-        return yaml.compose(text) if text else None
+        return yaml.compose(text, Loader=YamlLoader) if text else None
     except yaml.YAMLError:
         return None
+
+
+def _duplicate_keys(node: yaml.Node | None, path: tuple[str, ...] = ()) -> list[Issue]:
+    """A key given twice in one mapping (YAML keeps the last one silently; we refuse)."""
+    issues: list[Issue] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key, value in node.value:
+            name, line = str(key.value), key.start_mark.line + 1
+            if name in first:
+                field = ".".join((*path, name))
+                issues.append(Issue(field, f"given twice (first on line {first[name]}); keep one", line))
+            else:
+                first[name] = line
+            issues += _duplicate_keys(value, (*path, name))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            issues += _duplicate_keys(item, (*path, str(i)))
+    return issues
 
 
 def _to_issue(error: dict, raw: dict, root: yaml.Node | None, overridden: set[str]) -> Issue:

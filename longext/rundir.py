@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from longext.errors import LongextError
+from longext.recipe import load_yaml
 from longext.recipe import Recipe, dump_recipe
 
 # Fields a resumed run may change without invalidating its checkpoints.
@@ -63,7 +63,7 @@ def check_start(run_dir: Path, recipe: Recipe, resume: bool) -> None:
 
 
 def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
-    stored = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    stored = load_yaml((run_dir / "recipe.yaml").read_text())
     now = recipe.model_dump(mode="json")
     changed = [p for p in _diff(stored, now) if not p.startswith(RESUMABLE_CHANGES)]
     if (stored.get("method") or {}).get("replay") and stored["train"]["steps"] != now["train"]["steps"]:

@@ -18,6 +18,9 @@ from longext.metrics import MetricsLog, StepProgress
 from longext.models import add_lora, build_model, load_tokenizer, quiet_libraries
 from longext.plan import resolve
 from longext.recipe import Recipe
+from longext.sp import (
+    activation_offload, apply_sequence_parallel, apply_tiled_mlp, layout, micro_batch_loss, shard_batch,
+)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 
@@ -29,11 +32,12 @@ def run_training(recipe: Recipe, resume: bool = False) -> Path:
     recipe = resolved.recipe  # every `auto` filled in from here on
     rundir.check_start(run_dir, recipe, resume)
     rank, world = init_distributed()
+    lay = layout(rank, world, recipe.train.sequence_parallel)  # sp ranks share a sample: world / sp data groups
     torch.manual_seed(recipe.train.seed)
 
     method = plan_method(recipe, resolved.model_config)
     t = recipe.train
-    group = t.micro_batch_size * t.grad_accum * world if method.per_step else 1
+    group = t.micro_batch_size * t.grad_accum * lay.dp if method.per_step else 1
     tokenizer = load_tokenizer(recipe.model.path)
     if method.build_data is not None:
         data = method.build_data(recipe, tokenizer)
@@ -42,7 +46,10 @@ def run_training(recipe: Recipe, resume: bool = False) -> Path:
     model, _ = build_model(recipe)
     method.apply(model)
     model = add_lora(model, recipe.lora, recipe.train.gradient_checkpointing)
-    engine = make_engine(model, recipe.train, world)
+    lay = apply_sequence_parallel(model, lay, t.micro_batch_size)
+    if t.tiled_mlp:
+        apply_tiled_mlp(model)
+    engine = make_engine(model, recipe.train, lay.dp, lay.mpu)
     stages = _Stages(method, t.steps, data, tokenizer, recipe, engine)
     total = stages.total
 
@@ -50,7 +57,7 @@ def run_training(recipe: Recipe, resume: bool = False) -> Path:
     if rank == 0:
         rundir.write_start(run_dir, recipe, resolved.rope, start, total, stages.status(start))
     log = MetricsLog(run_dir, enabled=rank == 0, resume_from=start)
-    progress = StepProgress(recipe.model_copy(update={"train": t.model_copy(update={"steps": total})}), world,
+    progress = StepProgress(recipe.model_copy(update={"train": t.model_copy(update={"steps": total})}), lay.dp,
                             enabled=rank == 0, start=start)
     stop = _StopFlag()
 
@@ -60,15 +67,15 @@ def run_training(recipe: Recipe, resume: bool = False) -> Path:
         lr = float(engine.get_lr()[0])  # the rate this step's update uses (the scheduler moves on after it)
         stage_data, first = stages.data_at(step)
         for micro in range(t.grad_accum):
-            batch = stage_data.micro_batch((step - first) * t.grad_accum + micro, rank, world)
+            batch = stage_data.micro_batch((step - first) * t.grad_accum + micro, lay.dp_rank, lay.dp)
             method.before_forward(engine.module, batch)
-            loss = engine(**{k: batch[k].to(engine.device) for k in MODEL_INPUTS}).loss
+            loss, logged = _forward(engine, batch, lay, t)
             if not _all_finite(loss):
                 _stop_nonfinite(run_dir, step, loss, rank)
             engine.backward(loss)
             engine.step()  # the optimizer steps at the accumulation boundary only
-            loss_sum += loss.detach().float()
-            tokens += int(batch["attention_mask"].sum()) * world
+            loss_sum += logged
+            tokens += int(batch["attention_mask"].sum()) * lay.dp
         record = log.step(step + 1, _mean_over_ranks(loss_sum / t.grad_accum), lr, engine, tokens, time.perf_counter() - began)
         progress.update(record)
         stage_end = stages.is_boundary(step + 1)
@@ -128,6 +135,16 @@ class _Stages:
         if m.finish:
             out[m.finish_name] = "done" if finished else "pending"
         return out
+
+
+def _forward(engine, batch: dict, lay, t) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss for engine.backward, the micro-batch's mean token loss): transformers' own loss on the whole sequence,
+    or longext.sp's on this rank's shard of it (sequence parallelism, tiled loss)."""
+    with activation_offload(t):
+        if lay.sp == 1 and not t.tiled_loss:
+            loss = engine(**{k: batch[k].to(engine.device) for k in MODEL_INPUTS}).loss
+            return loss, loss.detach().float()
+        return micro_batch_loss(engine, shard_batch(batch, lay), lay, t.tiled_loss)
 
 
 def _due(step: int, every: int | None) -> bool:

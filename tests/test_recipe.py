@@ -215,8 +215,23 @@ def test_unknown_field_suggests_the_closest_name_and_lists_the_allowed_ones(tmp_
     path = write(tmp_path, MINIMAL.replace("  steps: 10", "  steps: 10\n  grad_acum: 4"))
     [(line, field, message)] = problems(path)
     assert (line, field) == (9, "train.grad_acum")
-    assert message.startswith("unknown field, did you mean grad_accum? (allowed: betas, eps, grad_accum, grad_clip,")
+    assert message.startswith("unknown field, did you mean grad_accum? (allowed: betas, checkpoint_offload, eps, grad_accum,")
     assert "(got" not in message
+
+
+def test_a_key_given_twice_is_an_error_on_the_second_line(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("  steps: 10", "  steps: 10\n  lr: 1.0e-5\n  steps: 20"))
+    [(line, field, message)] = problems(path)
+    assert (line, field) == (10, "train.steps")
+    assert message == "given twice (first on line 8); keep one"
+
+
+def test_booleans_and_numeric_strings_are_not_numbers_but_1e_5_is(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("  steps: 10", "  steps: true\n  lr: '1e-5'"))
+    found = {field: message for _, field, message in problems(path)}
+    assert set(found) == {"train.steps", "train.lr"}
+    assert found["train.steps"].endswith("(got True)")
+    assert load_recipe(write(tmp_path, MINIMAL.replace("  steps: 10", "  steps: 10\n  lr: 1e-5"))).train.lr == 1e-5
 
 
 def test_unknown_top_level_section_lists_the_sections(tmp_path):
@@ -250,7 +265,7 @@ def test_wrong_kind_lists_the_allowed_kinds(tmp_path):
 
 def test_missing_kind_is_a_missing_field_with_the_allowed_kinds(tmp_path):
     path = write(tmp_path, MINIMAL.replace("  kind: standard\n", ""))
-    assert problems(path) == [(4, "method.kind", "Field required, one of 'standard', 'pose', 'e2llm', 'harpe', 'longrecipe'")]
+    assert problems(path) == [(4, "method.kind", "Field required, one of 'standard', 'pose', 'e2llm', 'harpe', 'longrecipe', 'longgen'")]
 
 
 def test_missing_required_fields_are_all_reported(tmp_path):

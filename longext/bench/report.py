@@ -47,7 +47,8 @@ def render(suites: dict[str, dict | None], old_text: str = "") -> str:
         doc = suites.get(suite)
         start, end = _marker(suite)
         if doc is not None:
-            body = {"throughput": throughput_section, "toy": toy_section, "smollm2": smollm2_section}[suite](doc)
+            body = {"throughput": throughput_section, "toy": toy_section, "smollm2": smollm2_section,
+                    "longgen": longgen_section, "memory": memory_section}[suite](doc)
             parts += [start, body.rstrip(), end, ""]
         elif suite in old:
             parts += [old[suite], ""]
@@ -271,6 +272,79 @@ def smollm2_section(doc: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------- longgen
+# issue 6's bars, as ratios against the all-full model of the same run
+LONGGEN_KV_SAVING, LONGGEN_PREFILL, LONGGEN_TRAIN, LONGGEN_PASSKEY_POINTS = 0.55, 1.5, 1.3, 10
+
+
+def longgen_section(doc: dict) -> str:
+    """KV bytes, prefill and training step of LongGen vs all-full per model, then the toy passkey rows."""
+    lines = ["## LongGen: hybrid full/sparse attention vs all layers full", "", *_header(doc)]
+    by = {c["case"]["name"]: c for c in _case_rows(doc)}
+    rows, checks = [], []
+    for setting in dict.fromkeys((c["case"]["model"], c["case"]["length"]) for c in _case_rows(doc)
+                                 if c["case"].get("kind") == "longgen"):
+        model, length = setting
+        get = lambda measure, arm: by.get(f"longgen-{model}-{measure}-{arm}", {}).get("result")  # noqa: E731
+        pre_lg, pre_full, tr_lg, tr_full = get("prefill", "longgen"), get("prefill", "full"), get("train", "longgen"), get("train", "full")
+        saving = 1 - pre_lg["kv_bytes"] / pre_full["kv_bytes"] if pre_lg and pre_full else None
+        formula = None
+        if pre_lg:  # methods.md §6.1: KV relative to full = k/N + (N-k)/N * budget/S
+            k, n = len(pre_lg["full_layers"]), pre_lg["layers"]
+            formula = 1 - (k / n + (n - k) / n * min(pre_lg["budget"], length) / length)
+        prefill = pre_full["prefill_seconds"] / pre_lg["prefill_seconds"] if pre_lg and pre_full else None
+        train = tr_full["step_seconds"] / tr_lg["step_seconds"] if tr_lg and tr_full else None
+        sparse = next(c["case"]["sparse"] for c in _case_rows(doc) if c["case"].get("model") == model)
+        rows.append([model, format_length(length),
+                     f"{pre_lg['full_layers']} of {pre_lg['layers']}" if pre_lg else "–",
+                     f"sinks {sparse.get('sink_tokens')} + window {sparse.get('window')}",
+                     _mb(pre_full, "kv_bytes"), _mb(pre_lg, "kv_bytes"), _pct(saving), _pct(formula),
+                     _num((pre_full or {}).get("prefill_seconds"), 2), _num((pre_lg or {}).get("prefill_seconds"), 2),
+                     _num(prefill, 2), _num((tr_full or {}).get("step_seconds"), 2),
+                     _num((tr_lg or {}).get("step_seconds"), 2), _num(train, 2)])
+        for what, value, bar, fmt in (("KV saving", saving, LONGGEN_KV_SAVING, _pct),
+                                      ("prefill speed-up", prefill, LONGGEN_PREFILL, lambda v: f"{v:.2f}x"),
+                                      ("training-step speed-up", train, LONGGEN_TRAIN, lambda v: f"{v:.2f}x")):
+            if value is not None:
+                checks.append(f"- {model} at {format_length(length)}: {what} {fmt(value)} (needs ≥ {fmt(bar)}): "
+                              f"{'holds' if value >= bar else 'fails'}")
+    if rows:
+        lines += ["Efficiency, batch 1 at the target length, fp32, each figure in its own process. KV = bytes held by "
+                  "the cache after the prefill (LongGenCache for the hybrid, DynamicCache for all-full); prefill = median "
+                  "seconds of the forward pass that fills it; train step = median seconds of forward + backward + AdamW "
+                  "with LoRA r8 on q/k/v/o in longext's DeepSpeed ZeRO-2 engine. formula = 1 − (k/N + (N−k)/N · budget/S).",
+                  ""]
+        lines += _table(["model", "length", "full layers", "sparse layers", "KV MB full", "KV MB LongGen", "KV saving",
+                         "formula", "prefill s full", "prefill s LongGen", "prefill speed-up", "train step s full",
+                         "train step s LongGen", "train speed-up"], rows) + [""]
+    passkey = {**doc, "cases": [c for c in doc.get("cases", []) if c["case"].get("kind") == "model"]}
+    if _case_rows(passkey):
+        from longext.bench.suites import TOY_TARGET
+
+        lines += ["Quality on the toy base (L0 = 128 → 1024): the LongGen run and the all-full run use the same recipe, "
+                  "optimizer, steps and tokens; only the method block differs.", ""]
+        lines += model_tables(passkey, TOY_TARGET) + [""]
+        results = {c["case"].get("arm"): c["result"] for c in _case_rows(passkey)}
+        acc = {arm: r.get("passkey", {}).get(str(TOY_TARGET), {}).get("accuracy") for arm, r in results.items()}
+        if acc.get("longgen") is not None and acc.get("full") is not None:
+            gap = 100 * (acc["full"] - acc["longgen"])
+            checks.append(f"- toy passkey at {format_length(TOY_TARGET)}: LongGen {100 * acc['longgen']:.0f} %, all-full "
+                          f"{100 * acc['full']:.0f} %, gap {gap:.0f} points (needs ≤ {LONGGEN_PASSKEY_POINTS}): "
+                          f"{'holds' if gap <= LONGGEN_PASSKEY_POINTS else 'fails'}")
+        lines += ["![perplexity](bench/longgen-ppl.png) ![passkey](bench/longgen-passkey.png)", ""]
+    if checks:
+        lines += ["Acceptance checks (issue 6, computed from the rows above):", "", *checks]
+    return "\n".join(lines)
+
+
+def _mb(result: dict | None, key: str) -> str:
+    return "–" if not result else f"{result[key] / 2**20:,.2f}"
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
 # ---------------------------------------------------------------------------------------- plots
 def plot_suite(suite: str, doc: dict, folder: Path) -> list[Path]:
     """perplexity vs length per method, passkey accuracy vs length; PNGs written atomically."""
@@ -307,3 +381,44 @@ def plot_suite(suite: str, doc: dict, folder: Path) -> list[Path]:
         tmp.replace(path)
         written.append(path)
     return written
+
+
+# ----------------------------------------------------------------------------------------- memory
+def memory_section(doc: dict) -> str:
+    """Measured peak memory of a CPU training step against `longext plan`'s estimate for the same setup. The
+    estimate is computed here, with the current formulas (longext/memplan.py), from the case and its model config."""
+    from longext.bench.memory import case_estimate
+
+    lines = ["## Memory: `longext plan` against measured peak (CPU)", "", *_header(doc)]
+    lines += ["One training step (two for the tiny model up to 2k, so the second runs with the AdamW state) of LoRA r8 "
+              "on q/k/v/o, fp32, sdpa, torch AdamW in a real DeepSpeed engine, one rank, each case in its own process "
+              "(longext/bench/memory.py). measured = peak RSS (VmHWM, reset after the model and engine are built) "
+              "minus the process baseline taken just before the model is built; estimate = the plan's terms "
+              "without its fixed overhead. allocator: glibc default, or live (MALLOC_MMAP_THRESHOLD_=65536, so RSS "
+              "follows live tensors without the heap's retention of freed blocks).", ""]
+    rows, ratios, baselines = [], {}, []
+    for c in _case_rows(doc):
+        case, r = c["case"], c["result"]
+        est = case_estimate(case, r["model_config"])
+        fixed = est.terms[-1].bytes
+        value = (est.total - fixed) / 2**20
+        ratio = r["measured_mb"] / value
+        kind = "live" if case.get("live_peak") else "default"
+        ratios.setdefault(kind, []).append(ratio)
+        baselines.append(r["baseline_mb"])
+        main = max((t for t in est.terms[:-1]), key=lambda t: t.bytes)
+        savers = ", ".join(k for k in ("tiled_loss", "tiled_mlp") if case.get(k)) or "–"
+        rows.append([case["model"], format_length(case["seq_len"]), str(case["zero_stage"]),
+                     "yes" if case["gradient_checkpointing"] else "no", savers, kind, _num(value, 0),
+                     _num(r["measured_mb"], 0), f"{ratio:.2f}", f"{main.name} {main.bytes / 2**20:,.0f}"])
+    lines += _table(["model", "length", "ZeRO", "checkpointing", "savers", "allocator", "estimate MiB",
+                     "measured MiB", "measured / estimate", "largest term (MiB)"], rows)
+    lines.append("")
+    for kind, values in ratios.items():
+        lines.append(f"- {kind} allocator: measured / estimate from {min(values):.2f} to {max(values):.2f} over "
+                     f"{len(values)} cases (target: within 15 %, i.e. 0.85-1.15).")
+    if baselines:
+        lines.append(f"- process baseline (not in the ratio; the plan's CPU fixed overhead): {min(baselines):,.0f}-"
+                     f"{max(baselines):,.0f} MiB.")
+    return "\n".join(lines)
+

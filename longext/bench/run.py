@@ -75,6 +75,14 @@ def execute(case: dict, case_dir: Path) -> dict:
 
         case_dir.mkdir(parents=True, exist_ok=True)
         return run_case({k: v for k, v in case.items() if k not in ("kind", "name")})
+    if case["kind"] == "memory":  # peak memory against the plan (longext/bench/memory.py)
+        from longext.bench.memory import run_case as run_memory_case
+
+        return run_memory_case(case)
+    if case["kind"] == "longgen":  # LongGen efficiency measurements (longext/bench/longgen.py)
+        from longext.bench.longgen import run_case as run_longgen_case
+
+        return run_longgen_case(case)
     from longext.bench.cases import run_model_case
 
     return run_model_case(case, case_dir)

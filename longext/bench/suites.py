@@ -2,7 +2,9 @@
 
 - throughput: `throughput.run_case` measurements (train tokens/s engine vs plain, eval seconds);
 - toy: the committed toy base (bench/toy-base, L0 = 128) extended to 8 x L0 = 1024;
-- smollm2: SmolLM2-135M (L0 = 8k) extended x2 to 16k.
+- smollm2: SmolLM2-135M (L0 = 8k) extended x2 to 16k;
+- longgen: LongGen against the same model with every layer full (longext/bench/longgen.py);
+- memory: measured peak memory of a training step on CPU against `longext plan`'s estimate (bench/memory.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from longext.errors import LongextError
 
-SUITES = ("throughput", "toy", "smollm2")
+SUITES = ("throughput", "toy", "smollm2", "longgen", "memory")
 ALLOWED = (*SUITES, "all")
 TOY_DIR = Path(__file__).resolve().parents[2] / "bench" / "toy-base"
 TOY_L0, TOY_TARGET = 128, 1024
@@ -22,6 +24,12 @@ SMOL_TARGET = 16384
 def suite_cases(suite: str, quick: bool) -> list[dict]:
     if suite not in SUITES:
         raise LongextError(f"SUITE: unknown benchmark suite {suite!r} (allowed: {', '.join(ALLOWED)})")
+    if suite == "longgen":
+        from longext.bench.longgen import longgen_cases
+
+        return longgen_cases(quick)
+    if suite == "memory":
+        return memory_cases(quick)
     return {"throughput": throughput_cases, "toy": toy_cases, "smollm2": smollm2_cases}[suite](quick)
 
 
@@ -48,6 +56,19 @@ def toy_checksum(toy_dir: Path = TOY_DIR) -> str:
     if not sums.is_file():
         raise LongextError(f"toy suite: no toy base at {toy_dir} (build it with `make toy-base`)")
     return hashlib.sha256(sums.read_bytes()).hexdigest()
+
+
+# Passkey documents for a fine-tuning mix (longext/bench/retrieval.py; the LongGen passkey rows use it): 1500 docs
+# of 120..1024 tokens, about 0.8M tokens next to the training books' 3.1M [choice]. The toy suite's rows train on
+# books only: with PI x8 at 80 steps the mix did not bring passkey back (0/10 at 128, measured once).
+TOY_RETRIEVAL_DOCS = 1500
+
+
+def toy_train_texts(toy_dir: Path = TOY_DIR) -> list[str]:
+    """data.train with retrieval practice: the training books plus passkey documents."""
+    from longext.bench.retrieval import retrieval_docs_path
+
+    return ["books", str(retrieval_docs_path(toy_dir, TOY_RETRIEVAL_DOCS, 120, TOY_TARGET))]
 
 
 def toy_recipe(name: str, rope: dict, train: dict | None = None, toy_dir: Path = TOY_DIR) -> dict:
@@ -92,7 +113,7 @@ def toy_cases(quick: bool, toy_dir: Path = TOY_DIR) -> list[dict]:
     methods = [] if quick else [
         {"kind": "model", "name": f"toy-{name}", "label": label, "train": True, "toy_base": checksum,
          "recipe": {**toy_recipe(f"toy-{name}", rope, finetune, toy_dir), **changes}, "eval": settings}
-        for name, label, rope, changes in toy_method_rows()
+        for name, label, rope, changes in toy_method_rows(["books"])
     ]
     return [*cases, repeat, *methods]
 
@@ -102,18 +123,18 @@ def toy_cases(quick: bool, toy_dir: Path = TOY_DIR) -> list[dict]:
 TOY_HARPE_BASES = (4.0e4, 2.0e5)
 
 
-def toy_method_rows() -> list[tuple[str, str, dict, dict]]:
-    """(name, label, rope, recipe changes) of the extension methods, same optimizer and steps as PI-FT."""
+def toy_method_rows(texts: list[str]) -> list[tuple[str, str, dict, dict]]:
+    """(name, label, rope, recipe changes) of the extension methods, same optimizer, steps and data as PI-FT."""
     standard = {"kind": "standard", "target_len": TOY_TARGET}
     short = {"seq_len": "auto"}  # R = L0: E2-LLM and PoSE train at the original window
     b_min, b_max = TOY_HARPE_BASES
     return [
         ("pi-ft-4x", "PI x4, fine-tuned at 512", {"kind": "linear"},
-         {"method": {"kind": "standard", "target_len": 4 * TOY_L0}, "data": {"train": ["books"], "seq_len": 4 * TOY_L0}}),
+         {"method": {"kind": "standard", "target_len": 4 * TOY_L0}, "data": {"train": texts, "seq_len": 4 * TOY_L0}}),
         ("e2llm", "E2-LLM (g 1..8), trained at 128", {"kind": "none"},
-         {"method": {"kind": "e2llm", "target_len": TOY_TARGET}, "data": {"train": ["books"], **short}}),
+         {"method": {"kind": "e2llm", "target_len": TOY_TARGET}, "data": {"train": texts, **short}}),
         ("pose", "PoSE (PI x8), trained at 128", {"kind": "linear"},
-         {"method": {"kind": "pose", "target_len": TOY_TARGET}, "data": {"train": ["books"], **short}}),
+         {"method": {"kind": "pose", "target_len": TOY_TARGET}, "data": {"train": texts, **short}}),
         ("harpe", f"HARPE uniform {b_min:.0e}-{b_max:.0e}, fine-tuned at 1024", {"kind": "none"},
          {"method": {"kind": "harpe", "target_len": TOY_TARGET, "bases": {"kind": "uniform", "b_min": b_min, "b_max": b_max}}}),
         ("abf-max", f"ABF single base {b_max:.0e}, fine-tuned at 1024", {"kind": "none", "theta": b_max}, {"method": standard}),
@@ -160,3 +181,29 @@ def smollm2_cases(quick: bool) -> list[dict]:
          "recipe": recipe(f"smollm2-{name}", rope, demo_train if train else None), "eval": settings}
         for name, label, rope, train in rows
     ]
+
+
+# ---------------------------------------------------------------------------------------- memory
+def memory_cases(quick: bool) -> list[dict]:
+    """Peak memory of one training step (LoRA r8 q/k/v/o, fp32, torch AdamW, DeepSpeed engine) across ZeRO stages,
+    lengths and gradient checkpointing; the tiny model also with the tiled loss and TiledMLP. SmolLM2 steps once
+    (a 4k step takes minutes here; its AdamW state is 7 MB), the tiny model twice (the second step runs with the
+    optimizer state allocated)."""
+    rows = [("tiny", 1024, 0, False), ("tiny", 1024, 2, False), ("tiny", 1024, 3, False),
+            ("tiny", 2048, 2, False), ("tiny", 2048, 2, True), ("tiny", 4096, 0, False), ("tiny", 4096, 2, False),
+            ("tiny", 4096, 3, False), ("tiny", 4096, 2, True), ("tiny", 4096, 3, True),
+            ("smollm2", 2048, 0, False), ("smollm2", 2048, 2, False), ("smollm2", 2048, 3, False),
+            ("smollm2", 2048, 2, True), ("smollm2", 4096, 2, False), ("smollm2", 4096, 2, True)]
+    if quick:
+        rows = [r for r in rows if r[0] == "tiny" and r[1] <= 2048]
+    cases = [{"kind": "memory", "name": f"mem-{m}-{L // 1024}k-z{z}{'-gc' if gc else ''}", "model": m, "seq_len": L,
+              "zero_stage": z, "gradient_checkpointing": gc, "steps": 2 if m == "tiny" and L <= 2048 else 1}
+             for m, L, z, gc in rows]
+    if not quick:
+        cases.append({"kind": "memory", "name": "mem-tiny-4k-z2-tiled", "model": "tiny", "seq_len": 4096,
+                      "zero_stage": 2, "gradient_checkpointing": False, "steps": 1, "tiled_loss": True,
+                      "tiled_mlp": True})
+        # the same steps with RSS following the live tensors (no glibc retention): the formulas alone
+        cases += [{**c, "name": c["name"] + "-live", "live_peak": True} for c in cases
+                  if c["name"] in ("mem-tiny-2k-z2", "mem-smollm2-2k-z0")]
+    return cases

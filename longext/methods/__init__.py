@@ -75,6 +75,11 @@ def plan_method(recipe, model_config=None) -> MethodPlan:
             from longext.methods.longrecipe import method_plan
 
             return method_plan(recipe)
+        case "longgen":
+            from longext.methods.longgen import method_plan as longgen_plan
+            from longext.models import load_model_config
+
+            return longgen_plan(method, model_config or load_model_config(recipe.model.path))
     raise NotImplementedError(method.kind)  # the schema admits only implemented kinds
 
 
@@ -97,6 +102,11 @@ def rope_extra(recipe) -> dict:
         from longext.methods.longrecipe import rope_extra as longrecipe_extra
 
         return longrecipe_extra(recipe)
+    if method.kind == "longgen":
+        from longext.methods.longgen import rope_extra as longgen_extra
+        from longext.models import load_model_config
+
+        return longgen_extra(method, load_model_config(recipe.model.path))
     return {}
 
 
@@ -110,4 +120,8 @@ def eval_setup(model, state) -> Callable[[int], None]:
         from longext.methods.harpe import eval_hook as harpe_eval_hook
 
         return harpe_eval_hook(model, state.extra["bases"])
+    if state.extra.get("method") == "longgen":
+        from longext.methods.longgen import eval_hook as longgen_eval_hook
+
+        return longgen_eval_hook(model, state.extra)
     return lambda length: None

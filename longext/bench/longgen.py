@@ -1,0 +1,215 @@
+"""LongGen benchmark cases (issue 6): the hybrid model against the same model with every layer full, in
+the same run, as ratios.
+
+- efficiency cases (one process each): KV-cache bytes after a prefill of the target length, prefill
+  seconds, and one training step (forward + backward + AdamW, LoRA r8 on q/k/v/o, DeepSpeed ZeRO-2) at
+  the target length; at 8 x L0 = 1024 on the toy base and at 16k on SmolLM2-135M;
+- passkey cases (model cases of longext.bench.cases): a LongGen run and an all-full run of the toy base
+  trained with the same recipe, steps and tokens, evaluated at the same lengths.
+
+    python -m longext.bench.longgen '<case json>'
+prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+# Sparse settings per model [choice]: the toy sees a budget of L0 (4 sinks + 124), 1/8 of its 1024 target;
+# SmolLM2 the 7B recipe's 64 + 1984 = 2k, 1/8 of 16k. Both: the middle third of the layers full.
+TOY_SPARSE = {"type": "attn_sink", "sink_tokens": 4, "window": 124}
+SMOL_SPARSE = {"type": "attn_sink", "sink_tokens": 64, "window": 1984}
+TOY_THETA = 2.0e5  # ABF for 128 -> 1024 (the toy suite's abf-max row); the same for both arms
+ARMS = ("longgen", "full")
+
+
+def longgen_cases(quick: bool) -> list[dict]:
+    from longext.bench.suites import SMOL_TARGET, TOY_DIR, TOY_TARGET, toy_checksum
+
+    checksum = toy_checksum(TOY_DIR)
+    cases = []
+    settings = [("toy", TOY_TARGET, TOY_SPARSE, 3 if quick else 10)]
+    if not quick:  # SmolLM2 at 16k: minutes per full-attention prefill and step on 2 cores
+        settings.append(("smollm2", SMOL_TARGET, SMOL_SPARSE, 1))
+    for model, length, sparse, repeats in settings:
+        for measure in ("prefill", "train"):
+            for arm in ARMS:
+                case = {"kind": "longgen", "name": f"longgen-{model}-{measure}-{arm}", "measure": measure,
+                        "model": model, "length": length, "arm": arm, "sparse": sparse, "repeats": repeats,
+                        "gradient_checkpointing": model == "smollm2"}
+                if model == "toy":
+                    case["toy_base"] = checksum
+                cases.append(case)
+    return cases + passkey_cases(quick, checksum)
+
+
+def passkey_cases(quick: bool, checksum: str) -> list[dict]:
+    """LongGen vs all-full on the toy base, same recipe except the method block (same optimizer and budget)."""
+    from longext.bench.suites import TOY_DIR, TOY_L0, TOY_TARGET, toy_recipe
+
+    lengths = [TOY_L0, 2 * TOY_L0, 4 * TOY_L0, TOY_TARGET]
+    settings = {"ppl_lengths": lengths, "targets": 64, "windows": 4 if quick else 32,
+                "passkey_lengths": lengths, "trials": 10 if quick else 20,
+                "depths": [(i + 0.5) / 10 for i in range(10)], "filler_chars": 60_000, "seed": 0}
+    train = {"steps": 20 if quick else 80, "micro_batch_size": 2, "lr": 2.0e-3, "warmup_steps": 10,
+             "schedule": "cosine", "min_lr_ratio": 0.1, "zero_stage": 2, "precision": "auto", "seed": 0,
+             "log_every": 10}
+    rope = {"kind": "none", "theta": TOY_THETA}
+    methods = {
+        "longgen": ("LongGen (1 of 4 layers full, sinks 4 + window 124), ABF 2e5, fine-tuned at 1024",
+                    {"kind": "longgen", "target_len": TOY_TARGET, "sparse": TOY_SPARSE}),
+        "full": ("all layers full, ABF 2e5, fine-tuned at 1024", {"kind": "standard", "target_len": TOY_TARGET}),
+    }
+    return [
+        {"kind": "model", "name": f"longgen-toy-passkey-{arm}", "label": label, "train": True, "arm": arm,
+         "toy_base": checksum, "eval": settings,
+         "recipe": _with_retrieval({**toy_recipe(f"longgen-toy-{arm}", rope, train, TOY_DIR), "method": method})}
+        for arm, (label, method) in methods.items()
+    ]
+
+
+def _with_retrieval(recipe: dict) -> dict:
+    """Both arms fine-tune on books plus passkey documents (bench/retrieval.py): on books alone every toy
+    fine-tune lost retrieval, which would make the passkey comparison 0 against 0."""
+    from longext.bench.suites import TOY_DIR, toy_train_texts
+
+    return {**recipe, "data": {**recipe["data"], "train": toy_train_texts(TOY_DIR)}}
+
+
+# ------------------------------------------------------------------------------------ measuring
+def _model(name: str):
+    from transformers import AutoModelForCausalLM
+
+    if name == "toy":
+        from longext.bench.suites import TOY_DIR
+
+        path = TOY_DIR
+    else:
+        from longext.materials import smollm2_dir
+
+        path = smollm2_dir()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def _spec(model, sparse: dict):
+    """The LongGenSpec the recipe defaults give this model: middle third full, `sparse` elsewhere."""
+    from longext.methods.longgen import longgen_spec
+    from longext.recipe import LongGenMethod
+
+    method = LongGenMethod(kind="longgen", target_len=1, sparse=sparse)
+    return longgen_spec(method, model.config)
+
+
+def _prepare(case: dict):
+    from longext.longgen.modeling_longext_longgen import apply_longgen
+    from longext.models import quiet_libraries
+
+    quiet_libraries()
+    model = _model(case["model"])
+    spec = _spec(model, case["sparse"])
+    if case["arm"] == "longgen":
+        apply_longgen(model, spec)
+    return model, spec
+
+
+def _ids(vocab: int, length: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+
+
+def prefill_case(case: dict) -> dict:
+    """Median prefill seconds of `length` tokens (no_grad, batch 1) and the cache's KV bytes after it."""
+    from longext.longgen import modeling_longext_longgen as lg
+
+    model, spec = _prepare(case)
+    model.eval()
+    ids = _ids(model.config.vocab_size, case["length"])
+
+    def prefill(tokens):
+        cache = new_cache(model, spec, case["arm"])
+        with torch.no_grad():
+            model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache
+
+    prefill(ids[:, : min(256, case["length"])])  # warm-up: allocator, first-call kernels
+    times, cache = [], None
+    for _ in range(case["repeats"]):
+        began = time.perf_counter()
+        cache = prefill(ids)
+        times.append(time.perf_counter() - began)
+    layers = model.config.num_hidden_layers
+    return {"prefill_seconds": statistics.median(times), "all_seconds": times, "kv_bytes": lg.kv_bytes(cache),
+            "full_layers": list(spec.full_layers), "layers": layers, "budget": lg.budget(spec, case["length"]),
+            "cache": type(cache).__name__}
+
+
+def new_cache(model, spec, arm: str):
+    """LongGenCache for the hybrid (sparse layers keep only what they can still read), DynamicCache otherwise."""
+    from transformers import DynamicCache
+
+    from longext.longgen import modeling_longext_longgen as lg
+
+    if arm == "longgen":
+        return lg.LongGenCache(config=model.config)
+    return DynamicCache(config=model.config)
+
+
+def train_case(case: dict) -> dict:
+    """Median seconds of one optimizer step (forward + backward + AdamW) at batch 1 x length, LoRA r8 q/k/v/o,
+    longext's DeepSpeed ZeRO-2 engine (as `longext train` runs it)."""
+    from longext.engine import init_distributed, make_engine
+    from longext.models import add_lora
+    from longext.recipe import LoraSpec, TrainSpec
+
+    model, _ = _prepare(case)
+    init_distributed()
+    peft = add_lora(model, LoraSpec(r=8, alpha=16.0), case.get("gradient_checkpointing", False))
+    steps = case["repeats"]
+    engine = make_engine(peft, TrainSpec(steps=steps + 1, lr=1e-4, zero_stage=2, precision="fp32"), world_size=1)
+    ids = _ids(model.config.vocab_size, case["length"])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
+             "position_ids": torch.arange(case["length"])[None]}
+
+    def step():
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        began = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - began)
+    return {"step_seconds": statistics.median(times), "all_seconds": times}
+
+
+def run_case(case: dict, timeout: int = 4 * 3600) -> dict:
+    """One efficiency measurement in a fresh process (its peak memory is its own); adds wall time."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "longext.bench.longgen", json.dumps(case)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark case {case['name']} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**result, "wall_seconds": time.perf_counter() - began}
+
+
+def _main(case: dict) -> dict:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    result = prefill_case(case) if case["measure"] == "prefill" else train_case(case)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(_main(json.loads(sys.argv[1])), default=float))

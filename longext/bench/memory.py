@@ -1,0 +1,213 @@
+"""Real peak memory of one longext training step on CPU, to hold `longext plan`'s estimate against.
+
+A memory case is a JSON-able dict:
+
+    {"kind": "memory", "name": "mem-tiny-1k-z2", "model": "tiny" | "smollm2", "seq_len": 1024,
+     "zero_stage": 2, "gradient_checkpointing": false, "steps": 2,
+     "tiled_loss": false, "tiled_mlp": false}          (the last two optional: longext.sp's savers)
+
+Each case runs in its own process (`run_case`), which does exactly what `longext train` does around the
+model: `init_distributed` (world of one, gloo), `models.add_lora` (LoRA r8 on q/k/v/o, as the schema's
+default targets), `engine.make_engine` (a real `deepspeed.initialize` at the case's ZeRO stage, torch AdamW,
+fp32), then `steps` full optimizer steps (`engine(**batch).loss`, `engine.backward`, `engine.step`) on a
+batch of the train loop's keys.
+
+How the peak is measured (Linux):
+
+- baseline = the process's resident set (VmRSS) just before the model is built, after the imports, the
+  process group and a warm-up step of the same code path on a 1-layer toy (lazy imports and kernel set-up:
+  see `_warm_up`): the process baseline, which the plan states separately;
+- after the model, adapters and engine exist, `malloc_trim(0)` hands freed heap pages back and
+  `/proc/self/clear_refs` (value 5) resets the peak-RSS counter (VmHWM) to the current RSS, so transients
+  of loading a checkpoint (a file page and its copy both resident) are not counted: they are not what the
+  plan estimates and a GPU run loads differently;
+- peak = VmHWM after the steps; measured = peak - baseline. `ru_maxrss - baseline` (the whole-life peak,
+  loading included) is recorded too.
+
+Weights loaded from safetensors stay file-backed (mmap) until first touched; the forward pass touches them
+all, so they are in the peak.
+
+Allocator. By default glibc keeps freed heap blocks resident for reuse, so the peak RSS is the live tensors'
+peak plus that retention. A case with `"live_peak": true` runs with MALLOC_MMAP_THRESHOLD_=65536 (every block
+of 64 KiB or more is its own mmap, unmapped when freed), so its RSS follows the live tensors: the quantity the
+plan's formulas describe. Both kinds are in the table.
+
+RSS counts only touched pages, so a buffer DeepSpeed allocates with `torch.empty` and fills in part
+(ZeRO-2's 5e8-element gradient bucket) counts only the part written; the plan's CPU estimate says the same.
+
+    python -m longext.bench.memory '<case json>'     prints one JSON line
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+
+MB = 2**20
+LIVE_PEAK_MMAP_THRESHOLD = 65536
+
+
+def rss_kb(field: str = "VmRSS") -> int:
+    """A `/proc/self/status` memory field in kB (VmRSS: resident now; VmHWM: peak since the last reset)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def trim_and_reset_peak() -> None:
+    """Give freed heap pages back to the OS, then make the peak counter start from the current RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _model(name: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from longext.bench.throughput import TINY
+
+    if name == "tiny":
+        torch.manual_seed(0)
+        config = AutoConfig.for_model("llama", **TINY)
+        config._attn_implementation = "sdpa"
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    from longext.materials import smollm2_dir
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32, attn_implementation="sdpa")
+
+
+def _warm_up(case: dict) -> None:
+    """One step of the same code path on a 1-layer, 8-token toy, then everything dropped.
+
+    Lazy one-time costs are part of the process baseline, not of the run: importing the modeling module
+    (~90 MB) and, for ZeRO 1-3, the torch._inductor / networkx modules DeepSpeed's optimizer pulls in
+    (~45 MB), and first-call kernel set-up.
+    """
+    import gc
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from longext.engine import make_engine
+    from longext.models import add_lora
+    from longext.recipe import LoraSpec, TrainSpec
+
+    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1)
+    model = add_lora(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"), LoraSpec(r=2),
+                     case["gradient_checkpointing"])
+    engine = make_engine(model, TrainSpec(steps=1, zero_stage=case["zero_stage"], precision="fp32"), world_size=1)
+    ids = torch.arange(8)[None]
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    del engine, model
+    gc.collect()
+
+
+def measure(case: dict) -> dict:
+    """Peak memory of `case` in this process (see the module docstring)."""
+    import torch
+
+    from longext.engine import init_distributed, make_engine
+    from longext.models import add_lora, quiet_libraries
+    from longext.recipe import LoraSpec, TrainSpec
+
+    quiet_libraries()
+    init_distributed()
+    _warm_up(case)
+    trim_and_reset_peak()
+    baseline = rss_kb()
+    model = _model(case["model"])
+    config = model.config.to_dict()
+    lora = LoraSpec(r=8, alpha=16.0)
+    train = TrainSpec(steps=case["steps"], lr=1e-4, zero_stage=case["zero_stage"], precision="fp32",
+                      gradient_checkpointing=case["gradient_checkpointing"], memory_check="off")
+    model = add_lora(model, lora, train.gradient_checkpointing)
+    if case.get("tiled_mlp"):
+        from longext.sp import apply_tiled_mlp
+
+        apply_tiled_mlp(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine = make_engine(model, train, world_size=1)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config["vocab_size"], (1, case["seq_len"]), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+             "position_ids": torch.arange(case["seq_len"])[None]}
+    trim_and_reset_peak()
+    after_init = rss_kb()
+    engine.train()
+    began = time.perf_counter()
+    for _ in range(case["steps"]):
+        loss = _loss(engine, batch, case.get("tiled_loss", False))
+        engine.backward(loss)
+        engine.step()
+        del loss
+    import resource
+
+    peak = rss_kb("VmHWM")
+    return {
+        "baseline_mb": baseline / 1024, "after_init_mb": after_init / 1024, "peak_mb": peak / 1024,
+        "measured_mb": (peak - baseline) / 1024,
+        "maxrss_minus_baseline_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline / 1024,
+        "trainable_params": trainable, "step_seconds": (time.perf_counter() - began) / case["steps"],
+        "threads": torch.get_num_threads(), "model_config": config,
+    }
+
+
+def _loss(engine, batch: dict, tiled: bool):
+    """The loss as `train._forward` computes it with one rank: transformers' own, or longext.sp's tiled one."""
+    if not tiled:
+        return engine(**batch).loss
+    from longext.sp import Layout, micro_batch_loss, shard_batch
+
+    return micro_batch_loss(engine, shard_batch(batch, Layout()), Layout(), True)[0]
+
+
+def run_case(case: dict, timeout: int = 3600) -> dict:
+    """`measure(case)` in a fresh process (its own peak, no leftover distributed state)."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    if case.get("live_peak"):
+        # glibc then serves every block >= 64 KiB with its own mmap and unmaps it on free: RSS follows the live
+        # tensors, without the heap's retention of freed blocks (the default raises this threshold as it goes)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(LIVE_PEAK_MMAP_THRESHOLD)
+    done = subprocess.run([sys.executable, "-m", "longext.bench.memory", json.dumps(case)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory case {case['name']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    print(json.dumps(measure(json.loads(sys.argv[1])), default=str))
+
+
+# ------------------------------------------------------------------------------------------ estimate
+def case_setup(case: dict):
+    """The plan's Setup for a case: one CPU rank, fp32, sdpa, LoRA r8 on q/k/v/o (what `measure` runs)."""
+    from longext.memplan import Setup
+
+    return Setup(seq_len=case["seq_len"], device="cpu", precision="fp32", zero_stage=case["zero_stage"],
+                 gradient_checkpointing=case["gradient_checkpointing"], tiled_loss=case.get("tiled_loss", False),
+                 tiled_mlp=case.get("tiled_mlp", False), lora_r=8,
+                 allocator="live" if case.get("live_peak") else "glibc")
+
+
+def case_estimate(case: dict, model_config: dict):
+    """The plan's estimate for the case (memplan.Estimate); compare `total - fixed` with `measured_mb`."""
+    from longext.memplan import Dims, estimate
+
+    return estimate(Dims.from_config(model_config), case_setup(case))

@@ -1,0 +1,59 @@
+"""Passkey documents mixed into the toy suite's fine-tuning data.
+
+Fine-tuning on books alone teaches nothing about retrieval, and the toy runs showed it: every method
+fine-tuned at 8 x L0 on books lost the base's passkey skill even at L0 (bench history in
+docs/benchmarks.md). Each document here is a passkey prompt in the evaluator's exact format
+(`longext.evaluate.passkey`) followed by its answer, with filler sentences from the *training* books
+(the evaluator fills with the eval books) and keys from a seed space the evaluator never uses, at
+lengths spread from L0/2 to the target. The file is derived from the books, so it lives in the
+materials cache and is rebuilt on demand, never committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+from longext.materials import cache_dir
+
+VERSION = 1
+
+
+def retrieval_docs_path(tokenizer_dir: Path, docs: int, min_len: int, max_len: int, seed: int = 0) -> Path:
+    """The JSONL file of `docs` passkey documents (built once; same arguments -> same bytes)."""
+    from longext.materials import book_files
+
+    books = book_files("train")
+    tag = hashlib.sha256(
+        json.dumps([VERSION, str(tokenizer_dir), docs, min_len, max_len, seed, [p.name for p in books]]).encode()
+    ).hexdigest()[:12]
+    path = cache_dir() / "bench" / f"toy-retrieval-{tag}.jsonl"
+    if not path.is_file():
+        _write(path, tokenizer_dir, books, docs, min_len, max_len, seed)
+    return path
+
+
+def _write(path: Path, tokenizer_dir: Path, books: list[Path], docs: int, min_len: int, max_len: int, seed: int) -> None:
+    from transformers import AutoTokenizer
+
+    from longext.evaluate.passkey import filler_sentences, passkey_prompt, prompt_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    sentences = filler_sentences(" ".join(p.read_text()[:200_000] for p in books))
+    rng = random.Random(f"train-retrieval:{seed}")
+    lines = []
+    for _ in range(docs):
+        key = str(rng.randrange(10_000, 100_000))
+        length, depth = rng.randint(min_len, max_len), rng.random()
+        start = rng.randrange(len(sentences) - 80)
+        window = sentences[start : start + 80]  # passkey_prompt tokenizes its whole sentence list once per call
+        prompt = passkey_prompt(tokenizer, length - 4, key, depth, window)  # -4: room for the answer
+        _, text = prompt_text(window, 0, prompt.sentences_before, prompt.sentences_after, key)
+        lines.append(json.dumps({"text": f"{text} {key}."}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,108 @@
+"""LongGen (Ge et al. 2024, methods.md §6): a hybrid of full-attention and static sparse-attention layers,
+fine-tuned directly at the target length.
+
+The recipe's `method` block is resolved against the model config once (`longgen_spec`: the auto layout
+becomes explicit layer indices, out-of-range indices are refused) and stored in rope.json; training,
+evaluation and export read the spec from there, so the three always use the same layout. Everything that
+touches the model lives in `longext/longgen/modeling_longext_longgen.py`, the self-contained file that
+export copies next to the weights.
+"""
+
+from __future__ import annotations
+
+from longext.errors import LongextError
+
+MODELING_FILE = "modeling_longext_longgen.py"
+
+
+def _modeling():
+    from longext.longgen import modeling_longext_longgen
+
+    return modeling_longext_longgen
+
+
+def full_layers(method, num_layers: int) -> list[int]:
+    """The full-attention layer indices for a model with `num_layers` decoder layers (sorted).
+
+    Raises LongextError naming the recipe field when an explicit index is out of range.
+    """
+    layout = method.layout
+    if layout.full_layers == "auto":
+        return sorted(_modeling().full_layer_indices(num_layers, layout.full_fraction, layout.placement))
+    bad = [i for i in layout.full_layers if not 0 <= i < num_layers]
+    if bad:
+        raise LongextError(
+            f"method.layout.full_layers: layer {', '.join(map(str, bad))} is out of range for this model's "
+            f"{num_layers} layers (allowed 0..{num_layers - 1}; got {list(layout.full_layers)})"
+        )
+    return sorted(layout.full_layers)
+
+
+def longgen_spec(method, config):
+    """The LongGenSpec of a recipe's `method` (LongGenMethod) for this model config."""
+    sparse = method.sparse
+    return _modeling().LongGenSpec(
+        full_layers=full_layers(method, config.num_hidden_layers), sparse_type=sparse.type,
+        sink_tokens=sparse.sink_tokens, window=sparse.window, block_size=sparse.block_size,
+        local_blocks=sparse.local_blocks, vert_stride=sparse.vert_stride, homo_head=sparse.homo_head,
+        kernel=method.kernel,
+    )
+
+
+def rope_extra(method, config) -> dict:
+    """What rope.json keeps: the resolved spec (explicit layers), so eval and export never re-resolve it."""
+    spec = longgen_spec(method, config)
+    return {"method": "longgen", "longgen": spec.to_dict(), "num_layers": config.num_hidden_layers}
+
+
+def method_plan(method, config):
+    """Training: the hybrid layout on the model instance before LoRA is added."""
+    import torch
+
+    from longext.methods import MethodPlan
+
+    if method.kernel == "flex" and not torch.cuda.is_available():
+        raise LongextError(
+            "method.kernel: flex trains on CUDA only (FlexAttention has no backward on CPU in this torch); "
+            "use auto or block here (got 'flex')"
+        )
+    spec = longgen_spec(method, config).to_dict()
+    return MethodPlan(apply=lambda model: apply_longgen_dict(model, spec))
+
+
+def apply_longgen_dict(model, spec: dict) -> None:
+    """apply_longgen with a spec stored as a plain dict (rope.json extra, config.longgen)."""
+    modeling = _modeling()
+    modeling.apply_longgen(model, modeling.LongGenSpec.from_dict(spec))
+
+
+def eval_hook(model, extra: dict):
+    """Install the run's layout for inference; the window length changes nothing."""
+    apply_longgen_dict(model, extra["longgen"])
+    return lambda length: None
+
+
+def write_longgen_code(folder, family: str, extra: dict) -> dict:
+    """Copy the LongGen modeling code into an export folder; returns the config.json keys that select it.
+
+    model_type and architecture are LongGen's own, so plain transformers without trust_remote_code refuses
+    the folder instead of loading it as an all-full-attention model (which it was not trained as).
+    """
+    import shutil
+    from pathlib import Path
+
+    modeling = _modeling()
+    if family != "llama":
+        raise LongextError(f"LongGen export: no modeling code for model type {family!r} (have llama)")
+    config_cls, model_cls = modeling.LongGenLlamaConfig, modeling.LongGenLlamaForCausalLM
+    shutil.copyfile(modeling.__file__, Path(folder) / MODELING_FILE)
+    module = MODELING_FILE.removesuffix(".py")
+    return {
+        "model_type": config_cls.model_type,
+        "architectures": [model_cls.__name__],
+        "auto_map": {
+            "AutoConfig": f"{module}.{config_cls.__name__}",
+            "AutoModelForCausalLM": f"{module}.{model_cls.__name__}",
+        },
+        "longgen": dict(extra["longgen"]),
+    }

@@ -1,0 +1,291 @@
+"""Sequence parallelism and the memory savers for long sequences, all from DeepSpeed's Arctic Long Sequence
+Training (ALST): Ulysses attention, TiledMLP, tiled logits loss; plus CPU offload of activation checkpoints.
+
+Ulysses (`train.sequence_parallel: N`). The N ranks of a sequence-parallel group get the same sample and each
+keeps 1/N of its sequence: tokens, position ids (contiguous, PoSE skips, E2-LLM offsets, LongRecipe gaps: the
+positions travel with their tokens) and pre-shifted labels. Everything per token runs on the local shard:
+embeddings, RoPE (also HARPE's per-head cos/sin, which is computed from the shard's own positions for every head
+before attention), MLPs, norms, the loss. Only the core attention sees the whole sequence: DeepSpeed's
+`UlyssesSPAttentionHF` all-to-alls q/k/v from [L/N tokens, all heads] to [L tokens, heads/N], runs the model's
+sdpa/flash kernel causally, and all-to-alls back. Per-sample inputs (E2-LLM's scale) are not sharded.
+
+`register_with_transformers` replaces `ALL_ATTENTION_FUNCTIONS[<kernel>]` for the whole process, which is why it
+runs only in a rank process with N > 1 (never in the single-process path) and only once per process. The wrapper
+drops attention masks and attends causally over the gathered sequence, so padding must sit at the end of a sample
+(data.packing per_doc does that) and packed documents attend across their EOS boundaries, as in the plain path.
+
+The loss (the sp-times-gradient trap, ulysses-cpu.md gotcha 1). Each rank backpropagates the sum of its tokens'
+cross-entropy divided by the valid-token count of the whole sample (all-reduced over the group): the gradients
+DeepSpeed sums over the group are then exactly those of the token-mean over the sample. ZeRO 0-2 average gradients
+over the world / N data-parallel groups, ZeRO-3 over the whole world, so at stage 3 the loss is multiplied by N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+
+from longext.errors import LongextError, Problems
+
+LOGITS_PER_TILE = 2**26  # tiled loss: at most this many logits (256 MiB in fp32) exist at once
+AUTO_TILED_LOSS_LOGITS = 2**28  # tiled_loss auto: on from this many logits per rank (1 GiB in fp32)
+AUTO_TILED_MLP_TOKENS = 65536  # tiled_mlp auto: on from this many tokens per rank
+ATTENTION_FOR_SP = ("sdpa", "flash_attention_2")  # eager needs a 4D mask, which Ulysses cannot shard
+# kernels a method installs on the model that run under Ulysses too: LongGen's hybrid function gets the whole
+# sequence for heads/sp heads and builds its (head-independent) pattern from sequence indices
+METHOD_ATTENTION_FOR_SP = ("longgen_sparse",)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks split the work: `sp` ranks share one sample's sequence, `dp` groups see different samples.
+    Ranks sp*g .. sp*g + sp - 1 form group g (DeepSpeed's parallel_state_sp numbering)."""
+
+    sp: int = 1
+    sp_rank: int = 0
+    dp: int = 1
+    dp_rank: int = 0
+    mpu: object | None = None  # deepspeed.runtime.sequence_parallel.parallel_state_sp when sp > 1
+
+    @property
+    def group(self):
+        return self.mpu.get_sequence_parallel_group() if self.mpu is not None else None
+
+
+# ------------------------------------------------------------------------------------- validation
+def parallel_problems(recipe, config) -> list[str]:
+    """One line per way the recipe's sequence parallelism cannot work with this model config (no weights)."""
+    sp, out = recipe.train.sequence_parallel, []
+    if sp == 1:
+        return out
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    # DeepSpeed shards the heads: sp divides them, and sp and the kv heads divide one another (kv repeated if sp > kv)
+    fits = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0 and (kv % d == 0 or d % kv == 0))
+    if heads % sp:
+        out.append(f"train.sequence_parallel: {sp} does not divide the model's {heads} attention heads "
+                   f"(allowed: {fits})")
+    elif kv % sp and sp % kv:
+        out.append(f"train.sequence_parallel: {sp} and the model's {kv} key/value heads must divide one another "
+                   f"(allowed: {fits})")
+    for field, length in _training_lengths(recipe):
+        if length % sp:
+            out.append(f"{field}: {length} tokens do not split evenly over train.sequence_parallel {sp} ranks "
+                       f"(use a multiple of {sp}, e.g. {length - length % sp or sp})")
+    sparse = getattr(getattr(recipe.method, "sparse", None), "type", None)
+    if sparse == "block_sparse" and not recipe.method.sparse.homo_head:
+        out.append(f"method.sparse.homo_head: false (a pattern shifted per head) cannot run under "
+                   f"train.sequence_parallel {sp}: each rank holds heads/{sp} of the heads and would shift them as "
+                   f"heads 0..; use homo_head true or sequence_parallel 1")
+    impl = recipe.model.attn_implementation
+    if impl not in ("auto", *ATTENTION_FOR_SP):
+        out.append(f"model.attn_implementation: {impl} cannot run under train.sequence_parallel {sp} "
+                   f"(allowed: auto, {', '.join(ATTENTION_FOR_SP)}); Ulysses drops the 4D mask {impl} needs")
+    return out
+
+
+def world_problems(sp: int, world: int, launcher: str = "--nproc") -> list[str]:
+    """sp must divide the number of ranks, and there must be more than one of them for sp > 1."""
+    if sp == 1:
+        return []
+    if world == 1:
+        return [f"train.sequence_parallel: {sp} needs {sp} ranks or a multiple; launch with {launcher} {sp}"]
+    if world % sp:
+        return [f"train.sequence_parallel: {sp} does not divide the {world} ranks of this launch "
+                f"(use {launcher} {sp * max(1, world // sp)} or a sequence_parallel that divides {world})"]
+    return []
+
+
+def check_parallel(recipe, config, world: int | None = None) -> None:
+    """Raise one error line per problem (exit 2) before any weights load."""
+    problems = parallel_problems(recipe, config)
+    if world is not None:
+        problems += world_problems(recipe.train.sequence_parallel, world)
+    if problems:
+        raise Problems(problems)
+
+
+def _training_lengths(recipe) -> list[tuple[str, int]]:
+    out = [("data.seq_len", recipe.data.seq_len)]
+    replay = getattr(recipe.method, "replay", None)
+    if replay is not None and isinstance(replay.seq_len, int):
+        out.append(("method.replay.seq_len", replay.seq_len))
+    return [(f, n) for f, n in out if isinstance(n, int)]
+
+
+
+def resolve_switches(train, seq_len: int, vocab: int):
+    """TrainSpec with tiled_loss / tiled_mlp `auto` decided from the per-rank length (and the vocabulary)."""
+    local = train.micro_batch_size * seq_len // train.sequence_parallel  # tokens per rank per forward
+    update = {}
+    if train.tiled_loss == "auto":
+        update["tiled_loss"] = train.sequence_parallel > 1 or local * vocab >= AUTO_TILED_LOSS_LOGITS
+    if train.tiled_mlp == "auto":
+        update["tiled_mlp"] = local >= AUTO_TILED_MLP_TOKENS
+    return train.model_copy(update=update) if update else train
+
+
+# ---------------------------------------------------------------------------------- model set-up
+_REGISTERED: dict[str, tuple] = {}  # kernel -> (SP shape, mpu) of register_with_transformers in this process
+
+
+def layout(rank: int, world: int, sp: int) -> Layout:
+    check_world = world_problems(sp, world)
+    if check_world:
+        raise Problems(check_world)
+    return Layout(sp=sp, sp_rank=rank % sp, dp=world // sp, dp_rank=rank // sp)
+
+
+def apply_sequence_parallel(model, lay: Layout, micro_batch_size: int) -> Layout:
+    """Register DeepSpeed's Ulysses attention for this model's kernel and return the layout with its mpu (the
+    groups deepspeed.initialize needs). A no-op for sp == 1. Once per kernel and process, one SP shape per process."""
+    if lay.sp == 1:
+        return lay
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    config = model.config
+    impl = config._attn_implementation
+    if impl not in ATTENTION_FOR_SP + METHOD_ATTENTION_FOR_SP:  # plan.resolve refuses eager earlier
+        raise LongextError(f"model.attn_implementation: {impl} cannot run under sequence parallelism "
+                           f"(allowed: {', '.join(ATTENTION_FOR_SP)})")
+    shape = (lay.sp, micro_batch_size, config.num_attention_heads, config.num_key_value_heads,
+             getattr(config, "head_dim", None), config.hidden_size)
+    if impl not in _REGISTERED:
+        if any(seen != shape for seen, _ in _REGISTERED.values()):
+            raise RuntimeError(f"Ulysses attention is already registered in this process for {_REGISTERED}")
+        if _REGISTERED:  # a second kernel (e.g. LongGen's after sdpa): DeepSpeed builds its groups once per call
+            import deepspeed.runtime.sequence_parallel.parallel_state_sp as groups
+
+            groups._release_sequence_parallel_groups()
+        mpu = UlyssesSPAttentionHF.register_with_transformers(
+            model_name_or_path=model, core_attn_implementation=impl, sequence_parallel_size=lay.sp,
+            micro_batch_size=micro_batch_size, seq_length_is_variable=True,
+        )
+        _REGISTERED[impl] = (shape, mpu)
+    mpu = _REGISTERED[impl][1]
+    assert mpu.get_sequence_parallel_rank() == lay.sp_rank, "DeepSpeed's SP groups differ from longext's layout"
+    return Layout(lay.sp, lay.sp_rank, lay.dp, lay.dp_rank, mpu)
+
+
+def apply_tiled_mlp(model) -> None:
+    """Every decoder layer's MLP runs through DeepSpeed's TiledMLP: sequence tiles of about `hidden_size` tokens,
+    each recomputed in backward, so the [tokens, intermediate] activations of one tile exist at a time. On this
+    model instance only (a per-instance `forward`); parameter names and LoRA adapters are unchanged."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in base.get_decoder().layers:
+        if getattr(layer.mlp, "longext_tiled", False):
+            continue
+        layer.mlp.forward = MethodType(_tiled_mlp_forward, layer.mlp)
+        layer.mlp.longext_tiled = True
+
+
+def _plain_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+    return type(mlp).forward(mlp, x)  # the family's own MLP forward (LoRA layers inside it apply as usual)
+
+
+def _tiled_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    # DeepSpeed's rule: tiles of about hidden_size tokens. All ranks have equal shard lengths (fixed seq_len
+    # split evenly), so they agree on the count without the all-reduce its docstring shows.
+    shards = math.ceil(x.shape[-2] / x.shape[-1])
+    if shards <= 1 or not torch.is_grad_enabled():
+        return _plain_mlp(self, x)
+    params = [p for p in self.parameters() if p.requires_grad]
+    if params and not x.requires_grad:
+        # TiledMLP's output requires grad only through x (its parameters are not autograd inputs): a first MLP with
+        # LoRA but no trainable module before it would silently get no gradient
+        x = x.detach().requires_grad_()
+    return TiledMLP.apply(_plain_mlp, self, x, shards, params)
+
+
+def activation_offload(train):
+    """Context for the forward pass: saved activations (with gradient checkpointing, essentially the layer inputs it
+    keeps) go to pinned CPU memory and come back in backward. GPU only; on CPU the activations already live in CPU
+    memory, so the switch is a no-op there (documented in docs/scaling.md)."""
+    if train.checkpoint_offload and train.gradient_checkpointing and torch.cuda.is_available():
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------- batches
+def shard_batch(batch: dict, lay: Layout) -> dict:
+    """This rank's slice of a micro-batch: input_ids, attention_mask and position_ids [b, L/sp], and
+    `shift_labels`, the labels shifted left over the *whole* sequence before slicing (so each shard's last token
+    predicts the first token of the next shard; -100 after the last). Per-sample entries ([b], e.g. E2-LLM's
+    rope_scale) are kept whole. With sp == 1 the sequence is whole and only the shift is done."""
+    labels = batch["labels"]
+    length = labels.shape[1]
+    if length % lay.sp:  # plan.resolve refuses such lengths; a bug if it happens here
+        raise RuntimeError(f"sequence length {length} is not divisible by sequence_parallel {lay.sp}")
+    n = length // lay.sp
+    piece = slice(lay.sp_rank * n, (lay.sp_rank + 1) * n)
+    out = {k: v for k, v in batch.items() if k != "labels"}
+    for key in ("input_ids", "attention_mask", "position_ids"):
+        out[key] = batch[key][:, piece]
+    out["shift_labels"] = F.pad(labels[:, 1:], (0, 1), value=-100)[:, piece]
+    return out
+
+
+# -------------------------------------------------------------------------------------------- loss
+def loss_tiles(tokens: int, vocab: int) -> int:
+    """Number of sequence tiles so that one tile's logits stay under LOGITS_PER_TILE."""
+    return max(1, math.ceil(tokens * vocab / LOGITS_PER_TILE))
+
+
+def token_loss_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor, tiles: int = 1) -> torch.Tensor:
+    """Sum over tokens with labels != -100 of the next-token cross-entropy (logits in fp32, as transformers does).
+
+    hidden [b, s, H], labels [b, s] already shifted. With tiles > 1 no more than one tile of [b*s/tiles, vocab]
+    logits exists at a time, and the value and gradients equal the untiled sum:
+    - frozen lm_head (LoRA's usual case): DeepSpeed's TiledFusedLogitsLoss, which runs each tile's forward and
+      backward inside the forward and keeps only d(sum)/d(hidden), scaled later by whatever multiplies the sum;
+    - trainable lm_head (LoRA target or modules_to_save): a loop of checkpointed tiles (logits recomputed in
+      backward, one tile at a time). TiledFusedLogitsLoss would put the lm_head's gradient of the bare sum into
+      .grad during the forward, before the 1/count, ZeRO and accumulation factors applied after it."""
+
+    def tile_loss(head, x, y):
+        return F.cross_entropy(head(x).float(), y, ignore_index=-100, reduction="sum")
+
+    x, y = hidden.flatten(0, 1), labels.flatten()
+    tokens = y.numel()
+    tiles = math.ceil(tokens / math.ceil(tokens / max(1, tiles)))  # the count torch.chunk really makes
+    if tiles <= 1:
+        return tile_loss(lm_head, x, y)
+    params = [p for p in lm_head.parameters() if p.requires_grad]
+    if not params:
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+        return TiledFusedLogitsLoss.apply(tile_loss, lm_head, hidden, labels, None, tiles, params, "sum")
+    from torch.utils.checkpoint import checkpoint
+
+    pieces = zip(torch.chunk(x, tiles), torch.chunk(y, tiles))
+    return sum(checkpoint(tile_loss, lm_head, xs, ys, use_reentrant=False) for xs, ys in pieces)
+
+
+def micro_batch_loss(engine, inputs: dict, lay: Layout, tiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to pass to engine.backward, the micro-batch's mean token loss for logging), for a sharded batch.
+
+    The forward goes through the engine (so DeepSpeed's backward hooks see its outputs) and stops before the
+    logits: logits_to_keep=1 projects a single token, the loss is computed here from the final hidden states."""
+    labels = inputs["shift_labels"].to(engine.device)
+    out = engine(
+        input_ids=inputs["input_ids"].to(engine.device), attention_mask=inputs["attention_mask"].to(engine.device),
+        position_ids=inputs["position_ids"].to(engine.device), output_hidden_states=True, logits_to_keep=1,
+    )
+    hidden = out.hidden_states[-1]  # after the final norm (transformers ties it to last_hidden_state)
+    head = engine.module.get_output_embeddings()
+    tiles = loss_tiles(labels.numel(), engine.module.config.vocab_size) if tiled else 1  # ZeRO-3: weight is a shard
+    total = token_loss_sum(head, hidden, labels, tiles)
+    stats = torch.stack([total.detach().float(), (labels != -100).sum().float()])
+    if lay.sp > 1:
+        torch.distributed.all_reduce(stats, group=lay.group)
+    count = stats[1].clamp(min=1.0)
+    # ZeRO-3 divides the summed gradients by the world size, ZeRO 0-2 by world / sp (module docstring)
+    factor = lay.sp if engine.zero_optimization_stage() == 3 else 1
+    return total * (factor / count), stats[0] / count

@@ -1,0 +1,261 @@
+"""`longext plan` (longext/memplan.py): its formulas against independent numbers (the real model's numel, peft's
+trainable count, the bytes autograd really saves, DeepSpeed's own ZeRO-2 estimator), the directions every switch
+must move the estimate, the verdict and the fixing switches, and the CLI contract (`plan`, and `train` refusing
+before any weights load). CPU, seconds; nothing trains except the one `memory_check: warn` run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from helpers import write_recipe
+from longext.cli import main
+from longext.memplan import (GiB, Dims, Setup, budget_problem, estimate, fixing_switches, lora_params, parse_size,
+                             step_flops)
+from longext.models import add_lora
+from longext.recipe import LoraSpec
+
+from conftest import build_tiny_model, tiny_config
+
+LLAMA3_8B = Dims(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256,
+                 tied=False)
+
+
+def term(est, name: str) -> int:
+    return next(t.bytes for t in est.terms if t.name == name)
+
+
+# ------------------------------------------------------------------------------------- formulas
+@pytest.mark.parametrize("arch,extra", [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {}),
+                                        ("qwen3", {}), ("mistral", {})])
+def test_parameter_count_equals_the_real_models_numel(arch, extra):
+    model = build_tiny_model(arch, **extra)
+    real = sum(p.numel() for p in model.parameters())  # tied weights are one Parameter
+    assert Dims.from_config(model.config).params == real
+
+
+def test_llama3_8b_parameter_count_is_the_published_one():
+    assert LLAMA3_8B.params == 8_030_261_248  # meta-llama/Meta-Llama-3-8B: 8.03B
+
+
+@pytest.mark.parametrize("targets,save", [
+    (["q_proj", "k_proj", "v_proj", "o_proj"], []),
+    (["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], ["embed_tokens", "norm"]),
+])
+def test_lora_parameter_count_equals_peft_trainable_count(targets, save):
+    model = add_lora(build_tiny_model("llama"), LoraSpec(r=4, targets=targets, modules_to_save=save))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_params(Dims.from_config(model.config), targets, 4, save) == trainable
+
+
+def test_kept_activations_match_the_bytes_autograd_saves():
+    """The plan's per-layer bytes against every tensor autograd saves in a real forward (fp32, sdpa, LoRA q/k/v/o):
+    non-parameter storages kept by saved-tensor hooks = kept activations + the loss's log-softmax (4 T V)."""
+    L = 256
+    model = add_lora(build_tiny_model("llama", vocab_size=512, max_position_embeddings=L), LoraSpec(r=8))
+    model.train()
+    ids = torch.randint(0, 512, (1, L), generator=torch.Generator().manual_seed(0))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, position_ids=torch.arange(L)[None])
+    dims = Dims.from_config(model.config)
+    est = estimate(dims, Setup(seq_len=L, device="cpu", precision="fp32", zero_stage=0, lora_r=8))
+    expected = term(est, "kept activations") + 4 * L * dims.vocab
+    assert sum(saved.values()) == pytest.approx(expected, rel=0.03)
+
+
+def test_logits_term_is_three_fp32_copies_of_tokens_by_vocab_divided_by_sequence_parallel():
+    s = Setup(seq_len=32768, gpus=8, zero_stage=3, tiled_loss=False)
+    assert term(estimate(LLAMA3_8B, s), "loss (logits)") == 12 * 32768 * 128256
+    assert term(estimate(LLAMA3_8B, replace(s, sequence_parallel=8)), "loss (logits)") == 12 * 4096 * 128256
+
+
+def test_full_finetune_model_states_equal_deepspeeds_zero2_estimator():
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    s = Setup(seq_len=1024, gpus=8, zero_stage=2, lora_r=None)
+    est = estimate(LLAMA3_8B, s)
+    ours = term(est, "weights") + term(est, "trainable state")
+    _, theirs = estimate_zero2_model_states_mem_needs(LLAMA3_8B.params, num_gpus_per_node=8, cpu_offload=False)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+def test_zero_partitions_divide_by_the_device_count():
+    lora = Setup(seq_len=1024, gpus=4, zero_stage=0)
+    n = lora_params(LLAMA3_8B, lora.lora_targets, 8)
+    assert term(estimate(LLAMA3_8B, lora), "trainable state") == 18 * n
+    assert term(estimate(LLAMA3_8B, replace(lora, zero_stage=1)), "trainable state") == 2 * n + 16 * n // 4
+    assert term(estimate(LLAMA3_8B, replace(lora, zero_stage=2)), "trainable state") == 2 * n // 4 + 16 * n // 4
+    z3 = term(estimate(LLAMA3_8B, replace(lora, zero_stage=3)), "weights")
+    norms = (2 * 32 + 1) * 4096  # under DeepSpeed's 1e5-element persistence threshold: never partitioned
+    # a quarter of the partitioned weights, plus DeepSpeed's default 1e9 live gathered parameters, plus the norms
+    assert z3 == (LLAMA3_8B.params - norms) * 2 // 4 + (10**9 + norms) * 2
+
+
+def test_step_flops_full_finetune_is_six_n_plus_attention():
+    L, s = 4096, Setup(seq_len=4096, lora_r=None)
+    flops, parts = step_flops(LLAMA3_8B, s, LLAMA3_8B.params)
+    attention = 4 * LLAMA3_8B.layers * L * L * 4096
+    assert flops == 6 * LLAMA3_8B.matmul_params * L + 3 * attention
+    lora, _ = step_flops(LLAMA3_8B, replace(s, lora_r=8), 6_815_744)
+    assert lora < flops  # LoRA skips the frozen weights' gradients
+
+
+# --------------------------------------------------------------------------------------- directions
+def test_every_switch_lowers_the_estimate_where_it_should():
+    base = Setup(seq_len=65536, gpus=8, zero_stage=2)
+    acts = lambda s: term(estimate(LLAMA3_8B, s), "kept activations")  # noqa: E731
+    assert acts(replace(base, gradient_checkpointing=True)) < acts(base)
+    assert acts(replace(base, sequence_parallel=8)) < acts(replace(base, sequence_parallel=2)) < acts(base)
+    assert acts(replace(base, tiled_mlp=True)) < acts(base)
+    weights = lambda s: term(estimate(LLAMA3_8B, s), "weights")  # noqa: E731
+    assert weights(replace(base, zero_stage=3)) < weights(base)
+    assert weights(replace(base, zero_stage=3, gpus=1)) > weights(base)  # one device: nothing to partition over
+    assert weights(replace(base, zero_stage=3, offload_params=True)) < weights(replace(base, zero_stage=3))
+    total = lambda s: estimate(LLAMA3_8B, s).total  # noqa: E731
+    assert total(replace(base, tiled_loss=True)) < total(base)
+    assert total(replace(base, attn="eager")) > total(base)
+    assert total(replace(base, seq_len=131072)) > total(base)
+
+
+# --------------------------------------------------------------------------------- verdict, switches
+def test_the_fixing_switches_make_it_fit_and_come_cheapest_first():
+    budget = 80 * 10**9
+    s = Setup(seq_len=131072, gpus=8, zero_stage=2)
+    assert estimate(LLAMA3_8B, s).total > budget
+    switches = fixing_switches(LLAMA3_8B, s, budget)
+    assert switches and switches[0] == ("gradient_checkpointing", True)
+    fixed = replace(s, **dict(switches))
+    assert estimate(LLAMA3_8B, fixed).total <= budget
+    order = ["gradient_checkpointing", "tiled_loss", "tiled_mlp", "sequence_parallel", "zero_stage",
+             "offload_optimizer", "offload_params", "checkpoint_offload"]
+    assert [order.index(k) for k, _ in switches] == sorted(order.index(k) for k, _ in switches)
+    assert fixing_switches(LLAMA3_8B, fixed, budget) == []
+    assert fixing_switches(LLAMA3_8B, replace(s, seq_len=16 * 2**20, gpus=1), budget) is None  # 16M on one GPU
+
+
+def test_refusal_only_when_clearly_over_the_budget():
+    s = Setup(seq_len=8192, gpus=1, zero_stage=0)
+    total = estimate(LLAMA3_8B, s).total
+    assert budget_problem(estimate(LLAMA3_8B, s, budget=int(total / 1.05)), []) is None  # 5 % over: not clearly
+    line = budget_problem(estimate(LLAMA3_8B, s, budget=total // 2), [("gradient_checkpointing", True)])
+    assert "train.gradient_checkpointing=true" in line and "\n" not in line
+
+
+@pytest.mark.parametrize("text,value", [("80GB", 80 * 10**9), ("80GiB", 80 * GiB), ("512 mib", 512 * 2**20),
+                                        ("1e9", 10**9)])
+def test_memory_sizes(text, value):
+    assert parse_size(text) == value
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir, corpus_dir):
+    return write_recipe(tmp_path, tiny_model_dir, corpus_dir, train={"steps": 1, "memory_check": "refuse"})
+
+
+def test_plan_prints_the_terms_and_the_verdict(capsys, tiny_recipe):
+    code, out, _ = run(capsys, "plan", tiny_recipe, "--gpus", "2", "--gpu-memory", "80GB")
+    assert code == 0
+    for name in ("weights", "trainable state", "kept activations", "fixed overhead", "total", "fits"):
+        assert name in out
+
+
+def test_plan_json_names_the_switches_that_fix_a_small_budget(capsys, tiny_recipe):
+    code, out, _ = run(capsys, "plan", tiny_recipe, "--gpu-memory", "1.4GiB", "--json", "-s", "method.target_len=64k",
+                         "-s", "data.seq_len=64k", "-s", "train.zero_stage=0")
+    doc = json.loads(out)
+    assert code == 0 and doc["fits"] is False and doc["total_bytes"] > doc["budget_bytes"]
+    assert doc["fixing_switches"][0] == ["gradient_checkpointing", True]
+
+
+@pytest.mark.parametrize("argv,start", [
+    (["--gpu-memory", "80XB"], "error: --gpu-memory: expected a memory size"),
+    (["--gpus", "0"], "error: --gpus: must be at least 1 (got 0)"),
+])
+def test_plan_bad_flags_are_one_line_exit_2(capsys, tiny_recipe, argv, start):
+    code, out, err = run(capsys, "plan", tiny_recipe, *argv)
+    assert code == 2 and err.startswith(start) and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_plan_missing_recipe_is_one_line_exit_2(capsys, tmp_path):
+    code, _, err = run(capsys, "plan", tmp_path / "nope.yaml")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no such recipe file" in err
+
+
+def test_train_refuses_before_loading_weights_when_clearly_over_budget(capsys, tiny_recipe, monkeypatch, tmp_path):
+    monkeypatch.setenv("LONGEXT_MEMORY_BUDGET", "1MB")  # documented in docs/scaling.md
+    code, _, err = run(capsys, "train", tiny_recipe)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "train.memory_check" in err and "train.gradient_checkpointing=true" not in err  # nothing fits in 1 MB
+    assert not (tmp_path / "runs" / "t").exists()  # refused before the run directory or any weights
+
+
+def test_train_warns_and_runs_with_memory_check_warn(capsys, tmp_path, tiny_model_dir, corpus_dir, monkeypatch):
+    monkeypatch.setenv("LONGEXT_MEMORY_BUDGET", "1MB")
+    path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="w", train={"steps": 1, "memory_check": "warn"})
+    code, _, err = run(capsys, "train", path)
+    assert code == 0 and "warning: train.memory_check" in err
+    assert (tmp_path / "runs" / "w" / "adapter").is_dir()
+
+
+def test_the_shipped_llama3_8b_plan_runs_offline_and_names_the_fix(capsys, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the recipe's model.path is relative to the repo
+    code, out, _ = run(capsys, "plan", "recipes/llama3-8b-plan.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["fits"] is True and doc["params"] == 8_030_261_248
+    code, out, _ = run(capsys, "plan", "recipes/llama3-8b-plan.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--json",
+                       "-s", "train.sequence_parallel=1", "-s", "train.gradient_checkpointing=false",
+                       "-s", "train.tiled_loss=false", "-s", "data.seq_len=32k", "-s", "method.target_len=32k")
+    doc = json.loads(out)
+    assert doc["fits"] is False and doc["fixing_switches"] == [["gradient_checkpointing", True]]
+
+
+def test_the_benchmarks_page_compares_measured_peaks_with_the_plan():
+    from longext.bench.memory import case_estimate
+    from longext.bench.report import render
+
+    case = {"kind": "memory", "name": "mem-x", "model": "tiny", "seq_len": 1024, "zero_stage": 2,
+            "gradient_checkpointing": False, "steps": 1}
+    config = tiny_config().to_dict()
+    est = case_estimate(case, config)
+    expected_mb = (est.total - est.terms[-1].bytes) / 2**20
+    result = {"measured_mb": 1.05 * expected_mb, "baseline_mb": 500.0, "model_config": config}
+    doc = {"suite": "memory", "cases": [{"case": case, "result": result}], "machine": {}, "versions": {}}
+    page = render({"memory": doc})
+    row = next(line for line in page.splitlines() if line.startswith("| tiny | 1k | 2 | no |"))
+    assert f"| {expected_mb:,.0f} |" in row and "| 1.05 |" in row
+
+
+def test_train_refusal_names_the_switch_that_would_fit(capsys, tiny_recipe, monkeypatch):
+    from longext.memplan import device_budget, plan_recipe
+    from longext.recipe import load_recipe
+
+    device = device_budget()[0]  # what train will plan for: cuda on a GPU machine, else cpu
+    long = ["method.target_len=64k", "data.seq_len=64k"]
+    fixed, _ = plan_recipe(load_recipe(tiny_recipe, [*long, "train.gradient_checkpointing=true"]), device=device)
+    plain, _ = plan_recipe(load_recipe(tiny_recipe, long), device=device)
+    assert plain.total > 1.1 * fixed.total  # clearly over a budget the checkpointed run fits in
+    monkeypatch.setenv("LONGEXT_MEMORY_BUDGET", str(fixed.total))
+    code, _, err = run(capsys, "train", tiny_recipe, *(x for item in long for x in ("-s", item)))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "set train.gradient_checkpointing=true (details" in err

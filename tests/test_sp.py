@@ -1,0 +1,373 @@
+"""Sequence parallelism (DeepSpeed Ulysses), tiled loss and TiledMLP against a one-rank, untiled reference.
+
+The 2-rank cases run in one torchrun launch of this file (`__main__` below is the worker): every rank first computes
+the reference (plain model + LoRA, whole sequence, transformers' own loss and plain autograd, stock sdpa), then
+registers Ulysses (which replaces sdpa for the process) and runs the same micro-batch through longext's SP path in a
+real DeepSpeed engine. Tolerances (fp32): loss within 1e-5 absolute, every LoRA gradient within 1e-4 relative
+(||g_sp - g_ref|| / ||g_ref||, per tensor); the sp-times-gradient trap would show as a relative error of 1.0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SEQ = 256  # 128 tokens per rank: TiledMLP makes 2 tiles (hidden 64), the tiled loss 7 (LOGITS_PER_TILE below)
+BATCH = 2  # two samples per micro-batch, with different positions / E2-LLM scales
+LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
+# name: (positions, ZeRO stage, tiled loss, tiled MLP)
+CASES = {
+    "contiguous-z2": ("contiguous", 2, False, False),
+    "contiguous-z0": ("contiguous", 0, False, False),
+    "contiguous-z3": ("contiguous", 3, False, False),
+    "padded-z2": ("padded", 2, False, False),
+    "pose-z2-tiled-loss": ("pose", 2, True, False),
+    "e2llm-z2": ("e2llm", 2, False, False),
+    "longrecipe-z2": ("longrecipe", 2, False, False),
+    "harpe-z2-tiled-mlp": ("harpe", 2, False, True),
+    "e2llm-z3-tiled-loss-and-mlp": ("e2llm", 3, True, True),
+    "longgen-attn-sink-z2": ("longgen-sink", 2, False, False),
+    "longgen-block-sparse-z2-tiled-loss": ("longgen-block", 2, True, False),
+}
+# LongGen hybrids: layer 1 full, layer 0 sparse, patterns much narrower than the 256-token sequence
+LONGGEN = {"longgen-sink": dict(full_layers=[1], sparse_type="attn_sink", sink_tokens=4, window=40),
+           "longgen-block": dict(full_layers=[1], sparse_type="block_sparse", block_size=16, local_blocks=2,
+                                 vert_stride=3, homo_head=True)}
+
+
+# ------------------------------------------------------------------------------ the 2-rank worker
+def _batch(kind: str) -> dict:
+    """A micro-batch like TrainData's: [BATCH, SEQ] ids, mask, labels, positions (+ rope_scale for E2-LLM)."""
+    import torch
+
+    from longext.positions import e2llm_positions, longrecipe_positions, pose_positions
+
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 400, (BATCH, SEQ), generator=gen)
+    mask = torch.ones_like(ids)
+    rows, extra = [], {}
+    for row in range(BATCH):
+        g = torch.Generator().manual_seed(100 + row)
+        if kind in ("contiguous", "padded", "harpe") or kind in LONGGEN:
+            rows.append(torch.arange(SEQ))
+        elif kind == "pose":
+            rows.append(pose_positions(SEQ, 8 * SEQ, 3, g))
+        elif kind == "e2llm":
+            pos, scale = e2llm_positions(SEQ, SEQ, [1.0, 2.5, 4.0], 4, g)
+            rows.append(pos)
+            extra.setdefault("rope_scale", []).append(scale)
+        elif kind == "longrecipe":
+            rows.append(longrecipe_positions([40, 77, 3, 60, 76], 6 * SEQ, g))
+    if kind == "padded":  # the second sample ends early: rank 1's shard has fewer real tokens than rank 0's
+        mask[1, SEQ - 100:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100),
+             "position_ids": torch.stack(rows)}
+    if extra:
+        batch["rope_scale"] = torch.tensor(extra["rope_scale"], dtype=torch.float32)
+    return batch
+
+
+def _model(kind: str, tiled_mlp: bool):
+    """Tiny Llama + method patch + LoRA on attention and MLP with non-zero B (so every LoRA gradient is non-zero)."""
+    import torch
+    from conftest import build_tiny_model
+
+    from longext.methods.harpe import apply_harpe
+    from longext.models import add_lora
+    from longext.recipe import LoraSpec
+    from longext.rotary import apply_scaled_rotary
+    from longext.sp import apply_tiled_mlp
+
+    # larger weights than the default init: attention is peaked, so a position off by a shard shows in the loss
+    model = build_tiny_model("llama", vocab_size=400, initializer_range=0.2)
+    model.set_attn_implementation("sdpa")
+    if kind == "harpe":
+        apply_harpe(model, [1.0e4, 5.0e5])
+    if kind == "e2llm":
+        apply_scaled_rotary(model)
+    if kind in LONGGEN:
+        from longext.longgen.modeling_longext_longgen import LongGenSpec, apply_longgen
+
+        apply_longgen(model, LongGenSpec(**LONGGEN[kind]))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = add_lora(model, LoraSpec(r=4, alpha=8.0, targets=targets))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    if tiled_mlp:
+        apply_tiled_mlp(model)
+    return model.train()
+
+
+def _lora(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _before_forward(model, kind, batch):
+    from longext.methods.e2llm import before_forward
+
+    if kind == "e2llm":
+        before_forward(model, batch)
+
+
+def _reference(kind: str) -> tuple[float, dict]:
+    model = _model(kind, tiled_mlp=False)
+    batch = _batch(kind)
+    _before_forward(model, kind, batch)
+    loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "position_ids")}).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().clone() for n, p in _lora(model).items()}
+
+
+def _sequence_parallel(kind: str, stage: int, tiled_loss: bool, tiled_mlp: bool, rank: int, world: int):
+    from deepspeed.utils import safe_get_full_grad
+
+    from longext.engine import make_engine
+    from longext.recipe import TrainSpec
+    from longext.sp import apply_sequence_parallel, layout, micro_batch_loss, shard_batch
+
+    model = _model(kind, tiled_mlp)
+    lay = apply_sequence_parallel(model, layout(rank, world, 2), BATCH)
+    train = TrainSpec(steps=1, zero_stage=stage, precision="fp32", micro_batch_size=BATCH, grad_clip=None)
+    engine = make_engine(model, train, lay.dp, lay.mpu)
+    batch = _batch(kind)
+    _before_forward(engine.module, kind, batch)
+    loss, logged = micro_batch_loss(engine, shard_batch(batch, lay), lay, tiled_loss)
+    engine.backward(loss)
+    grads = {n: safe_get_full_grad(p) for n, p in _lora(engine.module).items()}
+    engine.destroy()
+    return float(logged), grads
+
+
+def _worker(out: Path) -> None:
+    import torch
+
+    import longext.sp
+    from longext.engine import init_distributed
+
+    rank, world = init_distributed()
+    longext.sp.LOGITS_PER_TILE = 2**14  # 2 x 128 tokens x 400 logits -> 7 loss tiles per rank when tiled_loss is on
+    kinds = sorted({kind for kind, *_ in CASES.values()})
+    references = {kind: _reference(kind) for kind in kinds}  # stock sdpa: before Ulysses replaces it
+    results = {}
+    for name, (kind, stage, tiled_loss, tiled_mlp) in CASES.items():
+        ref_loss, ref_grads = references[kind]
+        loss, grads = _sequence_parallel(kind, stage, tiled_loss, tiled_mlp, rank, world)
+        rel = [float((grads[n] - g).norm() / g.norm()) for n, g in ref_grads.items() if grads.get(n) is not None]
+        worst = torch.tensor([abs(loss - ref_loss), max(rel)])
+        torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)  # both ranks' view
+        results[name] = {"loss": loss, "reference_loss": ref_loss, "loss_abs": float(worst[0]),
+                         "grad_rel": float(worst[1]), "grads": len(rel), "expected_grads": len(ref_grads),
+                         "nonzero": all(float(g.abs().sum()) > 0 for g in ref_grads.values())}
+    if rank == 0:
+        out.write_text(json.dumps(results, indent=1))
+
+
+# ------------------------------------------------------------------------------------------ tests
+def _env() -> dict:
+    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", DS_ACCELERATOR="cpu")
+    return env
+
+
+@pytest.fixture(scope="module")
+def sp_results(tmp_path_factory) -> dict:
+    from conftest import free_port
+
+    out = tmp_path_factory.mktemp("sp") / "results.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(Path(__file__)), str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sequence_parallel_2_gives_the_loss_and_lora_gradients_of_one_rank(sp_results, case):
+    r = sp_results[case]
+    assert r["nonzero"] and r["grads"] == r["expected_grads"] > 0
+    assert r["loss_abs"] < LOSS_TOL, r
+    assert r["grad_rel"] < GRAD_TOL, r
+
+
+def test_train_with_sequence_parallel_2_matches_one_rank(tmp_path, tiny_model_dir, corpus_dir):
+    """The whole `longext train` path: data given whole to both ranks of the group and sharded, PoSE positions,
+    gradient checkpointing around the all-to-alls, the tiled loss (auto under SP), logging, a checkpoint of the
+    2-rank engine and --resume from it. Same losses and the same gradient norm (the sp-times trap would double it)
+    as one rank without SP."""
+    from helpers import losses, write_recipe
+
+    from longext.recipe import load_recipe
+    from longext.train import run_training
+
+    common = dict(method={"kind": "pose", "target_len": 512}, data={"seq_len": 128},
+                  train={"steps": 2, "zero_stage": 2, "grad_accum": 2, "lr": 2.0e-3})
+    one = run_training(load_recipe(write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="one", **common)))
+    path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="sp", **common)
+    cmd = [sys.executable, "-m", "longext", "train", str(path), "--nproc", "2",
+           "-s", "train.sequence_parallel=2", "-s", "train.gradient_checkpointing=true"]
+    for extra in (["-s", "train.steps=1"], ["--resume"]):  # step 2 after a resume from the SP checkpoint
+        proc = subprocess.run(cmd + extra, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run = tmp_path / "runs" / "sp"
+    a, b = losses(one), losses(run)
+    assert a.keys() == b.keys() == {1, 2}
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
+    norms = [[json.loads(line)["grad_norm"] for line in (r / "metrics.jsonl").read_text().splitlines()]
+             for r in (one, run)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+    resolved = (run / "recipe.yaml").read_text()
+    assert "sequence_parallel: 2" in resolved and "tiled_loss: true" in resolved
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("sets, nproc, expected", [
+    (["train.sequence_parallel=3", "data.seq_len=66"], 3,
+     "train.sequence_parallel: 3 does not divide the model's 4 attention heads"),
+    (["train.sequence_parallel=2", "data.seq_len=65"], 2, "data.seq_len: 65 tokens do not split evenly over "
+                                                          "train.sequence_parallel 2 ranks"),
+    (["train.sequence_parallel=2", "model.attn_implementation=eager"], 2,
+     "model.attn_implementation: eager cannot run under train.sequence_parallel 2"),
+    (["train.sequence_parallel=2"], 1, "train.sequence_parallel: 2 needs 2 ranks or a multiple; launch with --nproc 2"),
+    (["train.sequence_parallel=2"], 3, "train.sequence_parallel: 2 does not divide the 3 ranks of this launch"),
+    (["train.checkpoint_offload=true"], 1, "train.checkpoint_offload: offloads the activation checkpoints"),
+    (["train.sequence_parallel=2", "method={kind: longgen, target_len: 256, sparse: {type: block_sparse, "
+      "homo_head: false}}", "rope={kind: none}"], 2, "method.sparse.homo_head: false (a pattern shifted per head) "
+                                                     "cannot run under train.sequence_parallel 2"),
+])
+def test_a_combination_that_cannot_work_fails_before_training_with_one_line(
+    tmp_path, tiny_model_dir, corpus_dir, capsys, sets, nproc, expected
+):
+    from helpers import write_recipe
+
+    from longext.cli import main
+
+    path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="bad")
+    args = ["train", str(path), "--nproc", str(nproc)]
+    code = main([*args, *(x for s in sets for x in ("-s", s))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not (tmp_path / "runs" / "bad" / "status.json").exists()  # stopped before the run started
+
+
+@pytest.mark.parametrize("lm_head", ["frozen", "trainable"])
+def test_tiled_loss_equals_transformers_loss_in_value_and_gradients(tiny_llama, lm_head):
+    """token_loss_sum against transformers' causal-LM loss: the same mean and the same gradients for every trainable
+    parameter; labels -100 skipped; uneven tiles fine. Frozen lm_head: DeepSpeed's TiledFusedLogitsLoss; trainable:
+    the checkpointed tile loop (TiledFusedLogitsLoss would leave the lm_head gradient ~count times too large)."""
+    import torch
+    import torch.nn.functional as F
+
+    from longext.sp import token_loss_sum
+
+    model = tiny_llama.train()
+    model.lm_head.weight.requires_grad_(lm_head == "trainable")
+    ids = torch.randint(0, model.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, 10:30] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(loss_fn):  # gradients via .grad: TiledFusedLogitsLoss works inside its forward
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    reference, want = run(lambda: model(input_ids=ids, labels=labels).loss)
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    count = (shifted != -100).sum()
+    for tiles in (1, 7):
+        def tiled():
+            return token_loss_sum(model.lm_head, model.model(input_ids=ids).last_hidden_state, shifted, tiles) / count
+
+        loss, got = run(tiled)
+        torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+        assert len(got) == len(want) > 10
+        for g, ref in zip(got, want):
+            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_tiled_mlp_equals_the_plain_mlp(tiny_tokenizer):
+    """DeepSpeed's TiledMLP on every layer (4 tiles of 64 tokens here): same logits, same LoRA gradients."""
+    import torch
+    from conftest import build_tiny_model
+
+    from longext.models import add_lora
+    from longext.recipe import LoraSpec
+    from longext.sp import apply_tiled_mlp
+
+    ids = torch.randint(0, 400, (1, 256), generator=torch.Generator().manual_seed(4))
+    out = []
+    for tiled in (False, True):
+        lora = LoraSpec(targets=["gate_proj", "up_proj", "down_proj"])
+        model = add_lora(build_tiny_model("llama", vocab_size=400), lora)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        if tiled:
+            apply_tiled_mlp(model)
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (tiled, tiled_grads) = out
+    torch.testing.assert_close(tiled, plain)
+    assert plain_grads.keys() == tiled_grads.keys() and len(plain_grads) == 12
+    for name, grad in plain_grads.items():
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(tiled_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_auto_switches_follow_the_per_rank_length(tmp_path, tiny_model_dir, corpus_dir):
+    from helpers import write_recipe
+
+    from longext.plan import resolve
+    from longext.recipe import load_recipe
+    from longext.sp import AUTO_TILED_MLP_TOKENS, resolve_switches
+
+    path = write_recipe(tmp_path, tiny_model_dir, corpus_dir)
+    plain = resolve(load_recipe(path)).recipe.train
+    assert (plain.tiled_loss, plain.tiled_mlp) == (False, False)
+    sp = resolve(load_recipe(path, ["train.sequence_parallel=2"])).recipe.train
+    assert (sp.tiled_loss, sp.tiled_mlp) == (True, False)
+    kept = resolve(load_recipe(path, ["train.sequence_parallel=2", "train.tiled_loss=false"])).recipe.train
+    assert kept.tiled_loss is False
+    auto = {"tiled_loss": "auto", "tiled_mlp": "auto"}
+    sp4 = plain.model_copy(update={**auto, "sequence_parallel": 4})
+    long = resolve_switches(sp4, 4 * AUTO_TILED_MLP_TOKENS, 128_256)
+    assert long.tiled_mlp is True and long.tiled_loss is True
+    short = resolve_switches(plain.model_copy(update=auto), AUTO_TILED_MLP_TOKENS - 1, 1000)
+    assert short.tiled_mlp is False and short.tiled_loss is False
+
+
+def test_tiled_loss_run_equals_the_plain_run(tmp_path, tiny_model_dir, corpus_dir):
+    """One rank: train.tiled_loss true routes through longext.sp's loss (shifted labels, token sum / count); the
+    logged losses equal transformers' own loss path."""
+    from helpers import losses, write_recipe
+
+    from longext.recipe import load_recipe
+    from longext.train import run_training
+
+    runs = [run_training(load_recipe(write_recipe(tmp_path, tiny_model_dir, corpus_dir, name=f"t{flag}",
+                                                  train={"steps": 3, "tiled_loss": flag, "tiled_mlp": flag})))
+            for flag in (False, True)]
+    a, b = (losses(r) for r in runs)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
