@@ -34,3 +34,48 @@ def losses(run_dir: Path) -> dict[int, float]:
 
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+# A script run by run_fresh() starts with this: only site-packages on the path (longext must not import), then
+# `folder` (a saved model), `out` (where the script saves its results) and `ids` (a saved tensor of token ids),
+# and `refused`: what loading `folder` without trust_remote_code raised (None if it loaded).
+FRESH_PRELUDE = r"""
+import json, sys
+sys.path.append(sys.argv[1])  # site-packages only: no cwd, no editable finder, no PYTHONPATH
+try:
+    import longext
+except ImportError:
+    pass
+else:
+    raise SystemExit("longext is importable in the fresh process")
+import torch
+from transformers import AutoModelForCausalLM
+folder, out, ids = sys.argv[2], sys.argv[3], torch.load(sys.argv[4])
+try:
+    AutoModelForCausalLM.from_pretrained(folder)
+except Exception as err:
+    refused = f"{type(err).__name__}: {err}"
+else:
+    refused = None
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+"""
+
+
+def run_fresh(tmp_path: Path, body: str, folder: Path, ids) -> dict:
+    """FRESH_PRELUDE + body in `python -I -S` (no longext importable); returns what the script saved to `out`."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    import torch
+
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH_PRELUDE + body)
+    site = sysconfig.get_paths()["purelib"]
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", str(script), site, str(folder), str(tmp_path / "got.pt"), str(tmp_path / "ids.pt")],
+        cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / "got.pt")

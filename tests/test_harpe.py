@@ -4,16 +4,13 @@ through train → eval → export, the export reloaded in a fresh process where 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import sysconfig
 
 import pytest
 import torch
 from transformers import AutoConfig, LlamaConfig
 
 from conftest import build_tiny_model
-from helpers import write_recipe
+from helpers import run_fresh, write_recipe
 from longext.errors import LongextError, RecipeError
 from longext.harpe import bases as hb
 from longext.harpe.modeling_longext_harpe import HARPE_ATTENTION, apply_harpe_rotary
@@ -220,25 +217,6 @@ def test_eval_loads_the_run_with_its_bases(harpe_run, corpus_dir):
 
 
 FRESH = r"""
-import json, sys
-sys.path.append(sys.argv[1])  # site-packages only: no cwd, no editable finder, no PYTHONPATH
-try:
-    import longext
-except ImportError:
-    pass
-else:
-    raise SystemExit("longext is importable in the fresh process")
-import torch
-from transformers import AutoModelForCausalLM
-folder, out = sys.argv[2], sys.argv[3]
-try:
-    AutoModelForCausalLM.from_pretrained(folder)
-except Exception as err:
-    refused = f"{type(err).__name__}: {err}"
-else:
-    refused = None
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-ids = torch.load(sys.argv[4])
 with torch.no_grad():
     logits = model(ids).logits
     gen = model.generate(ids[:1, :16], max_new_tokens=20, do_sample=False, use_cache=True,
@@ -263,16 +241,7 @@ def test_export_reloads_in_a_fresh_process_without_longext(harpe_run, tmp_path):
     assert "longext." not in code.replace("modeling_longext_harpe", "") and "import longext" not in code
 
     ids = tokens(256, rows=2, seed=3)
-    torch.save(ids, tmp_path / "ids.pt")
-    script = tmp_path / "fresh.py"
-    script.write_text(FRESH)
-    site = sysconfig.get_paths()["purelib"]
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", str(script), site, str(out), str(tmp_path / "got.pt"), str(tmp_path / "ids.pt")],
-        cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "got.pt")
+    got = run_fresh(tmp_path, FRESH, out, ids)
     assert got["class"] == "HarpeLlamaForCausalLM" and got["cache"] == "DynamicCache"
     assert got["refused"] is not None and "trust_remote_code=True" in got["refused"]
 

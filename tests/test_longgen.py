@@ -4,9 +4,6 @@ KV cache against full sparse forwards, and the exported model class reloaded in 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-import sysconfig
 import warnings
 
 import pytest
@@ -14,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import build_tiny_model
+from helpers import run_fresh
 from longext.longgen import modeling_longext_longgen as lg
 from longext.longgen.modeling_longext_longgen import (
     LongGenCache,
@@ -315,18 +313,6 @@ def test_generate_equals_stepwise_argmax_of_full_sparse_forwards(name):
 
 # ------------------------------------------------------------------------------------------ export
 FRESH = r"""
-import sys
-sys.path.append(sys.argv[1])  # site-packages only: no cwd, no editable finder, no PYTHONPATH
-try:
-    import longext
-except ImportError:
-    pass
-else:
-    raise SystemExit("longext is importable in the fresh process")
-import torch
-from transformers import AutoModelForCausalLM
-folder, out, ids = sys.argv[2], sys.argv[3], torch.load(sys.argv[4])
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
 with torch.no_grad():
     logits = model(ids).logits
     gen = model.generate(ids[:1, :16], max_new_tokens=30, do_sample=False, pad_token_id=0,
@@ -348,15 +334,7 @@ def test_exported_class_reloads_in_a_fresh_process_without_longext(tmp_path):
     model.save_pretrained(folder)
     shutil.copyfile(lg.__file__, folder / "modeling_longext_longgen.py")
     ids = tokens(64, rows=2, seed=5)
-    torch.save(ids, tmp_path / "ids.pt")
-    (tmp_path / "fresh.py").write_text(FRESH)
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", str(tmp_path / "fresh.py"), sysconfig.get_paths()["purelib"], str(folder),
-         str(tmp_path / "got.pt"), str(tmp_path / "ids.pt")],
-        cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "got.pt")
+    got = run_fresh(tmp_path, FRESH, folder, ids)
     assert (got["class"], got["attn"], got["cache"]) == ("LongGenLlamaForCausalLM", "longgen_sparse", "LongGenCache")
     with torch.no_grad():
         torch.testing.assert_close(got["logits"], model(ids).logits, rtol=0, atol=1e-5)

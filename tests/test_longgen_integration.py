@@ -9,15 +9,12 @@ question is whether train, eval and export all use the same layout as the recipe
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import write_recipe
+from helpers import run_fresh, write_recipe
 from longext.cli import main
 from longext.errors import LongextError, RecipeError
 from longext.recipe import LongGenMethod, load_recipe
@@ -225,26 +222,7 @@ def test_cli_eval_of_the_run_scores_the_sparse_model(longgen_run, corpus_dir, tm
 
 
 FRESH = r"""
-import json, sys
-sys.path.append(sys.argv[1])  # site-packages only: no cwd, no editable finder, no PYTHONPATH
-try:
-    import longext
-except ImportError:
-    pass
-else:
-    raise SystemExit("longext is importable in the fresh process")
-import torch
-from transformers import AutoModelForCausalLM
-folder, out = sys.argv[2], sys.argv[3]
-try:
-    AutoModelForCausalLM.from_pretrained(folder)
-except Exception as err:
-    refused = f"{type(err).__name__}: {err}"
-else:
-    refused = None
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
 modeling = sys.modules[type(model).__module__]
-ids = torch.load(sys.argv[4])
 with torch.no_grad():
     logits = model(ids).logits
     gen = model.generate(ids[:1, :64], max_new_tokens=40, do_sample=False, use_cache=True,
@@ -271,16 +249,7 @@ def test_export_reloads_in_a_fresh_process_and_generates_with_the_pruned_cache(l
     assert "import longext" not in code and "from longext" not in code
 
     ids = tokens(200, seed=3)
-    torch.save(ids, tmp_path / "ids.pt")
-    script = tmp_path / "fresh.py"
-    script.write_text(FRESH)
-    site = sysconfig.get_paths()["purelib"]
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", str(script), site, str(out), str(tmp_path / "got.pt"), str(tmp_path / "ids.pt")],
-        cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "got.pt")
+    got = run_fresh(tmp_path, FRESH, out, ids)
     assert got["refused"] is not None and "trust_remote_code=True" in got["refused"]
     assert got["class"] == config["architectures"][0] and got["cache"] == "LongGenCache" and got["longgen"] == spec
 
