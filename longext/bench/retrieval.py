@@ -11,29 +11,35 @@ materials cache and is rebuilt on demand, never committed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 from pathlib import Path
 
-from longext.materials import cache_dir
 
 VERSION = 1
 
 
-def retrieval_docs_path(tokenizer_dir: Path, docs: int, min_len: int, max_len: int, seed: int = 0) -> Path:
-    """The JSONL file of `docs` passkey documents (built once; same arguments -> same bytes)."""
-    from longext.materials import book_files
+def retrieval_docs_entry(docs: int, min_len: int, max_len: int, seed: int = 0) -> str:
+    """The data.train entry of the passkey documents: a path under $LONGEXT_CACHE that names its settings. Pure
+    data (a case's JSON is its cache key): the file is written by `ensure_retrieval_docs` when a case runs."""
+    return f"$LONGEXT_CACHE/bench/toy-retrieval-v{VERSION}-{docs}x{min_len}-{max_len}-s{seed}.jsonl"
 
-    books = book_files("train")
-    tag = hashlib.sha256(
-        json.dumps([VERSION, str(tokenizer_dir), docs, min_len, max_len, seed, [p.name for p in books]]).encode()
-    ).hexdigest()[:12]
-    path = cache_dir() / "bench" / f"toy-retrieval-{tag}.jsonl"
-    if not path.is_file():
-        _write(path, tokenizer_dir, books, docs, min_len, max_len, seed)
-    return path
+
+def ensure_retrieval_docs(texts: list[str], tokenizer_dir: Path) -> None:
+    """Write every retrieval entry of a recipe's data.train that is not there yet (same name -> same bytes)."""
+    import re
+
+    from longext.materials import book_files, expand_path
+
+    for entry in texts:
+        found = re.search(r"toy-retrieval-v(\d+)-(\d+)x(\d+)-(\d+)-s(\d+)\.jsonl$", entry)
+        if found is None or int(found.group(1)) != VERSION:
+            continue
+        path = Path(expand_path(entry))
+        if not path.is_file():
+            docs, min_len, max_len, seed = (int(g) for g in found.groups()[1:])
+            _write(path, tokenizer_dir, book_files("train"), docs, min_len, max_len, seed)
 
 
 def _write(path: Path, tokenizer_dir: Path, books: list[Path], docs: int, min_len: int, max_len: int, seed: int) -> None:

@@ -84,7 +84,10 @@ def execute(case: dict, case_dir: Path) -> dict:
 
         return run_longgen_case(case)
     from longext.bench.cases import run_model_case
+    from longext.bench.retrieval import ensure_retrieval_docs
+    from longext.bench.suites import TOY_DIR
 
+    ensure_retrieval_docs(case["recipe"]["data"]["train"], TOY_DIR)  # passkey documents, if the recipe uses them
     return run_model_case(case, case_dir)
 
 

@@ -66,9 +66,9 @@ TOY_RETRIEVAL_DOCS = 1500
 
 def toy_train_texts(toy_dir: Path = TOY_DIR) -> list[str]:
     """data.train with retrieval practice: the training books plus passkey documents."""
-    from longext.bench.retrieval import retrieval_docs_path
+    from longext.bench.retrieval import retrieval_docs_entry
 
-    return ["books", str(retrieval_docs_path(toy_dir, TOY_RETRIEVAL_DOCS, 120, TOY_TARGET))]
+    return ["books", retrieval_docs_entry(TOY_RETRIEVAL_DOCS, 120, TOY_TARGET)]
 
 
 def toy_recipe(name: str, rope: dict, train: dict | None = None, toy_dir: Path = TOY_DIR) -> dict:
