@@ -53,15 +53,9 @@ def longgen_cases(quick: bool) -> list[dict]:
 
 def passkey_cases(quick: bool, checksum: str) -> list[dict]:
     """LongGen vs all-full on the toy base, same recipe except the method block (same optimizer and budget)."""
-    from longext.bench.suites import TOY_DIR, TOY_L0, TOY_TARGET, toy_recipe
+    from longext.bench.suites import TOY_DIR, TOY_TARGET, toy_eval_settings, toy_finetune, toy_recipe
 
-    lengths = [TOY_L0, 2 * TOY_L0, 4 * TOY_L0, TOY_TARGET]
-    settings = {"ppl_lengths": lengths, "targets": 64, "windows": 4 if quick else 32,
-                "passkey_lengths": lengths, "trials": 10 if quick else 20,
-                "depths": [(i + 0.5) / 10 for i in range(10)], "filler_chars": 60_000, "seed": 0}
-    train = {"steps": 20 if quick else 80, "micro_batch_size": 2, "lr": 2.0e-3, "warmup_steps": 10,
-             "schedule": "cosine", "min_lr_ratio": 0.1, "zero_stage": 2, "precision": "auto", "seed": 0,
-             "log_every": 10}
+    settings, train = toy_eval_settings(quick, quick_windows=4), toy_finetune(quick)
     rope = {"kind": "none", "theta": TOY_THETA}
     methods = {
         "longgen": ("LongGen (1 of 4 layers full, sinks 4 + window 124), ABF 2e5, fine-tuned at 1024",

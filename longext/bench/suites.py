@@ -85,16 +85,24 @@ def toy_recipe(name: str, rope: dict, train: dict | None = None, toy_dir: Path =
     }
 
 
+def toy_eval_settings(quick: bool, quick_windows: int = 8) -> dict:
+    """Perplexity and passkey settings of every toy row, at L0, 2 L0, 4 L0 and the target."""
+    lengths = [TOY_L0, 2 * TOY_L0, 4 * TOY_L0, TOY_TARGET]
+    return {"ppl_lengths": lengths, "targets": 64, "windows": quick_windows if quick else 32,
+            "passkey_lengths": lengths, "trials": 10 if quick else 20,
+            "depths": [(i + 0.5) / 10 for i in range(10)], "filler_chars": 60_000, "seed": 0}
+
+
+def toy_finetune(quick: bool) -> dict:
+    """One optimizer and token budget for every fine-tuned toy row (schedules by steps)."""
+    return {"steps": 20 if quick else 80, "micro_batch_size": 2, "lr": 2.0e-3, "warmup_steps": 10,
+            "schedule": "cosine", "min_lr_ratio": 0.1, "zero_stage": 2, "precision": "auto", "seed": 0,
+            "log_every": 10}
+
+
 def toy_cases(quick: bool, toy_dir: Path = TOY_DIR) -> list[dict]:
     checksum = toy_checksum(toy_dir)
-    lengths = [TOY_L0, 2 * TOY_L0, 4 * TOY_L0, TOY_TARGET]
-    settings = {"ppl_lengths": lengths, "targets": 64, "windows": 8 if quick else 32,
-                "passkey_lengths": lengths, "trials": 10 if quick else 20,
-                "depths": [(i + 0.5) / 10 for i in range(10)], "filler_chars": 60_000, "seed": 0}
-    # one optimizer and token budget for every fine-tuned method (schedules by steps)
-    finetune = {"steps": 20 if quick else 80, "micro_batch_size": 2, "lr": 2.0e-3, "warmup_steps": 10,
-                "schedule": "cosine", "min_lr_ratio": 0.1, "zero_stage": 2, "precision": "auto", "seed": 0,
-                "log_every": 10}
+    settings, finetune = toy_eval_settings(quick), toy_finetune(quick)
     rows = [
         ("base", "no extension", {"kind": "none"}, False),
         ("pi", "PI x8, training-free", {"kind": "linear"}, False),

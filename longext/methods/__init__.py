@@ -125,3 +125,22 @@ def eval_setup(model, state) -> Callable[[int], None]:
 
         return longgen_eval_hook(model, state.extra)
     return lambda length: None
+
+
+def remote_code_keys(folder, modeling, config_cls, model_cls) -> dict:
+    """Copy a method's self-contained modeling file into an export folder; returns the config.json keys that
+    select its classes with trust_remote_code (model_type, architectures, auto_map)."""
+    import shutil
+    from pathlib import Path
+
+    name = Path(modeling.__file__).name
+    shutil.copyfile(modeling.__file__, Path(folder) / name)
+    module = name.removesuffix(".py")
+    return {
+        "model_type": config_cls.model_type,
+        "architectures": [model_cls.__name__],
+        "auto_map": {
+            "AutoConfig": f"{module}.{config_cls.__name__}",
+            "AutoModelForCausalLM": f"{module}.{model_cls.__name__}",
+        },
+    }

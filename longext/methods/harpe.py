@@ -89,23 +89,12 @@ def write_harpe_code(folder, family: str, extra: dict) -> dict:
     The model_type and architecture are HARPE's own, so plain transformers without trust_remote_code
     refuses the folder instead of loading it with one base for every head.
     """
-    import shutil
-    from pathlib import Path
-
     from longext.harpe import modeling_longext_harpe as modeling
 
     if family not in modeling.EXPORT_CLASSES:
         have = ", ".join(modeling.EXPORT_CLASSES)
         raise LongextError(f"HARPE export: no modeling code for model type {family!r} (have {have})")
-    config_cls, model_cls = modeling.EXPORT_CLASSES[family]
-    shutil.copyfile(modeling.__file__, Path(folder) / "modeling_longext_harpe.py")
-    return {
-        "model_type": config_cls.model_type,
-        "architectures": [model_cls.__name__],
-        "auto_map": {
-            "AutoConfig": f"modeling_longext_harpe.{config_cls.__name__}",
-            "AutoModelForCausalLM": f"modeling_longext_harpe.{model_cls.__name__}",
-        },
-        "head_rope_thetas": list(extra["bases"]),
-        "head_rope_assign": extra["assign"],
-    }
+    from longext.methods import remote_code_keys
+
+    keys = remote_code_keys(folder, modeling, *modeling.EXPORT_CLASSES[family])
+    return {**keys, "head_rope_thetas": list(extra["bases"]), "head_rope_assign": extra["assign"]}

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from longext.errors import LongextError
 
-MODELING_FILE = "modeling_longext_longgen.py"
-
 
 def _modeling():
     from longext.longgen import modeling_longext_longgen
@@ -88,21 +86,10 @@ def write_longgen_code(folder, family: str, extra: dict) -> dict:
     model_type and architecture are LongGen's own, so plain transformers without trust_remote_code refuses
     the folder instead of loading it as an all-full-attention model (which it was not trained as).
     """
-    import shutil
-    from pathlib import Path
-
     modeling = _modeling()
     if family != "llama":
         raise LongextError(f"LongGen export: no modeling code for model type {family!r} (have llama)")
-    config_cls, model_cls = modeling.LongGenLlamaConfig, modeling.LongGenLlamaForCausalLM
-    shutil.copyfile(modeling.__file__, Path(folder) / MODELING_FILE)
-    module = MODELING_FILE.removesuffix(".py")
-    return {
-        "model_type": config_cls.model_type,
-        "architectures": [model_cls.__name__],
-        "auto_map": {
-            "AutoConfig": f"{module}.{config_cls.__name__}",
-            "AutoModelForCausalLM": f"{module}.{model_cls.__name__}",
-        },
-        "longgen": dict(extra["longgen"]),
-    }
+    from longext.methods import remote_code_keys
+
+    keys = remote_code_keys(folder, modeling, modeling.LongGenLlamaConfig, modeling.LongGenLlamaForCausalLM)
+    return {**keys, "longgen": dict(extra["longgen"])}
