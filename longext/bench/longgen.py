@@ -44,7 +44,7 @@ def longgen_cases(quick: bool) -> list[dict]:
             for arm in ARMS:
                 case = {"kind": "longgen", "name": f"longgen-{model}-{measure}-{arm}", "measure": measure,
                         "model": model, "length": length, "arm": arm, "sparse": sparse, "repeats": repeats,
-                        "gradient_checkpointing": model == "smollm2"}
+                        "gradient_checkpointing": model == "smollm2", "tiled_loss": model == "smollm2"}
                 if model == "toy":
                     case["toy_base"] = checksum
                 cases.append(case)
@@ -171,8 +171,14 @@ def train_case(case: dict) -> dict:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
              "position_ids": torch.arange(case["length"])[None]}
 
+    tiled = case.get("tiled_loss", False)  # both arms alike: at 16k the untiled [L, vocab] logits fill 24 GB
+    if tiled:
+        from longext.sp import layout, micro_batch_loss, shard_batch
+
+        one = layout(0, 1, 1)
+
     def step():
-        loss = engine(**batch).loss
+        loss = micro_batch_loss(engine, shard_batch(batch, one), one, True)[0] if tiled else engine(**batch).loss
         engine.backward(loss)
         engine.step()
 
