@@ -167,6 +167,7 @@ def train_case(case: dict) -> dict:
     peft = add_lora(model, LoraSpec(r=8, alpha=16.0), case.get("gradient_checkpointing", False))
     steps = case["repeats"]
     engine = make_engine(peft, TrainSpec(steps=steps + 1, lr=1e-4, zero_stage=2, precision="fp32"), world_size=1)
+    engine.train()  # from_pretrained gives eval mode, where transformers skips gradient checkpointing
     ids = _ids(model.config.vocab_size, case["length"])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
              "position_ids": torch.arange(case["length"])[None]}
