@@ -660,8 +660,7 @@ def _longrecipe_checks(recipe: Recipe) -> list[tuple[str, str]]:
 def _longgen_checks(recipe: Recipe) -> list[tuple[str, str]]:
     """LongGen rules that need no model config; layer indices against the layer count are checked in
     longext.methods.longgen.longgen_spec (plan.resolve, i.e. `train --dry-run` and the start of training)."""
-    out, method = [], recipe.method
-    layers, sparse = method.layout.full_layers, method.sparse
+    out, layers = [], recipe.method.layout.full_layers
     if layers != "auto":
         if any(i < 0 for i in layers):
             out.append(("method.layout.full_layers", f"layer indices are 0-based and >= 0 (got {layers})"))
