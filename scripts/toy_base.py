@@ -63,7 +63,7 @@ def build_model(vocab: int, args):
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 4, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=L0,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": float(args.rope_theta)}, tie_word_embeddings=True,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
     return LlamaForCausalLM(config).float()
@@ -159,9 +159,24 @@ def gate(model, tokenizer, eval_text: str, trials: int, seed: int) -> dict:
     return {"length": L0, "accuracy": row["accuracy"], "correct": row["correct"], "trials": row["trials"]}
 
 
+def extrapolation(model, tokenizer, eval_text: str, windows: int) -> dict:
+    """Perplexity of the unextended base at L0 and 8 x L0 with the toy suite's fixed targets (its acceptance
+    asks ppl(8 L0) / ppl(L0) >= 2: a base that degrades too gently leaves nothing for a method to fix)."""
+    from longext.evaluate.perplexity import document_token_ids, perplexity_at_lengths
+    from longext.recipe import PerplexitySpec
+
+    spec = PerplexitySpec(targets=64, windows=windows)
+    model.eval()
+    with torch.no_grad():
+        rows = perplexity_at_lengths(model, document_token_ids(tokenizer, [eval_text]), [L0, 8 * L0], spec)
+    model.train()
+    ratio = rows[8 * L0]["ppl"] / rows[L0]["ppl"]
+    return {"ppl_L0": rows[L0]["ppl"], "ppl_8L0": rows[8 * L0]["ppl"], "ratio": ratio, "windows": windows}
+
+
 def record_attempt(settings: dict, path: Path) -> None:
     """One line per pretraining attempt (settings, last log line, gate): what was tried, for the docs."""
-    keep = ("argv", "params", "tokens_trained", "train_seconds", "gate")
+    keep = ("argv", "params", "tokens_trained", "train_seconds", "gate", "extrapolation")
     line = {**{k: settings[k] for k in keep}, "last_log": settings["log"][-1] if settings["log"] else None}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -180,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--rope-theta", type=float, default=10000.0,
+                   help="RoPE base; a small one makes the unextended base degrade clearly past L0")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -188,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--p-repeat", type=float, default=0.25)
     p.add_argument("--answer-weight", type=float, default=5.0)
     p.add_argument("--gate-trials", type=int, default=50)
+    p.add_argument("--ppl-windows", type=int, default=32, help="windows of the extrapolation check")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--attempts", type=Path, default=Path("bench/toy-base-attempts.jsonl"),
@@ -237,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = time.perf_counter() - t0
     result = gate(model, tokenizer, eval_text, args.gate_trials, args.seed)
     print(f"gate: passkey@{L0} {result['correct']}/{result['trials']} = {result['accuracy']:.2f}", flush=True)
+    extra = extrapolation(model, tokenizer, eval_text, args.ppl_windows)
+    print(f"extrapolation: ppl {extra['ppl_L0']:.2f} at {L0}, {extra['ppl_8L0']:.2f} at {8 * L0}: "
+          f"ratio {extra['ratio']:.2f} (the toy suite needs >= 2)", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
@@ -246,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "L0": L0, "params": params, "vocab": len(tokenizer),
         "tokens_trained": args.steps * args.batch * L0, "train_seconds": train_seconds,
-        "torch": torch.__version__, "gate": {**result, "passed": result["accuracy"] >= 0.9}, "log": log,
+        "torch": torch.__version__, "gate": {**result, "passed": result["accuracy"] >= 0.9},
+        "extrapolation": {**extra, "passed": extra["ratio"] >= 2.0}, "log": log,
     }
     (args.out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     files = sorted(f for f in args.out.iterdir() if f.is_file() and f.name != "SHA256SUMS")

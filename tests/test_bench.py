@@ -195,3 +195,48 @@ def test_a_tiny_case_gives_identical_figures_twice(tmp_path, tiny_model_dir, cor
     assert [r["answer"] for r in first["passkey"]["256"]["records"]] == [r["answer"] for r in second["passkey"]["256"]["records"]]
     assert first["train_tokens"] == second["train_tokens"] == 2 * 64
     assert json.dumps(first["final_loss"]) == json.dumps(second["final_loss"])
+
+
+# ------------------------------------------------------------------------------------ training compute
+def test_stage_tokens_and_compute_follow_the_formula(tmp_path):
+    """A two-stage run (LongRecipe: extension then replay at a shorter length): tokens are split by the stage's
+    length, and the compute is sum(tokens x (N + layers * length * d)), the report's per-token cost."""
+    from longext.bench.cases import train_compute, train_figures
+
+    records = [{"step": s, "loss": 1.0, "tokens": 300 if s <= 3 else 100, "tokens_per_s": 10.0, "step_seconds": 1.0}
+               for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    figures = train_figures(tmp_path, [(3, 300), (5, 100)])
+    assert figures["train_tokens_by_length"] == {"300": 900, "100": 200} and figures["train_tokens"] == 1100
+    result = {**figures, "params_nonembed": 1000, "layers": 2, "hidden": 10}
+    assert train_compute(result) == 900 * (1000 + 2 * 300 * 10) + 200 * (1000 + 2 * 100 * 10)
+    assert train_compute({"params_nonembed": 1}) is None
+
+
+def test_the_longrecipe_compute_check_compares_with_pi_fine_tuning():
+    lr = {**model_result({1024: 12.0}, {}, train=True), "train_compute": 30.0}
+    pi = {**model_result({128: 10.0, 1024: 11.0}, {}, train=True), "train_compute": 100.0}
+    doc = suite_doc([("toy-base", "none", model_result({128: 10.0, 1024: 25.0}, {})), ("toy-pi-ft", "PI", pi),
+                     ("toy-longrecipe", "LongRecipe", lr)], toy_base={"gate": {}})
+    text = report.render({"toy": doc})
+    assert "LongRecipe training compute / PI fine-tuned at 1k (same steps; replay included) = 0.30 (target ≤ 0.35): holds" in text
+
+
+def test_every_method_row_of_the_suites_is_a_valid_recipe():
+    """The toy rows (LongRecipe at 0.3 x 8 L0, HARPE bases scaled from the toy's own RoPE base) and the SmolLM2
+    method rows (the shipped CPU recipes) validate, with the lengths and bases the docs state."""
+    from longext.bench.suites import TOY_DIR, smollm2_cases, toy_cases, toy_harpe_bases, toy_theta
+    from longext.recipe import validate_recipe
+
+    toy = {c["name"]: c for c in toy_cases(False)}
+    lengths = {n: validate_recipe(c["recipe"], n).seq_len for n, c in toy.items()}
+    assert lengths["toy-longrecipe"] == round(0.3 * 1024) and lengths["toy-e2llm"] == 128 and lengths["toy-pi-ft"] == 1024
+    assert toy["toy-longrecipe"]["recipe"]["train"] == toy["toy-pi-ft"]["recipe"]["train"]  # same steps
+    theta = toy_theta(TOY_DIR)
+    assert toy_harpe_bases(theta) == (4 * theta, 20 * theta)
+    assert toy["toy-abf-max"]["recipe"]["rope"]["theta"] == 20 * theta
+    smol = {c["name"]: c for c in smollm2_cases(False)}
+    assert {"smollm2-e2llm", "smollm2-harpe", "smollm2-longrecipe", "smollm2-pose"} <= set(smol)
+    kinds = {n: validate_recipe(c["recipe"], n).method.kind for n, c in smol.items() if c["train"]}
+    assert kinds["smollm2-harpe"] == "harpe" and kinds["smollm2-longrecipe"] == "longrecipe"
+    assert all("eval" not in c["recipe"] for c in smol.values())

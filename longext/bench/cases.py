@@ -46,13 +46,41 @@ def architecture(model) -> dict:
             "layers": config.num_hidden_layers, "hidden": config.hidden_size}
 
 
-def train_figures(run_dir: Path) -> dict:
-    """Median training tokens/s over the steps after the first (warm-up), tokens seen, wall seconds."""
+def train_figures(run_dir: Path, stages: list[tuple[int, int]] | None = None) -> dict:
+    """Median training tokens/s over the steps after the first (warm-up), tokens seen, wall seconds; with
+    stages [(last step, tokens per sample), ...] also the tokens trained at each length."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rates = [r["tokens_per_s"] for r in records[1:] or records if r.get("tokens_per_s")]
-    return {"train_tokens_per_s": statistics.median(rates), "train_tokens": sum(r["tokens"] for r in records),
-            "train_steps": len(records), "train_seconds": sum(r["step_seconds"] for r in records),
-            "final_loss": records[-1]["loss"]}
+    out = {"train_tokens_per_s": statistics.median(rates), "train_tokens": sum(r["tokens"] for r in records),
+           "train_steps": len(records), "train_seconds": sum(r["step_seconds"] for r in records),
+           "final_loss": records[-1]["loss"]}
+    if stages:
+        by_length: dict[str, int] = {}
+        for r in records:
+            length = next((L for last, L in stages if r["step"] <= last), stages[-1][1])
+            by_length[str(length)] = by_length.get(str(length), 0) + r["tokens"]
+        out["train_tokens_by_length"] = by_length
+    return out
+
+
+def stage_lengths(recipe, original: int | None) -> list[tuple[int, int]]:
+    """(last step, tokens per sample) of each training stage: the main one, then a LongRecipe replay stage."""
+    stages = [(recipe.train.steps, recipe.seq_len)]
+    replay = getattr(recipe.method, "replay", None)
+    if replay is not None:
+        length = replay.seq_len if replay.seq_len != "auto" else original or recipe.seq_len
+        stages.append((recipe.train.steps + replay.steps, int(length)))
+    return stages
+
+
+def train_compute(result: dict) -> float | None:
+    """Training FLOPs proxy of a row: sum over its stages of tokens x (N + n_layers * seq_len * d), the cost
+    per token of the report's compute column (Kaplan et al. 2020); None when the row did not train."""
+    by_length = result.get("train_tokens_by_length")
+    if not by_length:
+        return None
+    n, layers, d = result["params_nonembed"], result["layers"], result["hidden"]
+    return float(sum(tokens * (n + layers * int(L) * d) for L, tokens in by_length.items()))
 
 
 def load_case_model(case: dict, out_dir: Path):
@@ -69,8 +97,10 @@ def load_case_model(case: dict, out_dir: Path):
         from longext.train import run_training
 
         run_dir = run_training(recipe)
-        figures = {**train_figures(run_dir), "train_peak_rss_mb": peak_rss_mb(), "train_seq_len": recipe.seq_len}
-        return load_target(run_dir), figures
+        figures = {"train_peak_rss_mb": peak_rss_mb(), "train_seq_len": recipe.seq_len}
+        loaded = load_target(run_dir)
+        figures.update(train_figures(run_dir, stage_lengths(recipe, loaded.original_context)))
+        return loaded, figures
     model, rope = build_model(recipe)
     loaded = Loaded(model=model.eval(), tokenizer=load_tokenizer(recipe.model.path), name=case["name"],
                     original_context=rope.original_context, target_context=rope.target_len, rope=rope.parameters)
@@ -109,6 +139,8 @@ def model_case(case: dict, out_dir: Path) -> dict:
     loaded, figures = load_case_model(case, Path(out_dir))
     result = {**figures, **architecture(loaded.model), "original_context": loaded.original_context,
               "rope": json.loads(json.dumps(loaded.rope, default=str))}
+    if result.get("train_tokens_by_length"):
+        result["train_compute"] = train_compute(result)
     result.update(evaluate(loaded, case["eval"]))
     result["peak_rss_mb"] = peak_rss_mb()
     result["seconds"] = time.perf_counter() - began

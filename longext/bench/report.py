@@ -239,6 +239,11 @@ def acceptance_lines(doc: dict, L0: int, target: int) -> list[str]:
     if b0 and ft8:
         lines.append(f"- PI fine-tuned ppl({format_length(target)}) / base ppl({L0}) = {ft8 / b0:.2f} (needs ≤ 1.1): "
                      f"{'holds' if ft8 / b0 <= 1.1 else 'fails'}")
+    lr, pi = by.get("toy-longrecipe", {}), by.get("toy-pi-ft", {})
+    if lr.get("train_compute") and pi.get("train_compute"):
+        ratio = lr["train_compute"] / pi["train_compute"]
+        lines.append(f"- LongRecipe training compute / PI fine-tuned at {format_length(target)} (same steps; replay "
+                     f"included) = {ratio:.2f} (target ≤ 0.35): {'holds' if ratio <= 0.35 else 'fails'}")
     for c in _case_rows(doc):
         original = c["case"].get("repeat_of")
         if original in by:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from longext.errors import LongextError
@@ -121,21 +122,32 @@ def toy_cases(quick: bool, toy_dir: Path = TOY_DIR) -> list[dict]:
     methods = [] if quick else [
         {"kind": "model", "name": f"toy-{name}", "label": label, "train": True, "toy_base": checksum,
          "recipe": {**toy_recipe(f"toy-{name}", rope, finetune, toy_dir), **changes}, "eval": settings}
-        for name, label, rope, changes in toy_method_rows(["books"])
+        for name, label, rope, changes in toy_method_rows(["books"], toy_theta(toy_dir))
     ]
     return [*cases, repeat, *methods]
 
 
-# Base set for HARPE at 8 x L0 on the toy (4 heads, base 1e4) [choice]: b_max = 20 x the base, b_min =
-# b_max / 5 as in the paper's 1M-5M range; ABF baselines at the largest and at the mean base.
-TOY_HARPE_BASES = (4.0e4, 2.0e5)
+def toy_theta(toy_dir: Path = TOY_DIR) -> float:
+    """The toy base's RoPE base (config.json)."""
+    config = json.loads((toy_dir / "config.json").read_text())
+    params = config.get("rope_parameters") or {}
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
-def toy_method_rows(texts: list[str]) -> list[tuple[str, str, dict, dict]]:
+def toy_harpe_bases(theta: float) -> tuple[float, float]:
+    """Base set for HARPE at 8 x L0 on the toy (4 heads) [choice]: b_max = 20 x the toy's base, b_min = b_max / 5
+    as in the paper's 1M-5M range; the ABF baselines train at the largest and at the mean base."""
+    return 4.0 * theta, 20.0 * theta
+
+
+def toy_method_rows(texts: list[str], theta: float) -> list[tuple[str, str, dict, dict]]:
     """(name, label, rope, recipe changes) of the extension methods, same optimizer, steps and data as PI-FT."""
     standard = {"kind": "standard", "target_len": TOY_TARGET}
     short = {"seq_len": "auto"}  # R = L0: E2-LLM and PoSE train at the original window
-    b_min, b_max = TOY_HARPE_BASES
+    b_min, b_max = toy_harpe_bases(theta)
+    longrecipe = {"kind": "longrecipe", "target_len": TOY_TARGET, "train_len_ratio": 0.3,
+                  "selection": {"mode": "digits", "keep_other": 0.5},
+                  "replay": {"steps": 8, "seq_len": TOY_L0}, "merge": {"weight_original": 0.5}}
     return [
         ("pi-ft-4x", "PI x4, fine-tuned at 512", {"kind": "linear"},
          {"method": {"kind": "standard", "target_len": 4 * TOY_L0}, "data": {"train": texts, "seq_len": 4 * TOY_L0}}),
@@ -143,6 +155,8 @@ def toy_method_rows(texts: list[str]) -> list[tuple[str, str, dict, dict]]:
          {"method": {"kind": "e2llm", "target_len": TOY_TARGET}, "data": {"train": texts, **short}}),
         ("pose", "PoSE (PI x8), trained at 128", {"kind": "linear"},
          {"method": {"kind": "pose", "target_len": TOY_TARGET}, "data": {"train": texts, **short}}),
+        ("longrecipe", "LongRecipe (30 % length, digits, replay 8 + merge 0.5)", {"kind": "none"},
+         {"method": longrecipe, "data": {"train": texts, **short}}),
         ("harpe", f"HARPE uniform {b_min:.0e}-{b_max:.0e}, fine-tuned at 1024", {"kind": "none"},
          {"method": {"kind": "harpe", "target_len": TOY_TARGET, "bases": {"kind": "uniform", "b_min": b_min, "b_max": b_max}}}),
         ("abf-max", f"ABF single base {b_max:.0e}, fine-tuned at 1024", {"kind": "none", "theta": b_max}, {"method": standard}),
@@ -153,18 +167,20 @@ def toy_method_rows(texts: list[str]) -> list[tuple[str, str, dict, dict]]:
 
 # --------------------------------------------------------------------------------------- smollm2
 def smollm2_cases(quick: bool) -> list[dict]:
-    """Training-free x2 baselines and the demo-like YaRN LoRA row.
+    """The base, training-free x2 baselines, the demo-like YaRN LoRA row and one row per method from its shipped
+    CPU recipe (recipes/<method>-smollm2-cpu.yaml, without its eval section), most needed first so that an
+    interrupted run (the suite is saved after each case) still carries the method rows.
 
-    quick (also the reduced run documented in docs/benchmarks.md when the full one does not fit):
-    perplexity at 8k and 16k only, one 256-token target window, passkey at 4k with 2 trials.
+    Full: perplexity at 4k-16k on one 256-token target window, passkey at 12k and 16k with 3 trials (a 16k
+    forward takes ~2.5 min here). quick (also the reduced run documented in docs/benchmarks.md when the full one
+    does not fit): perplexity at 8k and 16k, passkey at 4k with 2 trials, training-free rows only.
     """
     if quick:
         settings = {"ppl_lengths": [8192, 16384], "targets": 256, "windows": 1,
                     "passkey_lengths": [4096], "trials": 2, "depths": [0.25, 0.75], "filler_chars": 400_000}
     else:
-        lengths = [4096, 8192, 12288, 16384]
-        settings = {"ppl_lengths": lengths, "targets": 512, "windows": 1, "passkey_lengths": lengths,
-                    "trials": 6, "depths": [0.1, 0.3, 0.5, 0.7, 0.9, 0.2], "filler_chars": 400_000}
+        settings = {"ppl_lengths": [4096, 8192, 12288, 16384], "targets": 256, "windows": 1,
+                    "passkey_lengths": [12288, 16384], "trials": 3, "depths": [0.1, 0.5, 0.9], "filler_chars": 400_000}
     settings["seed"] = 0
     base = {"path": "${LONGEXT_CACHE}/models/smollm2-135m"}
 
@@ -173,22 +189,45 @@ def smollm2_cases(quick: bool) -> list[dict]:
                 "lora": {"r": 8, "alpha": 16.0}, "data": {"train": ["books"], "seq_len": 2048},
                 "train": train or {"steps": 1}}
 
+    def case(name: str, label: str, raw: dict, train: bool) -> dict:
+        return {"kind": "model", "name": f"smollm2-{name}", "label": label, "train": train, "recipe": raw,
+                "eval": settings}
+
     demo_train = {"steps": 10, "micro_batch_size": 1, "lr": 2.0e-4, "warmup_steps": 2, "schedule": "cosine",
                   "min_lr_ratio": 0.1, "zero_stage": 2, "precision": "auto", "seed": 0}
-    rows = [
-        ("base", "no extension", {"kind": "none"}, False),
-        ("pi", "PI x2, training-free", {"kind": "linear"}, False),
-        ("dynamic", "dynamic NTK x2, training-free", {"kind": "dynamic"}, False),
-        ("yarn", "YaRN x2, training-free", {"kind": "yarn"}, False),
-        ("yarn-lora", "YaRN x2 + LoRA 10 steps at 2k (demo)", {"kind": "yarn"}, True),
+    free = [
+        ("base", "no extension", {"kind": "none"}),
+        ("pi", "PI x2, training-free", {"kind": "linear"}),
+        ("dynamic", "dynamic NTK x2, training-free", {"kind": "dynamic"}),
+        ("yarn", "YaRN x2, training-free", {"kind": "yarn"}),
     ]
     if quick:
-        rows = rows[:4]
-    return [
-        {"kind": "model", "name": f"smollm2-{name}", "label": label, "train": train,
-         "recipe": recipe(f"smollm2-{name}", rope, demo_train if train else None), "eval": settings}
-        for name, label, rope, train in rows
+        return [case(name, label, recipe(f"smollm2-{name}", rope), False) for name, label, rope in free]
+    methods = [
+        ("e2llm", "E2-LLM (g 1..2), trained at 2k"),
+        ("harpe", "HARPE (3 bases 2e5-1e6, per KV group), trained at 2k"),
+        ("longrecipe", "LongRecipe (30 % of 16k, digits, replay 4 + merge 0.5)"),
+        ("pose", "PoSE (YaRN x2), trained at 2k"),
     ]
+    return [
+        case("base", "no extension", recipe("smollm2-base", {"kind": "none"}), False),
+        *[case(name, label, shipped_recipe(f"{name}-smollm2-cpu"), True) for name, label in methods[:3]],
+        *[case(name, label, recipe(f"smollm2-{name}", rope), False) for name, label, rope in free[1:]],
+        case("yarn-lora", "YaRN x2 + LoRA 10 steps at 2k (demo)", recipe("smollm2-yarn-lora", {"kind": "yarn"}, demo_train), True),
+        *[case(name, label, shipped_recipe(f"{name}-smollm2-cpu"), True) for name, label in methods[3:]],
+    ]
+
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def shipped_recipe(name: str) -> dict:
+    """A recipe of recipes/ as the bench runs it: without its eval and output sections (the bench evaluates
+    every row with the suite's own settings)."""
+    from longext.recipe import load_yaml
+
+    raw = load_yaml((RECIPES_DIR / f"{name}.yaml").read_text())
+    return {k: v for k, v in raw.items() if k not in ("eval", "output", "description")}
 
 
 # ---------------------------------------------------------------------------------------- memory
