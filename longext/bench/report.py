@@ -218,11 +218,12 @@ def attempt_lines(attempts: list[dict]) -> list[str]:
         rows.append([str(i), "`" + " ".join(a.get("argv", [])) + "`", _num(a.get("params"), 0),
                      _num(a.get("tokens_trained"), 0), _minutes(a.get("train_seconds")),
                      _num(last.get("loss"), 3), _num(last.get("answer_acc"), 2),
-                     f"{gate.get('correct', '?')}/{gate.get('trials', '?')}" if gate else "–", a.get("note", "")])
+                     f"{gate.get('correct', '?')}/{gate.get('trials', '?')}" if gate else "–",
+                     _num((a.get("extrapolation") or {}).get("ratio"), 2), a.get("note", "")])
     return ["Pretraining attempts (`scripts/toy_base.py`; answer acc = share of training passkey documents whose "
             "5 digits are all predicted, over the last logging interval):", "",
             *_table(["#", "arguments", "parameters", "tokens", "wall", "last loss", "answer acc", "gate @ L0",
-                      "note"], rows), ""]
+                      "ppl(8 L0) / ppl(L0)", "note"], rows), ""]
 
 
 def acceptance_lines(doc: dict, L0: int, target: int) -> list[str]:
