@@ -61,7 +61,7 @@ def toy_checksum(toy_dir: Path = TOY_DIR) -> str:
 
 # Passkey documents for a fine-tuning mix (longext/bench/retrieval.py; the LongGen passkey rows use it): 1500 docs
 # of 120..1024 tokens, about 0.8M tokens next to the training books' 3.1M [choice]. The toy suite's rows train on
-# books only: with PI x8 at 80 steps the mix did not bring passkey back (0/10 at 128, measured once).
+# books only: with PI x8 at 80 steps (toy base of 2026-11-22) the mix did not bring passkey back (0/10 at 128, measured once).
 TOY_RETRIEVAL_DOCS = 1500
 
 
@@ -96,7 +96,7 @@ def toy_eval_settings(quick: bool, quick_windows: int = 8) -> dict:
 
 def toy_finetune(quick: bool) -> dict:
     """One optimizer and token budget for every fine-tuned toy row (schedules by steps)."""
-    return {"steps": 20 if quick else 80, "micro_batch_size": 2, "lr": 2.0e-3, "warmup_steps": 10,
+    return {"steps": 20 if quick else 160, "micro_batch_size": 2, "lr": 2.0e-3, "warmup_steps": 10,
             "schedule": "cosine", "min_lr_ratio": 0.1, "zero_stage": 2, "precision": "auto", "seed": 0,
             "log_every": 10}
 
