@@ -14,22 +14,32 @@ Every term is a formula in the model's dimensions (docs/scaling.md writes them o
   own `estimate_zero2_model_states_mem_needs`; fp32: 4 gradient + 4 master copy at ZeRO >= 1 + 8 AdamW); ZeRO-1
   partitions master + moments + fp32 gradients over D, ZeRO-2 also the 16-bit gradients; offload_optimizer
   moves all of it, gradient partitions included, to CPU memory.
-- gradient bucket: ZeRO 1-3 allocate `reduce_bucket_size` (5e8) elements for gradient reduction. On a GPU the
-  caching allocator holds all of it; in CPU RAM only the written part (the gradients) is resident.
+- gradient bucket: ZeRO 1-3 allocate `reduce_bucket_size` (5e8) elements for gradient reduction, however few the
+  trainable gradients are (contiguous_gradients, DeepSpeed's default; tested). On a GPU the caching allocator
+  holds all of it; in CPU RAM only the written part (the gradients) is resident.
 - activations kept for backward, per layer and token, in bytes (sdpa / flash kernels, LoRA on the recipe's targets):
       4d + 4d                 the two RMSNorm inputs (the norm upcasts to fp32 and keeps that)
-      a(d + 2Gh) + a*d + 4H   rotated q, k, v, the attention output and its log-sum-exp
+      a(q + 2 G'h) + a q + 4H rotated q, k, v, the attention output and its log-sum-exp (q = H h; G' = max(G, sp):
+                              Ulysses repeats the kv heads when sp > G)
       3a*i                    MLP: gate (for SiLU), SiLU(gate) and up (for the product)
       a*d per LoRA input      q/k/v share the norm output, gate/up share one, down its own (o's input is the
-                              kept attention output, except with eager attention); under ZeRO-3 every
-                              linear's input (its linear autograd function saves it even for frozen weights)
+                              kept attention output, except with eager attention or Ulysses, whose all-to-all
+                              makes a copy); under ZeRO-3 every linear's input (its linear autograd function saves
+                              it even for frozen weights)
       a*r per LoRA module     the A projection's output
   with gradient checkpointing only the layer input (a*d) is kept per layer, and one layer is recomputed in
   backward; eager attention adds the softmax output H*T*L*(4 or 4 + a) per layer (O(L^2)); TiledMLP keeps the
-  MLP input (a*d) instead of 3a*i. Sequence parallelism divides T.
+  MLP input (a*d) instead of 3a*i and the MLP's LoRA tensors. Sequence parallelism divides T.
 - loss: transformers' cross-entropy holds three fp32 [T, V] tensors at its peak (logits, log-softmax, their
-  gradient): 12*T*V bytes; the tiled loss holds one tile of at most longext.sp.LOGITS_PER_TILE logits.
-- backward working set of one layer: gradients of the MLP intermediates, a*T*(3i + 2d).
+  gradient): 12*T*V bytes; the tiled loss holds one tile of at most longext.sp.LOGITS_PER_TILE logits, plus the
+  final hidden states and their gradient (2a*T*d).
+- one layer's backward: the largest of three moments (backward_moments), each a list of named parts: the
+  attention kernel's backward (the recomputed attention block's saved tensors, the gradients of the residual
+  stream and of the attention output, dq/dk/dv, and on a GPU the flash kernel's fp32 dq accumulator and, under
+  GQA, dk/dv at every query head), the MLP's backward (every saved tensor of the layer, the gradient of the layer
+  output and 3 [T, i] gradients, or one TiledMLP tile), the post-attention RMSNorm's backward (the attention
+  block's saved tensors and five fp32 [T, d] tensors). Checked against the live tensors of a real checkpointed
+  layer on CPU (tests/test_memplan.py).
 - CPU heap retention (CPU only): glibc's malloc keeps freed blocks resident; CPU_HEAP_RETENTION (measured once)
   x the activations one forward produces.
 - fixed: on a GPU 1 GiB (CUDA context, cuBLAS/NCCL workspaces; stated, not measured here); on CPU the process
@@ -219,6 +229,7 @@ class Term:
     name: str
     bytes: int
     formula: str
+    parts: list["Term"] = field(default_factory=list)  # sub-terms that sum to bytes (one layer's backward)
 
 
 @dataclass
@@ -303,12 +314,10 @@ def _state_terms(s: Setup, Nt: int) -> list[Term]:
 
 def _activation_terms(dims: Dims, s: Setup) -> list[Term]:
     """Kept activations, the larger of the loss and one layer's backward, and (CPU) the heap's retention."""
-    a, gpu, n, T = _bytes(s), s.device == "cuda", dims.layers, s.micro_batch * s.seq_len // s.sequence_parallel
-    d, i, V = dims.hidden, dims.intermediate, dims.vocab
-    kv, q = dims.kv_heads * dims.head_dim, dims.heads * dims.head_dim
-    mlp = a * d if s.tiled_mlp else 3 * a * i
-    per_layer = 8 * d + a * (q + 2 * kv) + a * q + 4 * dims.heads + mlp + _lora_inputs(s, dims)
-    attn_sq = dims.heads * T * s.seq_len * (4 if a == 4 else 4 + a) if s.attn == "eager" else 0  # softmax (+ cast)
+    a, gpu, n, T = _bytes(s), s.device == "cuda", dims.layers, _tokens(s)
+    d, V = dims.hidden, dims.vocab
+    per_layer = sum(b for _, b, _ in _attention_saved(dims, s) + _mlp_saved(dims, s))
+    attn_sq = _eager_probs(dims, s)
     full_layer = T * per_layer + attn_sq
     if s.gradient_checkpointing and s.checkpoint_offload and gpu:  # save_on_cpu wraps the whole forward
         out = [Term("kept activations", 0, "layer inputs and final norm input offloaded to CPU")]
@@ -321,54 +330,207 @@ def _activation_terms(dims: Dims, s: Setup) -> list[Term]:
         eager = f" + eager scores {attn_sq:,} B/layer" if attn_sq else ""
         out = [Term("kept activations", n * full_layer + (T * 4 * d if s.full else 0),
                     f"{n} layers x T={T:,} x {per_layer:,} B/token{eager}")]
-    tile = min(T, d) if s.tiled_mlp else T
-    backward = T * a * 2 * d + tile * a * 3 * i + (full_layer if s.gradient_checkpointing else 0)
-    loss, loss_formula = _loss_term(T, V, d, s.tiled_loss)
-    if loss >= backward:
-        out.append(Term("loss (logits)", loss, loss_formula))
-    else:
-        what = "recomputed layer + " if s.gradient_checkpointing else ""
-        tiled = " per MLP tile" if s.tiled_mlp else ""
-        out.append(Term("one layer's backward", backward, f"{what}a x T x (2d + 3i{tiled})"))
+    backward = layer_backward(dims, s)
+    loss, loss_formula = _loss_term(T, V, d, a, s.tiled_loss)
+    out.append(Term("loss (logits)", loss, loss_formula) if loss >= backward.bytes else backward)
     if not gpu and s.allocator == "glibc":
         out.append(Term("CPU heap retention", int(CPU_HEAP_RETENTION * n * T * per_layer),
                         f"{CPU_HEAP_RETENTION} x the forward's activations (glibc keeps freed blocks)"))
     return out
 
 
-def _loss_term(T: int, V: int, d: int, tiled: bool) -> tuple[int, str]:
-    """Peak bytes of the cross-entropy: three fp32 [tokens, V] tensors, for all T tokens or for one tile."""
+def _tokens(s: Setup) -> int:
+    """T: tokens per device (Ulysses splits each sample's sequence over sequence_parallel devices)."""
+    return s.micro_batch * s.seq_len // s.sequence_parallel
+
+
+def _kernel_kv_heads(dims: Dims, s: Setup) -> int:
+    """Key/value heads the attention kernel holds per local token: G, or sp when Ulysses repeats the kv heads
+    (sp > G: each rank gets one kv head over sp x T tokens)."""
+    return max(dims.kv_heads, s.sequence_parallel)
+
+
+def _tiles(dims: Dims, s: Setup) -> int:
+    """TiledMLP's shard count (longext.sp: about hidden_size tokens of each sample's local sequence per shard; a
+    shard holds those tokens of every sample of the micro-batch); 1 = the MLP runs untiled."""
+    return math.ceil(s.seq_len // s.sequence_parallel / dims.hidden) if s.tiled_mlp else 1
+
+
+def _used_inputs(dims: Dims, s: Setup) -> dict[str, bool]:
+    """Which layer inputs autograd keeps for trainable linears: the norm output (q/k/v), o_proj's input, the
+    post-attention norm output (gate/up) and down_proj's input. Under ZeRO-3 every linear runs through its own
+    autograd function, which saves the input even of a frozen weight."""
+    keep = set(dims.linear_shapes()) if s.full or s.zero_stage == 3 else set(s.lora_targets)
+    tiled = _tiles(dims, s) > 1  # TiledMLP keeps its own input and recomputes the rest per tile
+    return {"attn_in": bool(keep & {"q_proj", "k_proj", "v_proj"}), "o_in": "o_proj" in keep,
+            "mlp_in": bool(keep & {"gate_proj", "up_proj"}) and not tiled,
+            "down_in": "down_proj" in keep and not tiled}
+
+
+def _lora_outputs(s: Setup, group: set[str]) -> tuple[int, int]:
+    """(count, bytes per token) of the r-dim LoRA A outputs autograd keeps for the targets in `group`."""
+    k = 0 if s.full else len(set(s.lora_targets) & group)
+    return k, k * _bytes(s) * (s.lora_r or 0)
+
+
+NORM_IN, POST_NORM_IN, DOWN_IN = "input norm: fp32 input", "post-attention norm: fp32 input", "down_proj input"
+
+
+def _attention_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
+    """(name, bytes per local token, formula) of what a decoder layer's attention block saves for backward
+    (sdpa / flash kernels; eager's O(L^2) probabilities are _eager_probs)."""
+    a, d, H, h = _bytes(s), dims.hidden, dims.heads, dims.head_dim
+    q, Gk, used = H * h, _kernel_kv_heads(dims, s), _used_inputs(dims, s)
+    out = [(NORM_IN, 4 * d, "4d")]
+    if s.full:
+        out.append(("input norm: normalized input (the weight trains)", a * d, "a d"))
+    if used["attn_in"]:
+        out.append(("q/k/v input (norm output)", a * d, "a d"))
+    kv = "G" if Gk == dims.kv_heads else "sp"
+    out += [("q, k, v after RoPE (kernel layout)", a * (q + 2 * Gk * h), f"a (H h + 2 {kv} h), {kv}={Gk}"),
+            ("attention output + log-sum-exp", a * q + 4 * H, "a H h + 4H")]
+    # the kernels write their output token-major, so o_proj's input shares its storage with the kept attention
+    # output; eager attention transposes it into a new tensor, Ulysses' second all-to-all into another
+    if used["o_in"] and (s.attn == "eager" or s.sequence_parallel > 1):
+        out.append(("o_proj input (a copy of the output)", a * q, "a H h"))
+    k, lora = _lora_outputs(s, {"q_proj", "k_proj", "v_proj", "o_proj"})
+    if k:
+        out.append(("LoRA A outputs (attention)", lora, f"{k} x a r"))
+    return out
+
+
+def _mlp_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
+    """(name, bytes per local token, formula) of what a decoder layer's MLP half saves for backward."""
+    a, d, i, used = _bytes(s), dims.hidden, dims.intermediate, _used_inputs(dims, s)
+    out = [(POST_NORM_IN, 4 * d, "4d")]
+    if s.full:
+        out.append(("post-attention norm: normalized input (the weight trains)", a * d, "a d"))
+    if _tiles(dims, s) > 1:
+        return out + [("TiledMLP input", a * d, "a d")]
+    out.append(("gate, SiLU(gate), up", 3 * a * i, "3 a i"))
+    if used["mlp_in"]:
+        out.append(("gate/up input (norm output)", a * d, "a d"))
+    if used["down_in"]:
+        out.append((DOWN_IN, a * i, "a i"))
+    k, lora = _lora_outputs(s, {"gate_proj", "up_proj", "down_proj"})
+    if k:
+        out.append(("LoRA A outputs (MLP)", lora, f"{k} x a r"))
+    return out
+
+
+def _eager_probs(dims: Dims, s: Setup) -> int:
+    """Eager attention keeps the [H, T, L] softmax per layer (fp32, plus its cast to bf16): O(L^2)."""
+    if s.attn != "eager":
+        return 0
+    return dims.heads * _tokens(s) * s.seq_len * (4 if _bytes(s) == 4 else 4 + _bytes(s))
+
+
+def backward_moments(dims: Dims, s: Setup) -> dict[str, list[Term]]:
+    """The tensors alive at the three candidate peaks of one decoder layer's backward. With gradient checkpointing,
+    the recomputed layer's saved tensors (all of them exist when its backward starts; autograd frees each with its
+    node), plus the gradients alive at:
+
+    - the attention kernel's backward: the attention block's saved tensors (the MLP's are freed by then), the
+      gradient of the residual stream, of the attention output, dq/dk/dv, and the kernel's workspace (flash
+      kernels on a GPU: a fp32 dq accumulator, and under GQA dk/dv at every query head before they are summed);
+    - the MLP's backward (its product's backward): every saved tensor of the layer but down_proj's input, the
+      gradient of the layer output and those of the MLP intermediates (with TiledMLP: its input gradient and one
+      tile, recomputed, with its gradients);
+    - the post-attention RMSNorm's backward (the peak with TiledMLP): the attention block's saved tensors, the
+      norm's fp32 input, the gradient of the layer output and five fp32 [T, d] tensors of the norm's backward.
+
+    Ulysses: T = tokens per device. The kernel sees sp x T tokens with H/sp query heads, the same bytes as T tokens
+    with H heads, and max(G/sp, 1) kv heads: k/v at max(G, sp) heads per local token. Without checkpointing the
+    saved tensors are in the kept activations and only the gradients count here."""
+    T, a, d, i = _tokens(s), _bytes(s), dims.hidden, dims.intermediate
+    h, q, Gk = dims.head_dim, dims.heads * dims.head_dim, _kernel_kv_heads(dims, s)
+    ckpt = s.gradient_checkpointing
+
+    def per_token(parts):
+        return [Term(name, T * b, f"T x {f} = {T:,} x {b:,} B") for name, b, f in parts]
+
+    # in fp32 the input norm's "upcast" is its input itself: the layer input, counted in the kept activations
+    saved_attn = per_token([p for p in _attention_saved(dims, s) if not (ckpt and a == 4 and p[0] == NORM_IN)])
+    if _eager_probs(dims, s):
+        saved_attn.append(Term("attention probabilities (eager)", _eager_probs(dims, s), "H T L (4 + a)"))
+    reload = ([Term("layer input, back from CPU", T * a * d, f"T x a d = {T:,} x {a * d:,} B")]
+              if ckpt and s.checkpoint_offload and s.device == "cuda" else [])
+    grads_attn = per_token([("gradient of the residual stream", a * d, "a d"),
+                            ("gradient of the attention output", a * q, "a H h"),
+                            ("dq, dk, dv", a * (q + 2 * Gk * h), f"a (H h + 2 x {Gk} h)")])
+    grads_attn += _attention_workspace(dims, s)
+    attention = (reload + saved_attn if ckpt else []) + grads_attn
+
+    tiles = _tiles(dims, s)
+    grads_mlp = per_token([("gradient of the layer output", a * d, "a d")])
+    if tiles > 1:
+        tile = math.ceil(T / tiles)
+        k, lora = _lora_outputs(s, {"gate_proj", "up_proj", "down_proj"})
+        per = 6 * a * i + a * d + lora
+        extra = f" + {k} a r LoRA" if lora else ""
+        grads_mlp += per_token([("TiledMLP input gradient", a * d, "a d")])
+        grads_mlp.append(Term("one MLP tile: recomputed gate, SiLU, up, output and their gradients", tile * per,
+                              f"{tile:,} tokens x (6 a i + a d{extra}) B, {tiles} tiles"))
+    else:
+        grads_mlp += per_token([("gradients of down input, SiLU(gate), up", 3 * a * i, "3 a i")])
+    # the peak is the product's backward (3 saved + 3 gradient [T, i] tensors); down_proj's saved input is freed
+    # with down_proj's backward, which runs before it
+    saved_mlp = per_token([p for p in _mlp_saved(dims, s) if p[0] != DOWN_IN])
+    held = sum(t.bytes for t in saved_attn)
+    mlp = (reload + [Term("attention block's saved tensors (as above)", held, "sum of the attention parts")]
+           + saved_mlp if ckpt else []) + grads_mlp
+    # the post-attention RMSNorm's backward runs in fp32 (the norm upcasts): with the MLP's tensors freed, five fp32
+    # [T, d] tensors at its peak (its output's gradient in fp32 and four temporaries of the pow/mean/rsqrt chain)
+    # in fp32 the norm takes its input as is, so the layer output's gradient is accumulated into one of the five
+    grads_norm = per_token([("gradient of the layer output", a * d, "a d")] if a < 4 else [])
+    grads_norm += per_token([("post-attention norm: fp32 backward tensors", 20 * d, "5 x 4d")])
+    norm = (reload + [Term("attention block's saved tensors (as above)", held, "sum of the attention parts")]
+            + per_token([p for p in _mlp_saved(dims, s) if p[0] == POST_NORM_IN]) if ckpt else []) + grads_norm
+    return {"attention kernel's backward": attention, "MLP's backward": mlp, "post-attention norm's backward": norm}
+
+
+def layer_backward(dims: Dims, s: Setup) -> Term:
+    """Peak bytes one decoder layer's backward adds to the kept activations: the largest of its moments
+    (backward_moments), as a Term whose parts name every tensor alive then."""
+    moments = [(sum(t.bytes for t in parts), where, parts) for where, parts in backward_moments(dims, s).items()]
+    (total, where, parts), *others = sorted(moments, key=lambda m: m[0], reverse=True)
+    ckpt = s.gradient_checkpointing
+    what = "recomputed layer's saved tensors + gradients" if ckpt else "gradients"
+    rest = ", ".join(f"the {w}: {b / GiB:,.2f} GiB" for b, w, _ in others)
+    return Term("one layer's backward", total, f"{what} at the {where} ({rest})", parts)
+
+
+def _attention_workspace(dims: Dims, s: Setup) -> list[Term]:
+    """What the attention backward allocates besides dq/dk/dv. Flash kernels on a GPU (sdpa's flash backend and
+    flash-attn 2 share the code): a fp32 dq accumulator [T, H, h] and softmax_d [H, T]; under GQA (the kernel's
+    query heads outnumber its kv heads) dk and dv at every query head, summed to the kv heads at the end. The CPU
+    kernel works in per-thread blocks. Eager: the gradients of the probabilities and of the fp32 scores."""
+    T, a, H, h = _tokens(s), _bytes(s), dims.heads, dims.head_dim
+    q = H * h
+    if s.attn == "eager":
+        probs = dims.heads * T * s.seq_len
+        return [Term("gradients of the attention probabilities (eager)", probs * (4 + a), "H T L (4 + a)")]
+    if s.device != "cuda":
+        return []
+    out = [Term("flash backward: fp32 dq accumulator + softmax_d", T * (4 * q + 4 * H),
+                f"T x (4 H h + 4H) = {T:,} x {4 * q + 4 * H:,} B")]
+    if H > _kernel_kv_heads(dims, s):
+        out.append(Term("flash backward: dk, dv at every query head (GQA)", T * 2 * a * q,
+                        f"T x 2 a H h = {T:,} x {2 * a * q:,} B"))
+    return out
+
+
+def _loss_term(T: int, V: int, d: int, a: int, tiled: bool) -> tuple[int, str]:
+    """Peak bytes of the cross-entropy: three fp32 [tokens, V] tensors, for all T tokens or for one tile (then the
+    final hidden states and their gradient, which the tiled loss computes in the forward, are alive too)."""
     from longext.sp import loss_tiles
 
     if not tiled:
         return 12 * T * V, f"12 B x T={T:,} x V={V:,} (logits, log-softmax, grad; fp32)"
     tiles = loss_tiles(T, V)
     tokens = math.ceil(T / tiles)
-    return 12 * tokens * V + 4 * T * d, f"{tiles} tiles: 12 B x {tokens:,} tokens x V={V:,} + grad hidden T x 4d"
-
-
-def _lora_inputs(s: Setup, dims: Dims) -> int:
-    """Bytes per token per layer that LoRA (or full fine-tuning) makes autograd keep: the inputs of trainable linears
-    that nothing else keeps, and each LoRA module's r-dim A output."""
-    a = 2 if s.precision == "bf16" else 4
-    d, i, q = dims.hidden, dims.intermediate, dims.heads * dims.head_dim
-    targets = set(dims.linear_shapes()) if s.full else set(s.lora_targets)
-    # ZeRO-3 runs every linear through its own autograd function, which saves the input even of a frozen weight
-    keep = set(dims.linear_shapes()) if s.zero_stage == 3 else targets
-    # the attention kernels (sdpa, flash) write their output token-major, so o_proj's input shares its storage
-    # with the kept attention output; eager attention's output is transposed into a new tensor
-    inputs = {"attn_in": d, "o_in": q if s.attn == "eager" else 0, "mlp_in": d, "down_in": i}
-    used = {"attn_in": keep & {"q_proj", "k_proj", "v_proj"}, "o_in": keep & {"o_proj"},
-            "mlp_in": keep & {"gate_proj", "up_proj"}, "down_in": keep & {"down_proj"}}
-    if s.tiled_mlp:
-        used["mlp_in"] = set()  # TiledMLP keeps its input itself (counted as a*d)
-        used["down_in"] = set()
-    out = sum(a * inputs[k] for k, v in used.items() if v)
-    if s.full:
-        out += 2 * a * d  # the norm weights train too: their normalized inputs are kept
-    else:
-        out += a * s.lora_r * len(targets & set(dims.linear_shapes()))
-    return out
+    return (12 * tokens * V + 2 * a * T * d,
+            f"{tiles} tiles: 12 B x {tokens:,} tokens x V={V:,} + hidden and its grad 2 a T d")
 
 
 def step_flops(dims: Dims, s: Setup, trainable: int) -> tuple[float, dict]:
@@ -479,6 +641,8 @@ def render_plan(est: Estimate, switches, name: str = "") -> list:
     table.add_column("formula")
     for t in est.terms:
         table.add_row(t.name, f"{t.bytes / GiB:,.2f}", t.formula)
+        for part in t.parts:
+            table.add_row(f"  {part.name}", f"{part.bytes / GiB:,.2f}", part.formula, style="dim")
     table.add_row("total", f"{est.total / GiB:,.2f}", "", style="bold")
     switches_on = [k for k in ("gradient_checkpointing", "tiled_loss", "tiled_mlp", "checkpoint_offload",
                                "offload_optimizer", "offload_params") if getattr(s, k)]

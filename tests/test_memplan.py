@@ -6,6 +6,7 @@ before any weights load). CPU, seconds; nothing trains except the one `memory_ch
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -13,8 +14,8 @@ import torch
 
 from helpers import write_recipe
 from longext.cli import main
-from longext.memplan import (GiB, Dims, Setup, budget_problem, estimate, fixing_switches, lora_params, parse_size,
-                             step_flops)
+from longext.memplan import (GiB, Dims, Setup, backward_moments, budget_problem, estimate, fixing_switches,
+                             layer_backward, lora_params, parse_size, step_flops)
 from longext.models import add_lora
 from longext.recipe import LoraSpec
 
@@ -259,3 +260,177 @@ def test_train_refusal_names_the_switch_that_would_fit(capsys, tiny_recipe, monk
     code, _, err = run(capsys, "train", tiny_recipe, *(x for item in long for x in ("-s", item)))
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "set train.gradient_checkpointing=true (details" in err
+
+
+# ------------------------------------------------------------------------------ one layer's backward
+SMALL = Dims(layers=2, hidden=64, intermediate=160, heads=8, kv_heads=2, head_dim=16, vocab=100, tied=False)
+
+
+def part_bytes(term_) -> dict[str, int]:
+    return {p.name: p.bytes for p in term_.parts}
+
+
+def test_backward_moments_are_the_hand_formulas_for_a_small_gqa_layer():
+    """bf16 on a GPU, checkpointing, LoRA r8 on q/k/v/o, ZeRO-2: every part of the three moments by hand."""
+    T, a, d, i, H, G, h, r = 1000, 2, 64, 160, 8, 2, 16, 8
+    s = Setup(seq_len=T, zero_stage=2, gradient_checkpointing=True)
+    m = {k: {p.name: p.bytes for p in v} for k, v in backward_moments(SMALL, s).items()}
+    saved = {"input norm: fp32 input": T * 4 * d, "q/k/v input (norm output)": T * a * d,
+             "q, k, v after RoPE (kernel layout)": T * a * (H * h + 2 * G * h),
+             "attention output + log-sum-exp": T * (a * H * h + 4 * H), "LoRA A outputs (attention)": T * 4 * a * r}
+    assert m["attention kernel's backward"] == {
+        **saved, "gradient of the residual stream": T * a * d, "gradient of the attention output": T * a * H * h,
+        "dq, dk, dv": T * a * (H * h + 2 * G * h),
+        "flash backward: fp32 dq accumulator + softmax_d": T * (4 * H * h + 4 * H),
+        "flash backward: dk, dv at every query head (GQA)": T * 2 * a * H * h}
+    held = sum(saved.values())
+    assert m["MLP's backward"] == {
+        "attention block's saved tensors (as above)": held, "post-attention norm: fp32 input": T * 4 * d,
+        "gate, SiLU(gate), up": T * 3 * a * i, "gradient of the layer output": T * a * d,
+        "gradients of down input, SiLU(gate), up": T * 3 * a * i}
+    assert m["post-attention norm's backward"] == {
+        "attention block's saved tensors (as above)": held, "post-attention norm: fp32 input": T * 4 * d,
+        "gradient of the layer output": T * a * d, "post-attention norm: fp32 backward tensors": T * 20 * d}
+    total = layer_backward(SMALL, s)
+    assert total.bytes == max(sum(v.values()) for v in m.values()) == sum(part_bytes(total).values())
+
+
+def test_backward_with_tiled_mlp_holds_one_tile_and_without_checkpointing_only_gradients():
+    T, a, d, i = 1000, 2, 64, 160
+    s = Setup(seq_len=T, zero_stage=2, gradient_checkpointing=True, tiled_mlp=True)
+    mlp = {p.name: p.bytes for p in backward_moments(SMALL, s)["MLP's backward"]}
+    tile = math.ceil(T / math.ceil(T / d))  # TiledMLP's shards of about hidden_size tokens (longext.sp)
+    assert mlp["TiledMLP input"] == mlp["TiledMLP input gradient"] == T * a * d
+    assert mlp["one MLP tile: recomputed gate, SiLU, up, output and their gradients"] == tile * (6 * a * i + a * d)
+    assert "gate, SiLU(gate), up" not in mlp
+    plain = backward_moments(SMALL, replace(s, gradient_checkpointing=False))
+    assert all("saved" not in p.name and "input" not in p.name for p in plain["attention kernel's backward"])
+    tile_part = "one MLP tile: recomputed gate, SiLU, up, output and their gradients"
+    assert {p.name for p in plain["MLP's backward"]} == {"gradient of the layer output", "TiledMLP input gradient",
+                                                          tile_part}
+
+
+def test_gqa_and_sequence_parallelism_change_the_attention_terms_as_expected():
+    T, a, H, h = 4096, 2, 8, 16
+    s = Setup(seq_len=T, gpus=8, zero_stage=3, gradient_checkpointing=True)
+
+    def attention(setup, dims=SMALL):
+        return {p.name: p.bytes for p in backward_moments(dims, setup)["attention kernel's backward"]}
+
+    mha = replace(SMALL, kv_heads=H)
+    assert "flash backward: dk, dv at every query head (GQA)" not in attention(s, mha)  # MHA: no expansion
+    assert attention(s, mha)["dq, dk, dv"] - attention(s)["dq, dk, dv"] == T * a * 2 * (H - 2) * h
+    # Ulysses sp 2 (= G): T halves, k/v at G heads per local token, o_proj's input is a separate all-to-all output
+    sp2 = attention(replace(s, sequence_parallel=2))
+    assert sp2["dq, dk, dv"] == T // 2 * a * (H * h + 2 * 2 * h)
+    assert sp2["o_proj input (a copy of the output)"] == T // 2 * a * H * h
+    assert "o_proj input (a copy of the output)" not in attention(s)
+    # sp 8 > G = 2: DeepSpeed repeats the kv heads, one per rank over the whole sequence = 8 heads per local token
+    sp8 = attention(replace(s, sequence_parallel=8))
+    assert sp8["q, k, v after RoPE (kernel layout)"] == T // 8 * a * (H * h + 2 * 8 * h)
+    assert "flash backward: dk, dv at every query head (GQA)" not in sp8  # H/sp = 1 query head per kv head
+    # the CPU kernel has no flash workspace
+    assert not any(k.startswith("flash") for k in attention(replace(s, device="cpu", precision="fp32")))
+
+
+def test_the_500k_single_gpu_backward_is_dominated_by_the_attention_block():
+    """ALST's 1 x H100 set-up at 500K: the old one-layer term (a T (2d + 3i per tile) + the recomputed layer) said
+    6.3 GiB. What the recomputed attention block holds is far more: its saved tensors, gradients and the flash
+    kernel's workspace alone are 55 GiB, and with TiledMLP the peak is the post-attention norm's fp32 backward
+    while those saved tensors are still alive."""
+    s = Setup(seq_len=512_000, gpus=1, zero_stage=3, lora_r=None, offload_params=True, offload_optimizer=True,
+              gradient_checkpointing=True, checkpoint_offload=True, tiled_loss=True, tiled_mlp=True)
+    T, a, d, q = 512_000, 2, 4096, 4096
+    moments = backward_moments(LLAMA3_8B, s)
+    attention = {p.name: p.bytes for p in moments["attention kernel's backward"]}
+    block = sum(attention.values()) - attention["layer input, back from CPU"]
+    assert block > 50 * GiB and attention["flash backward: fp32 dq accumulator + softmax_d"] >= T * 4 * q
+    old = T * a * 2 * d + d * a * 3 * LLAMA3_8B.intermediate  # the old formula without the recomputed layer
+    backward = term(estimate(LLAMA3_8B, s), "one layer's backward")
+    assert backward >= sum(attention.values()) > 5 * old
+    norm = {p.name: p.bytes for p in moments["post-attention norm's backward"]}
+    assert norm["attention block's saved tensors (as above)"] == sum(
+        attention[k] for k in ("input norm: fp32 input", "input norm: normalized input (the weight trains)",
+                               "q/k/v input (norm output)", "q, k, v after RoPE (kernel layout)",
+                               "attention output + log-sum-exp"))
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of the storages created inside the mode that are still alive, after every op: the peak, and the
+    total just after the first op whose name contains `mark`. Tensors that existed before (weights, the layer's
+    input and output) are not counted."""
+
+    def __init__(self, existing, mark: str):
+        super().__init__()
+        self.skip = {t.untyped_storage().data_ptr() for t in existing}
+        self.live, self.peak, self.mark, self.at_mark = {}, 0, mark, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        out = func(*args, **(kwargs or {}))
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.skip:
+                self.live.setdefault(t.untyped_storage().data_ptr(),
+                                     (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes()))
+        now = sum(n for _, n in self.live.values())
+        self.peak = max(self.peak, now)
+        if self.at_mark is None and self.mark in str(func):
+            self.at_mark = now
+        return out
+
+
+@pytest.mark.parametrize("T,targets,tiled,dtype", [
+    (2048, ("q_proj", "k_proj", "v_proj", "o_proj"), False, torch.float32),
+    (2048, ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), False, torch.bfloat16),
+    (2048, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), True, torch.float32),
+    (2048, ("q_proj", "v_proj"), True, torch.bfloat16),
+])
+def test_one_layers_backward_equals_the_live_tensors_of_a_real_checkpointed_layer(T, targets, tiled, dtype):
+    """A real decoder layer (GQA, sdpa, peft LoRA, non-reentrant checkpointing as `train` runs it) on CPU: the peak
+    of the bytes alive during its backward equals the plan's term, and the bytes alive once the attention kernel's
+    backward has run equal the attention moment (CPU kernel: no flash workspace)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from longext.sp import apply_tiled_mlp
+
+    model = add_lora(build_tiny_model("llama", hidden_size=256, intermediate_size=704, num_hidden_layers=1,
+                                      vocab_size=64, max_position_embeddings=T), LoraSpec(r=8, targets=list(targets)))
+    model.train()
+    if tiled:
+        apply_tiled_mlp(model)
+    model.to(dtype)
+    base = model.get_base_model().model
+    x = torch.randn(1, T, 256, dtype=dtype, requires_grad=True)
+    pos = torch.arange(T)[None]
+    pe = base.rotary_emb(x, pos)
+    y = checkpoint(lambda hs: base.layers[0](hs, position_ids=pos, position_embeddings=pe), x, use_reentrant=False)
+    weights = torch.randn_like(y)
+    loss = (y * weights).sum()  # the layer output's gradient comes from autograd, as from the next layer
+    with _LiveBytes([*model.parameters(), *model.buffers(), *pe, x, y, weights], "attention_for_cpu_backward") as live:
+        loss.backward()
+    s = Setup(seq_len=T, device="cpu", precision="fp32" if dtype == torch.float32 else "bf16", zero_stage=0,
+              gradient_checkpointing=True, tiled_mlp=tiled, lora_r=8, lora_targets=targets)
+    dims = Dims.from_config(model.config)
+    assert live.peak == pytest.approx(layer_backward(dims, s).bytes, rel=0.01)
+    attention = sum(p.bytes for p in backward_moments(dims, s)["attention kernel's backward"])
+    assert live.at_mark == pytest.approx(attention, rel=0.01)
+
+
+def test_the_gpu_gradient_bucket_is_what_deepspeed_allocates_even_for_a_tiny_lora():
+    """ZeRO allocates its whole reduce bucket (contiguous_gradients, DeepSpeed's default) however few gradients
+    there are: the plan's GPU term is that buffer, not the trainable gradients (a LoRA of 3,584 parameters here).
+    On CPU only its written part is resident, which is what the CPU term counts."""
+    from longext.engine import init_distributed, make_engine
+    from longext.recipe import TrainSpec
+
+    init_distributed()
+    model = add_lora(build_tiny_model("llama"), LoraSpec(r=4))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine = make_engine(model, TrainSpec(steps=1, zero_stage=3, precision="fp32"), world_size=1)
+    (buffer,) = [b.buffer for b in engine.optimizer.ipg_buckets.values()]
+    s = Setup(seq_len=64, zero_stage=3, precision="fp32", lora_r=4)
+    assert trainable < 10_000 and term(estimate(LLAMA3_8B, s), "gradient bucket") == buffer.numel() * 4
+    cpu = estimate(Dims.from_config(model.config), replace(s, device="cpu"))
+    assert term(cpu, "gradient bucket") == trainable * 4
