@@ -46,8 +46,13 @@ def uses_deepspeed_optimizer(train: TrainSpec) -> bool:
     return train.optimizer == "auto" and on_gpu()
 
 
-def deepspeed_config(train: TrainSpec, world_size: int) -> dict:
+def deepspeed_config(train: TrainSpec, world_size: int, trainable: int | None = None) -> dict:
+    """The DeepSpeed config of a run; `trainable` (parameter count) caps the reduce bucket (memplan.reduce_bucket)."""
+    from longext.memplan import reduce_bucket
+
     zero: dict = {"stage": train.zero_stage}
+    if train.zero_stage >= 1:
+        zero["reduce_bucket_size"] = reduce_bucket(trainable)
     if train.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if train.offload_optimizer:
@@ -121,8 +126,8 @@ def make_engine(model, train: TrainSpec, world_size: int, mpu=None):
     `world_size` is the data-parallel degree (ranks / sequence_parallel) and `mpu` DeepSpeed's SP groups."""
     import deepspeed
 
-    config = deepspeed_config(train, world_size)
     params = [p for p in model.parameters() if p.requires_grad]
+    config = deepspeed_config(train, world_size, sum(p.numel() for p in params))
     optimizer = None
     if "optimizer" not in config:
         optimizer = torch.optim.AdamW(params, **_adam_params(train))

@@ -62,6 +62,14 @@ CPU_BASELINE = int(0.52 * GiB)  # process baseline of a CPU rank, measured by `l
 # of the SmolLM2-135M 2k cases at ZeRO 0 and 2, 0.75 and 0.42; with MALLOC_MMAP_THRESHOLD_=65536 it is ~1 %)
 CPU_HEAP_RETENTION = 0.58
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+
+
+def reduce_bucket(trainable: int | None) -> int:
+    """ZeRO's gradient reduce bucket in elements, as longext configures it (engine.deepspeed_config): DeepSpeed
+    allocates the whole bucket however few the trainable gradients are (5e8 by default: 0.93 GiB in bf16 for a LoRA
+    of a few million parameters); it never needs more than all of them (a larger gradient bypasses it), so longext
+    caps it at their count."""
+    return REDUCE_BUCKET if not trainable else int(min(REDUCE_BUCKET, max(trainable, 1)))
 ZERO3_MAX_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters / stage3_max_reuse_distance defaults
 ZERO3_PERSISTENCE = 100_000  # DeepSpeed's stage3_param_persistence_threshold default (elements)
 REFUSE_RATIO = 1.1  # `train` refuses (memory_check: refuse) when the estimate exceeds the budget by more than this
@@ -305,10 +313,12 @@ def _state_terms(s: Setup, Nt: int) -> list[Term]:
         grads, state, label = 0, 0, label + "; offloaded to CPU"
     out = [Term("trainable state", grads + state, f"{Nt:,} trainable x [{label}]")]
     if s.zero_stage >= 1:
-        gpu, written = s.device == "cuda", min(REDUCE_BUCKET, Nt)
+        # a GPU's caching allocator holds the whole bucket; in CPU RAM only its written part (the gradients) is
+        # resident: with the bucket capped at the trainable count (reduce_bucket) the two agree
+        bucket = reduce_bucket(Nt)
         gbytes = 4 if s.zero_stage == 1 else a
-        formula = f"reduce_bucket_size 5e8 x {gbytes} B" if gpu else f"written part: {written:,} x {gbytes} B (RSS)"
-        out.append(Term("gradient bucket", (REDUCE_BUCKET if gpu else written) * gbytes, formula))
+        out.append(Term("gradient bucket", bucket * gbytes,
+                        f"reduce_bucket_size min(5e8, trainable) = {bucket:,} x {gbytes} B"))
     return out
 
 

@@ -61,9 +61,13 @@ def resolve(recipe: Recipe) -> Resolved:
 def describe_plan(recipe: Recipe) -> str:
     """What `train --dry-run` prints: the resolved recipe, the RoPE state and the DeepSpeed config."""
     from longext.engine import deepspeed_config
+    from longext.memplan import Dims, lora_params, setup_from_recipe
 
     resolved = resolve(recipe)
     world = 1
+    # the trainable count sizes ZeRO's reduce bucket; from the config, as `longext plan` counts it
+    s = setup_from_recipe(resolved.recipe)
+    trainable = lora_params(Dims.from_config(resolved.model_config), s.lora_targets, s.lora_r, s.modules_to_save)
     parts = [
         "# resolved recipe",
         dump_recipe(resolved.recipe).rstrip(),
@@ -72,7 +76,7 @@ def describe_plan(recipe: Recipe) -> str:
         json.dumps(resolved.rope.to_json(), indent=2),
         "",
         f"# DeepSpeed config (world size {world}; scales train_batch_size with --nproc)",
-        json.dumps(deepspeed_config(recipe.train, world), indent=2),
+        json.dumps(deepspeed_config(recipe.train, world, trainable), indent=2),
         "",
         f"# run directory: {recipe.run_dir}",
     ]

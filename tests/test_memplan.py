@@ -418,11 +418,13 @@ def test_one_layers_backward_equals_the_live_tensors_of_a_real_checkpointed_laye
     assert live.at_mark == pytest.approx(attention, rel=0.01)
 
 
-def test_the_gpu_gradient_bucket_is_what_deepspeed_allocates_even_for_a_tiny_lora():
-    """ZeRO allocates its whole reduce bucket (contiguous_gradients, DeepSpeed's default) however few gradients
-    there are: the plan's GPU term is that buffer, not the trainable gradients (a LoRA of 3,584 parameters here).
-    On CPU only its written part is resident, which is what the CPU term counts."""
-    from longext.engine import init_distributed, make_engine
+def test_the_gradient_bucket_is_what_deepspeed_allocates_capped_at_the_trainable_count():
+    """DeepSpeed allocates its whole reduce bucket (contiguous_gradients, its default) however few gradients there
+    are; longext caps reduce_bucket_size at the trainable count, so a LoRA of 3,584 parameters gets a buffer of
+    3,584 elements, not 5e8 (0.93 GiB in bf16), and the plan's term is that buffer on GPU and CPU alike. Full
+    fine-tuning of a large model keeps DeepSpeed's 5e8."""
+    from longext.engine import deepspeed_config, init_distributed, make_engine
+    from longext.memplan import REDUCE_BUCKET
     from longext.recipe import TrainSpec
 
     init_distributed()
@@ -430,7 +432,10 @@ def test_the_gpu_gradient_bucket_is_what_deepspeed_allocates_even_for_a_tiny_lor
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine = make_engine(model, TrainSpec(steps=1, zero_stage=3, precision="fp32"), world_size=1)
     (buffer,) = [b.buffer for b in engine.optimizer.ipg_buckets.values()]
+    assert trainable < 10_000 and buffer.numel() == trainable
     s = Setup(seq_len=64, zero_stage=3, precision="fp32", lora_r=4)
-    assert trainable < 10_000 and term(estimate(LLAMA3_8B, s), "gradient bucket") == buffer.numel() * 4
-    cpu = estimate(Dims.from_config(model.config), replace(s, device="cpu"))
-    assert term(cpu, "gradient bucket") == trainable * 4
+    dims = Dims.from_config(model.config)
+    for device in ("cuda", "cpu"):
+        assert term(estimate(dims, replace(s, device=device)), "gradient bucket") == buffer.numel() * 4
+    assert deepspeed_config(TrainSpec(steps=1, zero_stage=2), 1, 8_000_000_000)["zero_optimization"]["reduce_bucket_size"] == REDUCE_BUCKET
+    assert deepspeed_config(TrainSpec(steps=1, zero_stage=0), 1, 10)["zero_optimization"] == {"stage": 0}
