@@ -359,7 +359,9 @@ class LongGenMethod(Section):
     sparse: LongGenSparse = Field(default_factory=LongGenSparse, description="The sparse layers' pattern.")
     kernel: Literal["auto", "block", "flex", "dense"] = Field(
         "auto",
-        description="Sparse attention kernel: block = block-wise attention over the gathered key blocks (CPU/any); "
+        description="Sparse attention kernel: block = the pattern's fast path, cost ~ the sparse budget, with a backward "
+        "(CPU/any: chunked fused SDPA over contiguous key slices for attn_sink; gathered key blocks for block_sparse "
+        "training); "
         "flex = FlexAttention with a block mask (CUDA); dense = SDPA with the full boolean mask (reference, O(L^2)); "
         "auto = flex on CUDA when available, else block.",
     )

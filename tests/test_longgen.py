@@ -1,5 +1,5 @@
-"""LongGen kernel half: layout, patterns, the block / flex kernels against the dense reference, the pruned
-KV cache against full sparse forwards, and the exported model class reloaded in a fresh process."""
+"""LongGen kernel half: layout, patterns, the chunked-SDPA / block / flex kernels against the dense reference,
+the pruned KV cache against full sparse forwards, and the exported model class reloaded in a fresh process."""
 
 from __future__ import annotations
 
@@ -37,9 +37,11 @@ PATTERNS = {
 
 @pytest.fixture(autouse=True)
 def small_sink_blocks(monkeypatch):
-    """attn_sink's kernel block is 64 by default; at 4 the short test sequences span many blocks, so the
-    kernel's band and its separate sink blocks are both exercised (as at real lengths)."""
+    """attn_sink's kernel block is 64 by default and the chunked kernel's query chunk 512; at 4 and 8 the short
+    test sequences span many blocks and chunks, so the band / window and the separate sinks are both
+    exercised (as at real lengths)."""
     monkeypatch.setattr(lg, "SINK_KERNEL_BLOCK", 4)
+    monkeypatch.setattr(lg, "SDPA_CHUNK", 8)
 
 
 def tiny(layers: int = 3, seed: int = 0):
@@ -169,16 +171,25 @@ def logits_and_grads(model, ids, mask):
     return out[keep].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+# which function kernel "block" (and "auto" on CPU) runs, without / with gradients: chunked SDPA where all heads
+# share the pattern (block_sparse: only without gradients)
+BLOCK_KERNEL_FN = {"attn_sink": "chunked_attention", "block_homo": "chunked_attention",
+                   "block_shifted": "block_attention"}
+BLOCK_KERNEL_FN_TRAIN = {**BLOCK_KERNEL_FN, "block_homo": "block_attention"}
+
+
 @pytest.mark.parametrize("side", [None, "left", "right"])
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_block_kernel_equals_the_dense_reference_with_gradients(name, side, monkeypatch):
     fast, dense = hybrid(PATTERNS[name], kernel="block"), hybrid(PATTERNS[name], kernel="dense")
     ids, mask = tokens(45, rows=2, seed=1), padded_mask(2, 45, side)
     calls = []
-    block = lg.block_attention
-    monkeypatch.setattr(lg, "block_attention", lambda *args: calls.append(1) or block(*args))
+    for fn_name in ("chunked_attention", "block_attention"):
+        fn = getattr(lg, fn_name)
+        monkeypatch.setattr(lg, fn_name, lambda *args, fn=fn, n=fn_name: calls.append(n) or fn(*args))
     got, got_grads = logits_and_grads(fast, ids, mask)
-    assert len(calls) == 2  # both sparse layers ran the block kernel (the padding mask did not force dense)
+    # both sparse layers ran the fast kernel (the padding mask did not force dense)
+    assert calls == [BLOCK_KERNEL_FN_TRAIN[name]] * 2
     want, want_grads = logits_and_grads(dense, ids, mask)
     assert len(calls) == 2
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
@@ -231,6 +242,166 @@ def test_attn_sink_kernel_at_its_default_block(monkeypatch):
     for a, b in zip(torch.autograd.grad(got.square().sum(), (q, k, v)),
                     torch.autograd.grad(want.square().sum(), (q, k, v))):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+CHUNKED = {
+    "attn_sink": SINK,
+    "sink_0": dict(SINK, sink_tokens=0),
+    "window_1": dict(SINK, window=1),  # each query sees the sinks and itself
+    "block_homo": {**BLOCK, "homo_head": True},
+}
+
+
+def qkv(rows: int, heads: int, kv_heads: int, n: int, d: int = 16, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(rows, h, n, d, generator=gen, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+
+
+def assert_same_attention_and_grads(got, want, inputs):
+    """Outputs and the q, k, v gradients (under a random upstream gradient) within fp32 rounding."""
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    upstream = torch.randn(want.shape, generator=torch.Generator().manual_seed(9))
+    for a, b in zip(torch.autograd.grad((got * upstream).sum(), inputs),
+                    torch.autograd.grad((want * upstream).sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def backward_name(out: torch.Tensor) -> str:
+    return type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("path", ["merged", "masked"])
+@pytest.mark.parametrize("chunk", [8, 13, 1000])
+@pytest.mark.parametrize("side", [None, "left", "right"])
+@pytest.mark.parametrize("name", sorted(CHUNKED))
+def test_chunked_kernel_equals_the_dense_reference(name, side, chunk, path, monkeypatch):
+    """chunked_attention against the dense reference mask: batch 2, 8 query heads over 2 kv heads, 61 slots
+    (not a multiple of the chunk; 1000 = one chunk), one row with 20 pads on `side` (left: that row's sinks
+    and first queries see only pads, so their output is zero, as the reference's). path: attn_sink with no
+    padding on CPU runs the merged maskless parts (`_MergedSinkWindowAttention`); "masked" forces the
+    one-masked-SDPA-call-per-chunk form (the one for padding, block_sparse, other devices and dtypes)."""
+    if path == "masked":
+        monkeypatch.setattr(lg, "_flash_cpu_available", lambda query: False)
+    monkeypatch.setattr(lg, "SDPA_CHUNK", chunk)
+    spec = LongGenSpec([], **CHUNKED[name])
+    q, k, v = qkv(2, 8, 2, 61)
+    valid = None if side is None else padded_mask(2, 61, side, pads=20).bool()
+    slots = torch.arange(61)
+    want = lg.dense_attention(spec, q, k, v, slots, slots, None if valid is None else valid[:, None, None, :], 0.25)
+    got = lg.chunked_attention(spec, q, k, v, valid, 0.25)
+    merged = path == "merged" and side is None and spec.sparse_type == "attn_sink"
+    assert (backward_name(got) == "_MergedSinkWindowAttentionBackward") == merged
+    assert got.shape == (2, 61, 8, 16)
+    if side == "left":
+        assert got[1, :20].abs().max() == 0 and want[1, :20].abs().max() == 0
+    assert_same_attention_and_grads(got, want, (q, k, v))
+
+
+@pytest.mark.parametrize("path", ["merged", "masked"])
+@pytest.mark.parametrize("sink", [0, 5])
+def test_chunked_kernel_with_a_window_covering_the_sequence_is_causal_sdpa(sink, path, monkeypatch):
+    """A different reference: with window >= length the pattern is plain causal attention (stock SDPA)."""
+    if path == "masked":
+        monkeypatch.setattr(lg, "_flash_cpu_available", lambda query: False)
+    spec = LongGenSpec([], "attn_sink", sink_tokens=sink, window=70)
+    q, k, v = qkv(2, 6, 3, 70)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
+    got = lg.chunked_attention(spec, q, k, v, None, 0.25)
+    assert_same_attention_and_grads(got, want.transpose(1, 2), (q, k, v))
+
+
+def test_chunked_kernel_at_its_default_chunk(monkeypatch):
+    """SDPA_CHUNK 512 and 1100 slots: three chunks, the last one short; the last two read sinks and window
+    as separate slices. Merged path: the middle chunk (longer than the window) runs as masked slices, the
+    last one as four maskless parts; and the masked path."""
+    monkeypatch.setattr(lg, "SDPA_CHUNK", 512)
+    spec = LongGenSpec([], "attn_sink", sink_tokens=5, window=300)
+    assert lg._chunk_pieces(spec, 1024, 1100) == [(0, 5, 1, 1), (725, 1100, 1, 1)]
+    assert lg._sink_window_parts(spec, 512, 1024) is None
+    assert lg._sink_window_parts(spec, 1024, 1100) == [(0, 5, "all"), (801, 1024, "all"), (725, 801, "edge"),
+                                                        (1024, 1100, "causal")]
+    q, k, v = qkv(1, 4, 2, 1100, d=8)
+    slots = torch.arange(1100)
+    want = lg.dense_attention(spec, q, k, v, slots, slots, None, 0.25)
+    got = lg.chunked_attention(spec, q, k, v, None, 0.25)
+    assert backward_name(got) == "_MergedSinkWindowAttentionBackward"
+    assert_same_attention_and_grads(got, want, (q, k, v))
+    monkeypatch.setattr(lg, "_flash_cpu_available", lambda query: False)
+    want = lg.dense_attention(spec, q, k, v, slots, slots, None, 0.25)
+    assert_same_attention_and_grads(lg.chunked_attention(spec, q, k, v, None, 0.25), want, (q, k, v))
+
+
+def test_merged_parts_are_the_window_exactly():
+    """For each chunk past the sinks the maskless parts cover each key once and, with their kinds ("all",
+    "causal": j <= i, "edge": j >= i), give exactly the reference mask: nothing more is read than the
+    pattern's sinks + window."""
+    spec = LongGenSpec([], **SINK)
+    for a in range(16, 200, 8):
+        parts = lg._sink_window_parts(spec, a, a + 8)
+        assert parts is not None
+        cols, rows = [], []
+        i = torch.arange(8)[:, None]
+        for s, e, kind in parts:
+            j = torch.arange(e - s)[None]
+            cols.append(torch.arange(s, e))
+            rows.append({"all": j >= 0, "causal": j <= i, "edge": j >= i}[kind].expand(8, e - s))
+        cols = torch.cat(cols)
+        assert torch.equal(cols.sort().values, cols.unique())
+        got = torch.zeros(8, 200, dtype=torch.bool)
+        got[:, cols] = torch.cat(rows, dim=1)
+        assert torch.equal(got, reference_mask(spec, torch.arange(a, a + 8), torch.arange(200), 4)[0])
+
+
+@pytest.mark.parametrize("name", ["attn_sink", "block_homo"])
+def test_chunked_kernel_reads_a_bounded_number_of_keys(name):
+    """Work and saved keys grow as S * (budget + chunk): no chunk reads more than the pattern's budget plus
+    the chunk itself (attn_sink: sinks + window - 1 + chunk; block_sparse: the band plus the vertical
+    blocks before it), and every slot is read at most once."""
+    spec = LongGenSpec([], **PATTERNS[name])
+    chunk, seq_len = 8, 400
+    for a in range(0, seq_len, chunk):
+        b = min(seq_len, a + chunk)
+        pieces = lg._chunk_pieces(spec, a, b)
+        slots = torch.cat([torch.arange(s, e).view(-1, u)[::t].flatten() for s, e, u, t in pieces])
+        assert torch.equal(slots, slots.unique()) and int(slots.max()) == b - 1
+        if name == "attn_sink":
+            assert len(slots) <= spec.sink_tokens + spec.window - 1 + (b - a)
+            parts = lg._sink_window_parts(spec, a, b)  # the merged path's maskless split reads the same bound
+            assert parts is None or sum(e - s for s, e, _ in parts) <= spec.sink_tokens + spec.window - 1 + (b - a)
+        else:
+            assert len(slots) <= budget(spec, a + 1) + spec.block_size + (b - a)
+
+
+def test_chunked_kernel_shares_one_mask_past_the_sinks(monkeypatch):
+    """Autograd saves each SDPA call's mask: chunks past the sinks must reuse one mask tensor (else the saved
+    masks would grow as S * keys-per-chunk floats), and those chunks must not read the middle keys."""
+    monkeypatch.setattr(lg, "_flash_cpu_available", lambda query: False)  # the masked path (merged has no masks)
+    spec = LongGenSpec([], **SINK)
+    q, k, v = qkv(1, 4, 2, 200)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kw):
+        seen.append((attn_mask.data_ptr(), key.shape[2]))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(lg.F, "scaled_dot_product_attention", spy)
+    lg.chunked_attention(spec, q, k, v, None, 0.25).sum().backward()
+    assert len(seen) == 25  # 200 / 8 chunks
+    assert len({ptr for ptr, _ in seen}) <= 3  # the first chunks (sinks inside the window) differ
+    assert max(n for _, n in seen) == 3 + 12 - 1 + 8
+
+
+def test_auto_on_cpu_runs_the_chunked_kernel_for_shared_patterns(monkeypatch):
+    calls = []
+    for fn_name in ("chunked_attention", "block_attention", "dense_attention"):
+        fn = getattr(lg, fn_name)
+        monkeypatch.setattr(lg, fn_name, lambda *args, fn=fn, n=fn_name: calls.append(n) or fn(*args))
+    for name in sorted(PATTERNS):
+        calls.clear()
+        with torch.no_grad():
+            hybrid(PATTERNS[name], kernel="auto")(tokens(30))
+        assert calls == [BLOCK_KERNEL_FN[name]] * 2, name
 
 
 # ------------------------------------------------------------------------------------------- cache

@@ -14,10 +14,18 @@ LEFT padding a row's first slots are pads, so its attn_sink sinks are pads too (
 
 Kernels for the sparse layers (one registered attention function, "longgen_sparse"; full layers go to
 SDPA with the same mask transformers builds for it):
-  block  plain torch, CPU and GPU: query block i gathers the key blocks it may read (its band of local /
-         window blocks, then the global ones: sinks or vertical-stride blocks) and attends to them;
-         chunks of query blocks at a time, flash-style (a custom autograd.Function that keeps the row
-         log-sum-exp and recomputes each chunk in backward). Time ~ S * budget, memory ~ S * d.
+  block  plain torch, CPU and GPU, in one of two forms:
+         - chunked SDPA (`chunked_attention`; attn_sink, and block_sparse with homo_head when no gradient is
+           needed, see `_chunkable`): queries in chunks
+           of SDPA_CHUNK rows; a chunk's keys are a few slices of K/V (sinks + window, or the vertical
+           blocks + the band), concatenated and read by torch's fused SDPA under a small mask; SDPA's own
+           backward. Time and saved tensors ~ S * (budget + chunk). On CPU in fp32 with no padding,
+           attn_sink chunks are cut into slices that need no mask, read by the CPU flash kernel and merged
+           by their log-sum-exp (`_MergedSinkWindowAttention`; saves only q, k, v, output, lse).
+         - gathered blocks (`block_attention`; block_sparse with shifted heads, whose heads read different
+           blocks, and block_sparse training): query block i gathers the key blocks it may read and attends to them, chunks of query
+           blocks at a time, flash-style (a custom autograd.Function that keeps the row log-sum-exp and
+           recomputes each chunk in backward). Time ~ S * budget, memory ~ S * d.
   flex   torch FlexAttention with a BlockMask from the same `_pattern` (CUDA; chosen by "auto").
   dense  the reference: the dense pattern mask through SDPA (also used for decode steps and any
          query/key layout the block kernel does not cover, e.g. a pruned cache).
@@ -357,6 +365,202 @@ def block_attention(spec, query, key, value, key_valid, scaling):
     return out.transpose(1, 2).contiguous()
 
 
+SDPA_CHUNK = 512  # query rows per SDPA call of the chunked kernel: fewer wasted keys when smaller, more calls
+
+
+def _chunkable(spec: LongGenSpec, query: torch.Tensor) -> bool:
+    """Does `block` run `chunked_attention` here? attn_sink: always. block_sparse with homo_head: without
+    gradients only (measured at 16k on SmolLM2 shapes, CPU: forward 1.6x faster than the gathered blocks,
+    forward + backward the same, while autograd would keep each chunk's mask). Shifted heads: never (each
+    head reads other blocks)."""
+    if spec.sparse_type == "attn_sink":
+        return True
+    return _pattern_heads(spec, query.shape[1]) == 1 and not (torch.is_grad_enabled() and query.requires_grad)
+
+
+def _chunk_pieces(spec: LongGenSpec, a: int, b: int) -> list[tuple[int, int, int, int]]:
+    """Key slots the queries a..b-1 may read, as pieces (start, stop, unit, step): the slots start..stop-1
+    cut into runs of `unit`, every step-th run kept (unit = step = 1: a plain slice). Together a superset of
+    what the pattern lets these queries read, with each slot once; the mask trims the rest.
+
+    attn_sink: the sinks [0, sink) and the window [a - window + 1, b) (one slice while they touch);
+    block_sparse (homo): the vertical blocks before the band of query a's block, then the band up to b.
+    """
+    if spec.sparse_type == "attn_sink":
+        lo = max(0, a - spec.window + 1)
+        if lo <= spec.sink_tokens:
+            return [(0, b, 1, 1)]
+        return ([(0, spec.sink_tokens, 1, 1)] if spec.sink_tokens else []) + [(lo, b, 1, 1)]
+    bs, vs = spec.block_size, spec.vert_stride
+    lo = max(0, a // bs - spec.local_blocks + 1)  # first band block of the chunk's first query
+    n = len(range(vs - 1, lo, vs))  # vertical blocks K = vs-1, 2vs-1, ... before the band
+    pieces = [((vs - 1) * bs, (vs + (n - 1) * vs) * bs, bs, vs)] if n else []
+    return pieces + [(lo * bs, b, 1, 1)]
+
+
+def _take(x: torch.Tensor, piece) -> torch.Tensor:
+    """The piece's slots of x [B, h, S, d] along dim 2 (slices and a strided view; no index gather)."""
+    start, stop, unit, step = piece
+    x = x[:, :, start:stop]
+    return x.unflatten(2, (-1, unit))[:, :, ::step].flatten(2, 3) if step > 1 else x
+
+
+def _chunk_mask(spec, pieces, a, b, num_heads, key_valid, dtype, device, cache: dict):
+    """(additive mask of `dtype` [B or 1, 1, b-a, n], row_any [B, 1, b-a, 1] or None) for one query chunk.
+
+    Rows that see no key (a padded query with only pads in reach) get an all-zero mask row here and a zero
+    output row from row_any, as the dense reference does. attn_sink chunks past the sinks all share one mask
+    (the pattern depends on q - k there; sinks are all visible): it is built once per call, so autograd
+    keeps one copy and not one per chunk.
+    """
+    key = None
+    if key_valid is None and spec.sparse_type == "attn_sink" and pieces[-1][0] > spec.sink_tokens:
+        key = (len(pieces), pieces[-1][0] - a, b - a)
+        if key in cache:
+            return cache[key], None
+    k_slots = torch.cat([torch.arange(s, e, device=device).view(-1, u)[::t].flatten() for s, e, u, t in pieces])
+    q_slots = torch.arange(a, b, device=device)
+    allowed = _pattern(spec, q_slots[:, None], k_slots[None, :], 0, num_heads)[None, None]  # [1, 1, c, n]
+    row_any = None
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, k_slots]  # [B, 1, c, n]
+        row_any = allowed.any(-1, keepdim=True)
+        allowed = allowed | ~row_any
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    if key is not None:
+        cache[key] = mask
+    return mask, row_any
+
+
+def _sink_window_parts(spec: LongGenSpec, a: int, b: int) -> list[tuple[int, int, str]] | None:
+    """attn_sink queries a..b-1 as key slices (start, stop, kind) that need no mask, or None where the sinks
+    and the window overlap (early chunks). kind: "all" (every query reads every key), "causal" (the chunk's
+    own keys: query i reads key j <= i) or "edge" (the window's lower edge: key j >= i; run as causal on
+    reversed rows and keys). Each key slot in one part; every row reads at least one key of every part.
+    """
+    w, c = spec.window, b - a
+    if a - w + 1 < spec.sink_tokens or c > w - 1:
+        return None
+    parts = [(0, spec.sink_tokens, "all")] if spec.sink_tokens else []
+    if w - 1 - c > 0:
+        parts.append((b - w + 1, a, "all"))
+    return parts + [(a - w + 1, b - w + 1, "edge"), (a, b, "causal")]
+
+
+def _flash_cpu_available(query: torch.Tensor) -> bool:
+    return query.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+class _MergedSinkWindowAttention(torch.autograd.Function):
+    """attn_sink over a causal prefix, no padding, on CPU: each query chunk's keys are split into slices that
+    need no mask (`_sink_window_parts`), each read by torch's fused CPU flash attention, which also returns
+    the row log-sum-exp; the parts are merged flash-style (out = sum_p exp(lse_p - lse) * out_p). Early
+    chunks (sinks inside the window) run as one masked call. The backward calls the same op's backward per
+    part with the merged output and log-sum-exp (the split-KV flash backward), so no key, probability or
+    mask is stored: saved are q, k, v, the output and the log-sum-exp.
+
+    q [B, H, S, d], k/v [B, KV, S, d] -> out [B, S, H, d].
+    """
+
+    @staticmethod
+    def _parts(spec, a, b, num_heads, dtype, device):
+        """[(start, stop, kind, additive mask or None)] for queries a..b-1: the maskless split, or, for the
+        early chunks, `_chunk_pieces`' slices with their own masks (every row still sees a key in each)."""
+        parts = _sink_window_parts(spec, a, b)
+        if parts is not None:
+            return [(s, e, kind, None) for s, e, kind in parts]
+        out, q_slots = [], torch.arange(a, b, device=device)[:, None]
+        for s, e, _, _ in _chunk_pieces(spec, a, b):
+            allowed = _pattern(spec, q_slots, torch.arange(s, e, device=device)[None], 0, num_heads)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+            out.append((s, e, "all", None if bool(allowed.all()) else mask))
+        return out
+
+    @staticmethod
+    def forward(ctx, q, k, v, spec, scaling):
+        B, H, S, d = q.shape
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out = q.new_empty(B, S, H, d)
+        lse = q.new_empty(B, H, S, dtype=torch.float32)
+        for a in range(0, S, SDPA_CHUNK):
+            b = min(S, a + SDPA_CHUNK)
+            acc = m = None
+            for s, e, kind, mask in _MergedSinkWindowAttention._parts(spec, a, b, H, q.dtype, q.device):
+                flip = kind == "edge"
+                qq, kk, vv = q[:, :, a:b], k[:, :, s:e], v[:, :, s:e]
+                if flip:
+                    qq, kk, vv = qq.flip(2), kk.flip(2), vv.flip(2)
+                o, l = op(qq, kk, vv, 0.0, kind != "all", attn_mask=mask, scale=scaling)
+                if flip:
+                    o, l = o.flip(2), l.flip(2)
+                o, l = o.float(), l.float()
+                if acc is None:
+                    acc, m = o, l
+                else:
+                    new = torch.logaddexp(m, l)
+                    acc = acc * (m - new).exp_()[..., None] + o * (l - new).exp_()[..., None]
+                    m = new
+            out[:, a:b] = acc.transpose(1, 2)
+            lse[:, :, a:b] = m
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec, ctx.scaling = spec, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        B, H, S, d = q.shape
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dout_h, out_h = dout.transpose(1, 2), out.transpose(1, 2)  # [B, H, S, d] views
+        for a in range(0, S, SDPA_CHUNK):
+            b = min(S, a + SDPA_CHUNK)
+            for s, e, kind, mask in _MergedSinkWindowAttention._parts(ctx.spec, a, b, H, q.dtype, q.device):
+                flip = kind == "edge"
+                t = [dout_h[:, :, a:b], q[:, :, a:b], k[:, :, s:e], v[:, :, s:e], out_h[:, :, a:b], lse[:, :, a:b]]
+                if flip:
+                    t = [x.flip(2) for x in t]
+                g = op(*t, 0.0, kind != "all", attn_mask=mask, scale=ctx.scaling)
+                if flip:
+                    g = [x.flip(2) for x in g]
+                dq[:, :, a:b] += g[0]
+                dk[:, :, s:e] += g[1]
+                dv[:, :, s:e] += g[2]
+        return dq, dk, dv, None, None
+
+
+def chunked_attention(spec, query, key, value, key_valid, scaling):
+    """Chunked-SDPA kernel for a causal prefix (query and key slots 0..S-1); patterns shared by all heads.
+
+    query [B, H, S, d], key/value [B, KV, S, d], key_valid [B, S] bool or None -> [B, S, H, d]. Queries go in
+    chunks of SDPA_CHUNK rows; each chunk's keys are a few contiguous (or block-strided) slices of key/value
+    (`_chunk_pieces`: for attn_sink the sinks and the window), concatenated, and torch's fused SDPA reads
+    them under a small [chunk, keys] mask (causal edge, window edge, padding). GQA through SDPA's
+    enable_gqa; the backward is SDPA's own, through autograd. Work and saved tensors grow as
+    S * (sink + window + chunk), not S^2 (with padding, or for block_sparse, autograd also keeps each chunk's
+    [B or 1, 1, chunk, keys] mask: S * keys floats per layer). attn_sink without padding in fp32 on CPU goes
+    to `_MergedSinkWindowAttention` instead (no masks past the first chunks, nothing but q, k, v, output and
+    lse saved).
+    """
+    B, H, S, d = query.shape
+    merged = spec.sparse_type == "attn_sink" and key_valid is None and query.dtype == torch.float32
+    if merged and _flash_cpu_available(query):
+        return _MergedSinkWindowAttention.apply(query, key, value, spec, scaling)
+    gqa = key.shape[1] != H
+    masks, outs = {}, []
+    for a in range(0, S, SDPA_CHUNK):
+        b = min(S, a + SDPA_CHUNK)
+        pieces = _chunk_pieces(spec, a, b)
+        kk = torch.cat([_take(key, p) for p in pieces], dim=2) if len(pieces) > 1 else _take(key, pieces[0])
+        vv = torch.cat([_take(value, p) for p in pieces], dim=2) if len(pieces) > 1 else _take(value, pieces[0])
+        mask, row_any = _chunk_mask(spec, pieces, a, b, H, key_valid, query.dtype, query.device, masks)
+        out = F.scaled_dot_product_attention(query[:, :, a:b], kk, vv, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        if row_any is not None:
+            out = out * row_any
+        outs.append(out.transpose(1, 2))  # [B, c, H, d]
+    return torch.cat(outs, dim=1)
+
+
 _FLEX_COMPILED = None
 
 
@@ -456,7 +660,10 @@ def longgen_attention(module, query, key, value, attention_mask, scaling=None, d
     if kernel != "dense" and contiguous:
         plain, key_valid = _key_padding(mask, k_len)
         if plain:
-            fn = flex_attention_kernel if kernel == "flex" else block_attention
+            if kernel == "flex":
+                fn = flex_attention_kernel
+            else:  # "block": chunked SDPA over key slices where the pattern allows, else gathered key blocks
+                fn = chunked_attention if _chunkable(spec, query) else block_attention
             return fn(spec, query, key, value, key_valid, scaling), None
     q_slots = torch.arange(total - q_len, total, device=query.device)
     padding = None
