@@ -240,3 +240,25 @@ def test_every_method_row_of_the_suites_is_a_valid_recipe():
     kinds = {n: validate_recipe(c["recipe"], n).method.kind for n, c in smol.items() if c["train"]}
     assert kinds["smollm2-harpe"] == "harpe" and kinds["smollm2-longrecipe"] == "longrecipe"
     assert all("eval" not in c["recipe"] for c in smol.values())
+
+
+def test_a_reduced_run_stays_on_the_page_next_to_a_full_run(tmp_path):
+    """SmolLM2's quick run is shown beside the full one when both exist (the full run may not have reached rows
+    the quick one has), rendered from its JSON, or kept from the previous page when its JSON is gone."""
+    full = suite_doc([("smollm2-base", "no extension", model_result({8192: 16.5, 16384: 742.0}, {16384: (0, 3)}))])
+    quick = {**suite_doc([("smollm2-pi", "PI x2, training-free", model_result({16384: 46.9}, {}))]), "quick": True}
+    run.write_json(tmp_path / "smollm2" / "suite.json", full)
+    run.write_json(tmp_path / "smollm2-quick" / "suite.json", quick)
+    suites = run.load_suites(tmp_path)
+    assert suites["smollm2"] is full or suites["smollm2"]["cases"] == full["cases"]
+    text = report.render(suites)
+    assert "| no extension | 16.49 |" not in text and "| no extension | 16.50 | 742 |" in text
+    assert "<!-- suite:smollm2-quick -->" in text and "| PI x2, training-free | 46.90 |" in text
+    assert text.index("<!-- /suite:smollm2 -->") < text.index("<!-- suite:smollm2-quick -->")
+    # the quick JSON gone: the previous page's section is kept as it was
+    (tmp_path / "smollm2-quick" / "suite.json").unlink()
+    again = report.render(run.load_suites(tmp_path), text)
+    assert again.count("<!-- suite:smollm2-quick -->") == 1 and "| PI x2, training-free | 46.90 |" in again
+    # a quick run alone is the suite's only section
+    alone = report.render({"smollm2": quick})
+    assert "<!-- suite:smollm2-quick -->" not in alone and "(reduced run)" in alone

@@ -29,10 +29,15 @@ def _marker(suite: str) -> tuple[str, str]:
     return f"<!-- suite:{suite} -->", f"<!-- /suite:{suite} -->"
 
 
+# A suite's reduced run shown next to its full run, when both exist (results of each kind are kept apart under
+# bench-runs/<suite> and bench-runs/<suite>-quick): the full run may not have reached rows the quick one has.
+EXTRA = {"smollm2": "smollm2-quick"}
+
+
 def old_sections(text: str) -> dict[str, str]:
     """The suite sections of a previously rendered page, markers included."""
     out = {}
-    for suite in SUITES:
+    for suite in (*SUITES, *EXTRA.values()):
         start, end = _marker(suite)
         match = re.search(re.escape(start) + r".*?" + re.escape(end), text, flags=re.S)
         if match:
@@ -54,6 +59,12 @@ def render(suites: dict[str, dict | None], old_text: str = "") -> str:
             parts += [old[suite], ""]
         else:
             parts += [start, f"## {suite}\n\nNot run yet (`longext bench {suite}`).", end, ""]
+        extra = EXTRA.get(suite)
+        if extra and suites.get(extra) is not None:
+            start, end = _marker(extra)
+            parts += [start, smollm2_section(suites[extra], plots=False).rstrip(), end, ""]
+        elif extra and extra in old:
+            parts += [old[extra], ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -266,15 +277,17 @@ def determinism(a: dict, b: dict) -> str:
             f"(needs ≤ 1 % and identical): {verdict}")
 
 
-def smollm2_section(doc: dict) -> str:
+def smollm2_section(doc: dict, plots: bool = True) -> str:
     from longext.bench.suites import SMOL_TARGET
 
-    lines = [f"## SmolLM2-135M: 8k → {format_length(SMOL_TARGET)}", "", *_header(doc)]
+    quick = " (reduced run)" if doc.get("quick") else ""
+    lines = [f"## SmolLM2-135M: 8k → {format_length(SMOL_TARGET)}{quick}", "", *_header(doc)]
     if doc.get("quick"):
         lines += ["**Reduced run** (`--quick`): fewer lengths, one short target window, few passkey trials and no "
-                  "fine-tuned row; the full suite did not fit in the session that produced this page.", ""]
+                  "fine-tuned row.", ""]
     lines += model_tables(doc, SMOL_TARGET)
-    lines += ["", "![perplexity](bench/smollm2-ppl.png) ![passkey](bench/smollm2-passkey.png)"]
+    if plots:
+        lines += ["", "![perplexity](bench/smollm2-ppl.png) ![passkey](bench/smollm2-passkey.png)"]
     return "\n".join(lines)
 
 

@@ -155,7 +155,10 @@ def toy_info() -> dict:
 
 
 def load_suites(out: Path) -> dict[str, dict | None]:
-    """The latest results of each suite: the full run if there is one, else the quick run, else None."""
+    """The latest results of each suite: the full run if there is one, else the quick run, else None; and for
+    the suites of report.EXTRA the quick run under its own key when the full one is there too."""
+    from longext.bench.report import EXTRA
+
     found = {}
     for suite in SUITES:
         found[suite] = None
@@ -164,6 +167,9 @@ def load_suites(out: Path) -> dict[str, dict | None]:
             if path.is_file():
                 found[suite] = json.loads(path.read_text())
                 break
+        quick = Path(out) / f"{suite}-quick" / "suite.json"
+        if suite in EXTRA and found[suite] is not None and not found[suite].get("quick") and quick.is_file():
+            found[EXTRA[suite]] = json.loads(quick.read_text())
     return found
 
 
@@ -178,7 +184,7 @@ def write_doc(out: Path, doc_path: Path) -> Path:
         suites["toy"]["toy_attempts"] = attempts  # history, not a result of the run: always the current list
     old = doc_path.read_text() if doc_path.is_file() else ""
     for suite, doc in suites.items():
-        if doc is not None and suite != "throughput":
+        if doc is not None and suite in SUITES and suite != "throughput":
             try:
                 plot_suite(suite, doc, doc_path.parent / "bench")
             except ImportError:  # matplotlib is an extra; the tables do not need it
