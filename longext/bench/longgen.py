@@ -27,7 +27,7 @@ import torch
 # SmolLM2 the 7B recipe's 64 + 1984 = 2k, 1/8 of 16k. Both: the middle third of the layers full.
 TOY_SPARSE = {"type": "attn_sink", "sink_tokens": 4, "window": 124}
 SMOL_SPARSE = {"type": "attn_sink", "sink_tokens": 64, "window": 1984}
-TOY_THETA = 2.0e5  # ABF for 128 -> 1024, the same for both arms: 2 x the toy base (1e5; it was 20 x the first base, 1e4)
+TOY_THETA = 2.0e5  # ABF for 128 -> 1024, both arms: 2 x the toy base (1e5; it was 20 x the first base)
 ARMS = ("longgen", "full")
 
 
