@@ -52,11 +52,19 @@ def ntk_theta(theta: float, factor: float, dim: int) -> float:
     return theta * factor ** (dim / (dim - 2))
 
 
+def config_theta(config) -> float:
+    """The model's RoPE base: rope_parameters.rope_theta (transformers 5), else a top-level rope_theta, else 1e4.
+    `config` is a transformers config or its config.json as a dict."""
+    get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+    params = get("rope_parameters") or {}
+    return float(params.get("rope_theta", get("rope_theta", 10000.0)))
+
+
 def rope_state(recipe: Recipe, config) -> RopeState:
     """The RoPE setting the recipe asks for, for this model config. Raises LongextError on conflicts."""
     spec = recipe.rope
     base = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default"})
-    base_theta = float(base.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    base_theta = config_theta(config)
     theta = float(spec.theta) if spec.theta else base_theta
     L0 = original_context(config, recipe.model.original_context)
     target = recipe.method.target_len

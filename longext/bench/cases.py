@@ -73,16 +73,6 @@ def stage_lengths(recipe, original: int | None) -> list[tuple[int, int]]:
     return stages
 
 
-def train_compute(result: dict) -> float | None:
-    """Training FLOPs proxy of a row: sum over its stages of tokens x (N + n_layers * seq_len * d), the cost
-    per token of the report's compute column (Kaplan et al. 2020); None when the row did not train."""
-    by_length = result.get("train_tokens_by_length")
-    if not by_length:
-        return None
-    n, layers, d = result["params_nonembed"], result["layers"], result["hidden"]
-    return float(sum(tokens * (n + layers * int(L) * d) for L, tokens in by_length.items()))
-
-
 def load_case_model(case: dict, out_dir: Path):
     """(Loaded, training figures or {}) for the case: trains first when case["train"]."""
     from longext.models import Loaded, build_model, load_target, load_tokenizer, quiet_libraries
@@ -139,8 +129,6 @@ def model_case(case: dict, out_dir: Path) -> dict:
     loaded, figures = load_case_model(case, Path(out_dir))
     result = {**figures, **architecture(loaded.model), "original_context": loaded.original_context,
               "rope": json.loads(json.dumps(loaded.rope, default=str))}
-    if result.get("train_tokens_by_length"):
-        result["train_compute"] = train_compute(result)
     result.update(evaluate(loaded, case["eval"]))
     result["peak_rss_mb"] = peak_rss_mb()
     result["seconds"] = time.perf_counter() - began

@@ -130,9 +130,9 @@ def toy_cases(quick: bool, toy_dir: Path = TOY_DIR) -> list[dict]:
 
 def toy_theta(toy_dir: Path = TOY_DIR) -> float:
     """The toy base's RoPE base (config.json)."""
-    config = json.loads((toy_dir / "config.json").read_text())
-    params = config.get("rope_parameters") or {}
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    from longext.rope import config_theta
+
+    return config_theta(json.loads((toy_dir / "config.json").read_text()))
 
 
 def toy_harpe_bases(theta: float) -> tuple[float, float]:

@@ -9,7 +9,7 @@ plain rope_theta and inference needs nothing else.
 
 from __future__ import annotations
 
-from longext.rope import head_dim
+from longext.rope import config_theta, head_dim
 
 
 def static_ntk_base(theta: float, factor: float, length: int, original: int, dim: int) -> float:
@@ -35,8 +35,7 @@ def resolve_method(recipe, config, original: int):
         })})
     if recipe.rope.theta is not None:
         return method, recipe.rope
-    params = getattr(config, "rope_parameters", None) or {}
-    theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    theta = config_theta(config)
     base = static_ntk_base(theta, method.rope_factor, method.target_len, original, head_dim(config))
     return method, recipe.rope.model_copy(update={"theta": base})
 
