@@ -363,7 +363,9 @@ def _kernel_kv_heads(dims: Dims, s: Setup) -> int:
 def _tiles(dims: Dims, s: Setup) -> int:
     """TiledMLP's shard count (longext.sp: about hidden_size tokens of each sample's local sequence per shard; a
     shard holds those tokens of every sample of the micro-batch); 1 = the MLP runs untiled."""
-    return math.ceil(s.seq_len // s.sequence_parallel / dims.hidden) if s.tiled_mlp else 1
+    from longext.sp import mlp_tiles
+
+    return mlp_tiles(s.seq_len // s.sequence_parallel, dims.hidden) if s.tiled_mlp else 1
 
 
 def _used_inputs(dims: Dims, s: Setup) -> dict[str, bool]:

@@ -191,9 +191,9 @@ def _plain_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
 def _tiled_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
-    # DeepSpeed's rule: tiles of about hidden_size tokens. All ranks have equal shard lengths (fixed seq_len
-    # split evenly), so they agree on the count without the all-reduce its docstring shows.
-    shards = math.ceil(x.shape[-2] / x.shape[-1])
+    # All ranks have equal shard lengths (fixed seq_len split evenly), so they agree on the count without the
+    # all-reduce DeepSpeed's docstring shows.
+    shards = mlp_tiles(x.shape[-2], x.shape[-1])
     if shards <= 1 or not torch.is_grad_enabled():
         return _plain_mlp(self, x)
     params = [p for p in self.parameters() if p.requires_grad]
@@ -230,6 +230,11 @@ def shard_batch(batch: dict, lay: Layout) -> dict:
         out[key] = batch[key][:, piece]
     out["shift_labels"] = F.pad(labels[:, 1:], (0, 1), value=-100)[:, piece]
     return out
+
+
+def mlp_tiles(tokens: int, hidden: int) -> int:
+    """TiledMLP's shard count for a sequence of `tokens` (DeepSpeed's rule: tiles of about hidden_size tokens)."""
+    return math.ceil(tokens / hidden)
 
 
 # -------------------------------------------------------------------------------------------- loss
