@@ -24,9 +24,10 @@ import time
 import torch
 
 # Sparse settings per model [choice]: the toy sees a budget of L0 (4 sinks + 124), 1/8 of its 1024 target;
-# SmolLM2 the 7B recipe's 64 + 1984 = 2k, 1/8 of 16k. Both: the middle third of the layers full.
+# SmolLM2 64 sinks + 960 = 1k, 1/16 of 16k (the paper keeps about 2k of 128k, 1/64; 1/16 gives its reported
+# 62 % KV saving with a third of the layers full). Both: the middle third of the layers full.
 TOY_SPARSE = {"type": "attn_sink", "sink_tokens": 4, "window": 124}
-SMOL_SPARSE = {"type": "attn_sink", "sink_tokens": 64, "window": 1984}
+SMOL_SPARSE = {"type": "attn_sink", "sink_tokens": 64, "window": 960}
 TOY_THETA = 2.0e5  # ABF for 128 -> 1024, both arms: 2 x the toy base (1e5; it was 20 x the first base)
 ARMS = ("longgen", "full")
 
