@@ -70,7 +70,8 @@ def train(
     hostfile: Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile for several nodes.")] = None,
     local_rank: Annotated[Optional[int], typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
 ) -> None:
-    """Fine-tune for long context as RECIPE says; writes a run directory (adapter, checkpoints, metrics)."""
+    """Fine-tune for long context as RECIPE says; writes a run directory (adapter or, with train.full_finetune, the
+    trained model; checkpoints, metrics)."""
     from longext.recipe import load_recipe
 
     extra = [f"output.dir={out}"] if out else []
@@ -202,7 +203,8 @@ def export(
         typer.Option("--length", "-l", help="Window to serve, for E2-LLM runs (written as PI with the factor its rule picks), e.g. 16k."),
     ] = None,
 ) -> None:
-    """Merge the adapter into the base weights and save a model plain transformers loads, RoPE state intact."""
+    """Merge the adapter into the base weights (a full fine-tune: its trained weights) and save a model plain
+    transformers loads, RoPE state intact."""
     from longext.export import run_export
 
     window = None

@@ -152,3 +152,13 @@ def gathered(engine, params):
     if engine.zero_optimization_stage() == 3:
         return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
     return contextlib.nullcontext()
+
+
+def release_zero3_linear() -> None:
+    """Give torch.nn.functional.linear back. A ZeRO-3 engine replaces it process-wide with DeepSpeed's
+    memory-efficient version and leaves it so ("This will persist unless manually reset"): whatever runs next in
+    the process (an eval, another run, a test) would save every linear's input for backward, frozen or not."""
+    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    original = getattr(getattr(zero, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original

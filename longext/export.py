@@ -1,5 +1,6 @@
-"""`longext export RUN --out DIR`: merge the run's LoRA adapter into the base weights and write a
-model directory that plain transformers (and older consumers) load with the trained RoPE setting.
+"""`longext export RUN --out DIR`: merge the run's LoRA adapter into the base weights (a full fine-tune has
+nothing to merge: its trained weights are written as they are) and write a model directory that plain
+transformers (and older consumers) load with the trained RoPE setting.
 
     OUT/config.json                 base config + rope_parameters (transformers 5) + rope_theta /
                                     rope_scaling (transformers 4.x, vLLM, DeepSpeed) +
@@ -13,7 +14,7 @@ Everything is written to `.OUT.tmp-*` beside OUT, reloaded there with plain
 OUT (design.md §2 item 5: the RoPE state is an artifact, and export proves it). Three comparisons,
 all in float32 compute:
 
-    merge     merged model (float32)           vs unmerged in-tool model    tight  (FP32_RTOL)
+    merge     merged model (float32)           vs unmerged in-tool model    tight  (FP32_RTOL; 0 for a full run)
     artifact  reloaded OUT                     vs merged model at --dtype   tight  (FP32_RTOL)
     result    reloaded OUT (max_abs_diff)      vs unmerged in-tool model    tight for float32,
                                                                             LOW_PRECISION_RTOL else
@@ -34,7 +35,7 @@ import torch
 
 from longext import __version__
 from longext.errors import LongextError
-from longext.models import expand_path, is_run_dir, load_model_config, load_target, quiet_libraries
+from longext.models import expand_path, is_run_dir, load_model_config, load_run_recipe, load_target, quiet_libraries
 from longext.rope import RopeState, legacy_rope_keys
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,7 +50,7 @@ LOW_PRECISION_RTOL = 0.25
 PROBE_TOKENS = 64  # tokens per probe segment
 PROBE_KEEP = 128  # logits compared per probe row, at most
 LONG_PROBE_BUDGET = 2e11  # parameters x tokens of the optional contiguous probe past L0 (seconds on CPU)
-RUN_FOLDERS = ("adapter", "checkpoints")  # OUT may not live inside these (and --force would delete them)
+RUN_FOLDERS = ("adapter", "model", "checkpoints")  # OUT may not live inside these (and --force would delete them)
 
 
 @dataclass(frozen=True)
@@ -139,13 +140,7 @@ def check_export_args(run: Path, out: Path, force: bool, dtype: str) -> None:
         raise LongextError(f"RUN: no such directory: {str(run)!r}")
     if not is_run_dir(run):
         raise LongextError(f"RUN: {run} is not a run directory (no recipe.yaml/rope.json)")
-    adapter_config = run / "adapter" / "adapter_config.json"
-    if not adapter_config.is_file():
-        raise LongextError(f"RUN: {run} has no adapter yet; finish or resume training first")
-    try:
-        json.loads(adapter_config.read_text())
-    except ValueError as err:
-        raise LongextError(f"RUN: {adapter_config} is not valid JSON ({err}); resume training to rewrite it") from None
+    check_trained(run)
     r, o = run.resolve(), out.resolve()
     if r.is_relative_to(o):
         raise LongextError(f"--out: {out} is the run directory or contains it; choose another directory")
@@ -156,6 +151,21 @@ def check_export_args(run: Path, out: Path, force: bool, dtype: str) -> None:
         raise LongextError(f"--out: {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise LongextError(f"--out: {out} exists; pass --force to replace it")
+
+
+def check_trained(run: Path) -> None:
+    """The run's trained weights are there: model/ for a full fine-tune, a readable adapter/ otherwise."""
+    if load_run_recipe(run).train.full_finetune:
+        if not (run / "model" / "config.json").is_file():
+            raise LongextError(f"RUN: {run} has no trained weights yet; finish or resume training first")
+        return
+    adapter_config = run / "adapter" / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise LongextError(f"RUN: {run} has no adapter yet; finish or resume training first")
+    try:
+        json.loads(adapter_config.read_text())
+    except ValueError as err:
+        raise LongextError(f"RUN: {adapter_config} is not valid JSON ({err}); resume training to rewrite it") from None
 
 
 def serving_state(state: RopeState, length: int | None) -> RopeState:
@@ -186,23 +196,28 @@ def serving_state(state: RopeState, length: int | None) -> RopeState:
 
 
 def merge_run(run: Path, state: RopeState, dtype: str) -> Merged:
-    """In-tool model (base + RoPE + adapter, float32) → reference logits → merged, checked, cast to the save dtype."""
+    """In-tool model (base + RoPE + adapter, float32) → reference logits → merged, checked, cast to the save dtype.
+    A full fine-tune's in-tool model is already the model to write: no merge, merge_diff 0."""
     loaded = load_target(run, dtype=torch.float32)
     loaded.set_length(state.target_len)  # E2-LLM: the PI scale for the served window
-    recipe, peft_model = loaded.recipe, loaded.model
+    recipe, in_tool = loaded.recipe, loaded.model
+    full = recipe.train.full_finetune
     save_dtype = resolve_dtype(dtype, recipe.model.path)
     if not is_longgen(state):  # LongGen's registered function already sends its full layers to SDPA
-        peft_model.get_base_model().set_attn_implementation("sdpa")  # the kernel the reloaded side uses
-    probes = build_probes(peft_model.config.vocab_size, state, sum(p.numel() for p in peft_model.parameters()))
-    reference = probe_logits(peft_model, probes)
+        (in_tool if full else in_tool.get_base_model()).set_attn_implementation("sdpa")  # as the reloaded side
+    probes = build_probes(in_tool.config.vocab_size, state, sum(p.numel() for p in in_tool.parameters()))
+    reference = probe_logits(in_tool, probes)
     scale = max(float(r.abs().max()) for r in reference)
-    try:
-        model = peft_model.merge_and_unload(safe_merge=True)
-    except ValueError as err:  # peft's safe_merge: NaN in a merged weight
-        raise LongextError(f"RUN: the adapter in {run / 'adapter'} is broken: {str(err).splitlines()[0]}") from None
-    saved = probe_logits(model, probes)
-    merge_diff = max_abs_diff(saved, reference)
-    _check("merge check failed: merged and unmerged model", merge_diff, FP32_RTOL * max(1.0, scale), "nothing was written")
+    model, saved, merge_diff = in_tool, reference, 0.0
+    if not full:
+        try:
+            model = in_tool.merge_and_unload(safe_merge=True)
+        except ValueError as err:  # peft's safe_merge: NaN in a merged weight
+            raise LongextError(f"RUN: the adapter in {run / 'adapter'} is broken: {str(err).splitlines()[0]}") from None
+        saved = probe_logits(model, probes)
+        merge_diff = max_abs_diff(saved, reference)
+        _check("merge check failed: merged and unmerged model", merge_diff, FP32_RTOL * max(1.0, scale),
+               "nothing was written")
     round_weights(model, DTYPES[save_dtype])
     check_finite(model, run)
     if save_dtype != "float32":

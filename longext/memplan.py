@@ -18,7 +18,8 @@ Every term is a formula in the model's dimensions (docs/scaling.md writes them o
   trainable gradients are (contiguous_gradients, DeepSpeed's default; tested). On a GPU the caching allocator
   holds all of it; in CPU RAM only the written part (the gradients) is resident.
 - activations kept for backward, per layer and token, in bytes (sdpa / flash kernels, LoRA on the recipe's targets):
-      4d + 4d                 the two RMSNorm inputs (the norm upcasts to fp32 and keeps that)
+      4d + 4d                 the two RMSNorm inputs (the norm upcasts to fp32 and keeps that); with fused_norm
+                              (longext.sp.RMSNormFunction) each keeps its input as is and one fp32 scale: a*d + 4
       a(q + 2 G'h) + a q + 4H rotated q, k, v, the attention output and its log-sum-exp (q = H h; G' = max(G, sp):
                               Ulysses repeats the kv heads when sp > G)
       3a*i                    MLP: gate (for SiLU), SiLU(gate) and up (for the product)
@@ -187,6 +188,7 @@ class Setup:
     sequence_parallel: int = 1
     tiled_loss: bool | str = False  # or "auto" (resolve_auto)
     tiled_mlp: bool | str = False
+    fused_norm: bool | str = False
     attn: str = "sdpa"  # sdpa | flash_attention_2 | eager
     allocator: str = "glibc"  # CPU only: glibc (default malloc, keeps freed blocks) | live (RSS follows live tensors)
     lora_r: int | None = 8  # None = full fine-tuning
@@ -214,20 +216,24 @@ def setup_from_recipe(recipe, gpus: int = 1, device: str = "cuda", full: bool = 
         offload_params=t.offload_params, gradient_checkpointing=t.gradient_checkpointing,
         checkpoint_offload=t.checkpoint_offload, sequence_parallel=t.sequence_parallel,
         tiled_loss="auto" if t.tiled_loss == "auto" else bool(t.tiled_loss),
-        tiled_mlp="auto" if t.tiled_mlp == "auto" else bool(t.tiled_mlp), attn="sdpa" if attn == "auto" else attn,
-        lora_r=None if full else lora.r, lora_targets=tuple(lora.targets), modules_to_save=tuple(lora.modules_to_save),
+        tiled_mlp="auto" if t.tiled_mlp == "auto" else bool(t.tiled_mlp),
+        fused_norm="auto" if t.fused_norm == "auto" else bool(t.fused_norm), attn="sdpa" if attn == "auto" else attn,
+        lora_r=None if full or t.full_finetune else lora.r, lora_targets=tuple(lora.targets),
+        modules_to_save=tuple(lora.modules_to_save),
     )
 
 
 def resolve_auto(dims: Dims, s: Setup) -> Setup:
-    """tiled_loss / tiled_mlp `auto` decided by the training code's own rule (longext.sp) for this setup."""
-    from longext.sp import AUTO_TILED_LOSS_LOGITS, AUTO_TILED_MLP_TOKENS
+    """tiled_loss / tiled_mlp / fused_norm `auto` decided by the training code's rule (longext.sp) for this setup."""
+    from longext.sp import AUTO_FUSED_NORM_TOKENS, AUTO_TILED_LOSS_LOGITS, AUTO_TILED_MLP_TOKENS
 
     local = s.micro_batch * s.seq_len // s.sequence_parallel
     if s.tiled_loss == "auto":
         s = replace(s, tiled_loss=s.sequence_parallel > 1 or local * dims.vocab >= AUTO_TILED_LOSS_LOGITS)
     if s.tiled_mlp == "auto":
         s = replace(s, tiled_mlp=local >= AUTO_TILED_MLP_TOKENS)
+    if s.fused_norm == "auto":
+        s = replace(s, fused_norm=local >= AUTO_FUSED_NORM_TOKENS)
     return s
 
 
@@ -388,12 +394,20 @@ def _lora_outputs(s: Setup, group: set[str]) -> tuple[int, int]:
 NORM_IN, POST_NORM_IN, DOWN_IN = "input norm: fp32 input", "post-attention norm: fp32 input", "down_proj input"
 
 
+def _norm_input(name: str, s: Setup, d: int) -> tuple[str, int, str]:
+    """What an RMSNorm saves per token: transformers' module its fp32 copy of the input (in fp32 the input
+    itself); the fused norm (longext.sp.RMSNormFunction) the input in its own dtype and one fp32 scale."""
+    if s.fused_norm:
+        return name, _bytes(s) * d + 4, "a d + 4"
+    return name, 4 * d, "4d"
+
+
 def _attention_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
     """(name, bytes per local token, formula) of what a decoder layer's attention block saves for backward
     (sdpa / flash kernels; eager's O(L^2) probabilities are _eager_probs)."""
     a, d, H, h = _bytes(s), dims.hidden, dims.heads, dims.head_dim
     q, Gk, used = H * h, _kernel_kv_heads(dims, s), _used_inputs(dims, s)
-    out = [(NORM_IN, 4 * d, "4d")]
+    out = [_norm_input(NORM_IN, s, d)]
     if s.full:
         out.append(("input norm: normalized input (the weight trains)", a * d, "a d"))
     if used["attn_in"]:
@@ -414,7 +428,7 @@ def _attention_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
 def _mlp_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
     """(name, bytes per local token, formula) of what a decoder layer's MLP half saves for backward."""
     a, d, i, used = _bytes(s), dims.hidden, dims.intermediate, _used_inputs(dims, s)
-    out = [(POST_NORM_IN, 4 * d, "4d")]
+    out = [_norm_input(POST_NORM_IN, s, d)]
     if s.full:
         out.append(("post-attention norm: normalized input (the weight trains)", a * d, "a d"))
     if _tiles(dims, s) > 1:
@@ -449,7 +463,8 @@ def backward_moments(dims: Dims, s: Setup) -> dict[str, list[Term]]:
       gradient of the layer output and those of the MLP intermediates (with TiledMLP: its input gradient and one
       tile, recomputed, with its gradients);
     - the post-attention RMSNorm's backward (the peak with TiledMLP): the attention block's saved tensors, the
-      norm's fp32 input, the gradient of the layer output and five fp32 [T, d] tensors of the norm's backward.
+      norm's fp32 input, the gradient of the layer output and five fp32 [T, d] tensors of the norm's backward
+      (fused_norm: its input, its output and input gradients, and fp32 temporaries of one row chunk).
 
     Ulysses: T = tokens per device. The kernel sees sp x T tokens with H/sp query heads, the same bytes as T tokens
     with H heads, and max(G/sp, 1) kv heads: k/v at max(G, sp) heads per local token. Without checkpointing the
@@ -461,8 +476,10 @@ def backward_moments(dims: Dims, s: Setup) -> dict[str, list[Term]]:
     def per_token(parts):
         return [Term(name, T * b, f"T x {f} = {T:,} x {b:,} B") for name, b, f in parts]
 
-    # in fp32 the input norm's "upcast" is its input itself: the layer input, counted in the kept activations
-    saved_attn = per_token([p for p in _attention_saved(dims, s) if not (ckpt and a == 4 and p[0] == NORM_IN)])
+    # in fp32 the input norm's "upcast" is its input itself, and the fused norm saves its input as is: the layer
+    # input, counted in the kept activations
+    layer_input = a == 4 or s.fused_norm
+    saved_attn = per_token([p for p in _attention_saved(dims, s) if not (ckpt and layer_input and p[0] == NORM_IN)])
     if _eager_probs(dims, s):
         saved_attn.append(Term("attention probabilities (eager)", _eager_probs(dims, s), "H T L (4 + a)"))
     reload = ([Term("layer input, back from CPU", T * a * d, f"T x a d = {T:,} x {a * d:,} B")]
@@ -494,8 +511,18 @@ def backward_moments(dims: Dims, s: Setup) -> dict[str, list[Term]]:
     # the post-attention RMSNorm's backward runs in fp32 (the norm upcasts): with the MLP's tensors freed, five fp32
     # [T, d] tensors at its peak (its output's gradient in fp32 and four temporaries of the pow/mean/rsqrt chain)
     # in fp32 the norm takes its input as is, so the layer output's gradient is accumulated into one of the five
-    grads_norm = per_token([("gradient of the layer output", a * d, "a d")] if a < 4 else [])
-    grads_norm += per_token([("post-attention norm: fp32 backward tensors", 20 * d, "5 x 4d")])
+    if s.fused_norm:  # RMSNormFunction: the input gradient in the activation dtype and fp32 row-chunk temporaries
+        from longext.sp import NORM_CHUNK_ELEMENTS
+
+        rows = min(T, max(1, NORM_CHUNK_ELEMENTS // d))
+        grads_norm = per_token([("gradient of the layer output", a * d, "a d"),
+                                ("norm output gradient (held by autograd through the norm's backward)", a * d, "a d"),
+                                ("norm input gradient", a * d, "a d")])
+        grads_norm.append(Term("fused norm: fp32 row-chunk temporaries", rows * 4 * d * 4,
+                               f"{rows:,} rows x 4 x 4d B"))
+    else:
+        grads_norm = per_token([("gradient of the layer output", a * d, "a d")] if a < 4 else [])
+        grads_norm += per_token([("post-attention norm: fp32 backward tensors", 20 * d, "5 x 4d")])
     norm = (reload + [Term("attention block's saved tensors (as above)", held, "sum of the attention parts")]
             + per_token([p for p in _mlp_saved(dims, s) if p[0] == POST_NORM_IN]) if ckpt else []) + grads_norm
     return {"attention kernel's backward": attention, "MLP's backward": mlp, "post-attention norm's backward": norm}
@@ -595,6 +622,8 @@ def _candidates(dims: Dims, s: Setup):
         yield "tiled_loss", True
     if not s.tiled_mlp:
         yield "tiled_mlp", True
+    if not s.fused_norm:
+        yield "fused_norm", True
     degrees = [k for k in _sp_degrees(dims, s) if k > s.sequence_parallel]
     if degrees:
         yield "sequence_parallel", degrees[-1]
@@ -656,7 +685,7 @@ def render_plan(est: Estimate, switches, name: str = "") -> list:
         for part in t.parts:
             table.add_row(f"  {part.name}", f"{part.bytes / GiB:,.2f}", part.formula, style="dim")
     table.add_row("total", f"{est.total / GiB:,.2f}", "", style="bold")
-    switches_on = [k for k in ("gradient_checkpointing", "tiled_loss", "tiled_mlp", "checkpoint_offload",
+    switches_on = [k for k in ("gradient_checkpointing", "tiled_loss", "tiled_mlp", "fused_norm", "checkpoint_offload",
                                "offload_optimizer", "offload_params") if getattr(s, k)]
     lines = [table, f"switches on: {', '.join(switches_on) or 'none'}",
              f"parameters {est.params:,}, trainable {est.trainable:,}; step FLOPs {est.flops_per_step:.3e} "

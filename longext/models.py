@@ -1,4 +1,5 @@
-"""Load the base model with the recipe's RoPE setting, add LoRA, and load any target for eval/export.
+"""Load the base model with the recipe's RoPE setting, add LoRA (or train every weight), and load any target
+for eval/export.
 
 Patch ladder (style.md §4.4): RoPE goes into the config before the weights load; method patches
 work on this model instance only.
@@ -144,6 +145,15 @@ def add_lora(model, spec: LoraSpec, gradient_checkpointing: bool = False):
     return get_peft_model(model, config)
 
 
+def apply_full_finetune(model, gradient_checkpointing: bool = False) -> None:
+    """Every weight trains (train.full_finetune, the papers' setting). No wrapper: parameter names, checkpoints and
+    save_pretrained stay the model's own. Checkpointing is set up as add_lora does it."""
+    model.requires_grad_(True)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 # ------------------------------------------------------------------------------------- targets
 def is_run_dir(path: Path) -> bool:
     return (path / "recipe.yaml").is_file() and (path / "rope.json").is_file()
@@ -159,8 +169,8 @@ def eval_dtype() -> torch.dtype:
 
 
 def load_target(target: Path, *, baseline: bool = False, dtype: torch.dtype | None = None) -> Loaded:
-    """A run directory (base + RoPE + adapter), its base model (`baseline=True`), or any model directory.
-    The model is on the GPU when there is one."""
+    """A run directory (base + RoPE + adapter, or a full fine-tune's model/), its base model (`baseline=True`), or
+    any model directory. The model is on the GPU when there is one."""
     loaded = _load_target(Path(target), baseline, dtype or eval_dtype())
     if torch.cuda.is_available():
         loaded.model.to("cuda")
@@ -181,20 +191,27 @@ def _load_target(target: Path, baseline: bool, dtype: torch.dtype) -> Loaded:
 
 
 def _load_run(run_dir: Path, recipe: Recipe, dtype: torch.dtype) -> Loaded:
+    """Base + RoPE state + adapter; a full fine-tune's weights in the base's config with the RoPE state instead.
+    The method's inference patches (eval_setup) go onto either the same way."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     state = RopeState.from_json(json.loads((run_dir / "rope.json").read_text()))
+    full = recipe.train.full_finetune
     adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").is_file():
+    if full and not (run_dir / "model" / "config.json").is_file():
+        raise LongextError(
+            f"TARGET: {run_dir} has no trained weights yet (train it, or resume with `longext train --resume`)"
+        )
+    if not full and not (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").is_file():
         raise LongextError(f"TARGET: {run_dir} has no finished adapter yet (train it, or resume with `longext train --resume`)")
     config = load_model_config(recipe.model.path)
     apply_rope_config(config, state)
-    model = AutoModelForCausalLM.from_pretrained(
-        expand_path(recipe.model.path), config=config, dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(  # model/config.json is ignored: it may carry training-time patches
+        run_dir / "model" if full else expand_path(recipe.model.path), config=config, dtype=dtype,
         attn_implementation=attn_implementation(recipe.model.attn_implementation),
     )
-    if (adapter / "adapter_config.json").is_file():
+    if not full and (adapter / "adapter_config.json").is_file():
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     from longext.methods import eval_setup

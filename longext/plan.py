@@ -67,7 +67,8 @@ def describe_plan(recipe: Recipe) -> str:
     world = 1
     # the trainable count sizes ZeRO's reduce bucket; from the config, as `longext plan` counts it
     s = setup_from_recipe(resolved.recipe)
-    trainable = lora_params(Dims.from_config(resolved.model_config), s.lora_targets, s.lora_r, s.modules_to_save)
+    dims = Dims.from_config(resolved.model_config)
+    trainable = dims.params if s.full else lora_params(dims, s.lora_targets, s.lora_r, s.modules_to_save)
     parts = [
         "# resolved recipe",
         dump_recipe(resolved.recipe).rstrip(),

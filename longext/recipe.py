@@ -378,7 +378,7 @@ MethodSpec = Annotated[
 
 # ------------------------------------------------------------------------------------------ lora
 class LoraSpec(Section):
-    """LoRA adapters through peft."""
+    """LoRA adapters through peft (not used with train.full_finetune: true)."""
 
     r: int = Field(8, ge=1, description="Rank.")
     alpha: float = Field(16.0, gt=0, description="Scaling numerator (scale = alpha / r).")
@@ -447,6 +447,10 @@ class TrainSpec(Section):
     optimizer: Literal["auto", "torch_adamw", "deepspeed_adamw"] = Field(
         "auto", description="auto = DeepSpeed fused AdamW on CUDA, torch AdamW on CPU (no C++ build)."
     )
+    full_finetune: bool = Field(
+        False, description="Every weight trains instead of LoRA adapters (the papers' setting; the `lora` section is "
+        "then not used). The run directory gets the whole trained model in model/ instead of adapter/."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     checkpoint_offload: bool = Field(
         False, description="With gradient_checkpointing: keep the saved layer inputs in pinned CPU memory until "
@@ -462,6 +466,11 @@ class TrainSpec(Section):
     )
     tiled_mlp: bool | Auto = Field(
         "auto", description="DeepSpeed TiledMLP: the MLP over sequence tiles with recompute in backward. auto = on from 64k tokens per rank."
+    )
+    fused_norm: bool | Auto = Field(
+        "auto", description="RMSNorm with a hand-written backward (as Liger-Kernel's fused norm, which ALST uses): keeps "
+        "its input in the activation dtype instead of an fp32 copy, and computes the gradient in row chunks instead of "
+        "holding five fp32 [length, hidden] tensors. auto = on from 64k tokens per rank."
     )
     memory_check: Literal["refuse", "warn", "off"] = Field(
         "refuse", description="Before training, the `longext plan` estimate: refuse a run that clearly does not fit, warn, or skip."
@@ -597,6 +606,9 @@ def cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
     if t.checkpoint_offload and not t.gradient_checkpointing:
         out.append(("train.checkpoint_offload",
                     "offloads the activation checkpoints, so it needs train.gradient_checkpointing: true (got false)"))
+    if t.full_finetune and "lora" in recipe.model_fields_set:
+        out.append(("lora", "LoRA is not used when train.full_finetune is true (every weight trains); "
+                            "remove the lora section or set full_finetune: false"))
     if t.offload_params and t.zero_stage != 3:
         out.append(("train.offload_params", f"parameter offload needs train.zero_stage 3 (got zero_stage {t.zero_stage})"))
     if recipe.data.seq_len != "auto" and recipe.data.seq_len > recipe.method.target_len:
@@ -855,5 +867,7 @@ def _line_of(root: yaml.Node | None, loc: Sequence[str]) -> int | None:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """YAML text of a (resolved) recipe, every field written out."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """YAML text of a (resolved) recipe, every field written out; a full fine-tune has no `lora` section, so the
+    text loads again (cross_checks refuses one next to train.full_finetune: true)."""
+    exclude = {"lora"} if recipe.train.full_finetune else None
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude=exclude), sort_keys=False)

@@ -9,6 +9,8 @@ an interrupted run leaves either the old file or the new one, and checkpoints `-
     checkpoints/    DeepSpeed checkpoints (step-000010/, latest), trainable weights + optimizer + data position
     adapter/        the final peft adapter (adapter_config.json + adapter_model.safetensors)
     adapter-tuned/  LongRecipe with a merge: the adapter before the merge with the original weights
+    model/          instead of adapter/ for train.full_finetune: the whole trained model (save_pretrained, safetensors)
+    model-tuned/    LongRecipe full fine-tune with a merge: the model before the merge
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def check_start(run_dir: Path, recipe: Recipe, resume: bool) -> None:
 
 def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
     stored = load_yaml((run_dir / "recipe.yaml").read_text())
-    now = recipe.model_dump(mode="json")
+    now = load_yaml(dump_recipe(recipe))  # as written to recipe.yaml (a full fine-tune has no lora section)
     changed = [p for p in _diff(stored, now) if not p.startswith(RESUMABLE_CHANGES)]
     if (stored.get("method") or {}).get("replay") and stored["train"]["steps"] != now["train"]["steps"]:
         raise LongextError(
@@ -144,16 +146,17 @@ def load_checkpoint(engine, run_dir: Path) -> int:
     return int(client_state["step"])
 
 
-def save_adapter(engine, run_dir: Path, rank: int) -> Path:
-    """The peft adapter, gathered from ZeRO-3 partitions, written atomically to run_dir/adapter."""
+def save_trained(engine, run_dir: Path, rank: int, full: bool = False) -> Path:
+    """What training produced, gathered from ZeRO-3 partitions and written atomically: the peft adapter to
+    run_dir/adapter, or for a full fine-tune (`full`) the whole model to run_dir/model (config + safetensors)."""
     from longext.engine import gathered
 
     module = engine.module
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    final = run_dir / "adapter"
-    with gathered(engine, trainable):
+    params = [p for p in module.parameters() if full or p.requires_grad]
+    final = run_dir / ("model" if full else "adapter")
+    with gathered(engine, params):
         if rank == 0:
-            tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".adapter."))
+            tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}."))
             module.save_pretrained(tmp)
             if final.exists():
                 shutil.rmtree(final)

@@ -35,6 +35,8 @@ from longext.errors import LongextError, Problems
 LOGITS_PER_TILE = 2**26  # tiled loss: at most this many logits (256 MiB in fp32) exist at once
 AUTO_TILED_LOSS_LOGITS = 2**28  # tiled_loss auto: on from this many logits per rank (1 GiB in fp32)
 AUTO_TILED_MLP_TOKENS = 65536  # tiled_mlp auto: on from this many tokens per rank
+AUTO_FUSED_NORM_TOKENS = 65536  # fused_norm auto: on from this many tokens per rank
+NORM_CHUNK_ELEMENTS = 2**22  # fused RMSNorm backward: rows per chunk x hidden size (16 MiB per fp32 temporary)
 ATTENTION_FOR_SP = ("sdpa", "flash_attention_2")  # eager needs a 4D mask, which Ulysses cannot shard
 # kernels a method installs on the model that run under Ulysses too: LongGen's hybrid function gets the whole
 # sequence for heads/sp heads and builds its (head-independent) pattern from sequence indices
@@ -120,13 +122,15 @@ def _training_lengths(recipe) -> list[tuple[str, int]]:
 
 
 def resolve_switches(train, seq_len: int, vocab: int):
-    """TrainSpec with tiled_loss / tiled_mlp `auto` decided from the per-rank length (and the vocabulary)."""
+    """TrainSpec with tiled_loss / tiled_mlp / fused_norm `auto` decided from the per-rank length (and vocabulary)."""
     local = train.micro_batch_size * seq_len // train.sequence_parallel  # tokens per rank per forward
     update = {}
     if train.tiled_loss == "auto":
         update["tiled_loss"] = train.sequence_parallel > 1 or local * vocab >= AUTO_TILED_LOSS_LOGITS
     if train.tiled_mlp == "auto":
         update["tiled_mlp"] = local >= AUTO_TILED_MLP_TOKENS
+    if train.fused_norm == "auto":
+        update["fused_norm"] = local >= AUTO_FUSED_NORM_TOKENS
     return train.model_copy(update=update) if update else train
 
 
@@ -202,6 +206,64 @@ def _tiled_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         # LoRA but no trainable module before it would silently get no gradient
         x = x.detach().requires_grad_()
     return TiledMLP.apply(_plain_mlp, self, x, shards, params)
+
+
+# The RMSNorm families longext loads (models.SUPPORTED_MODEL_TYPES) all compute the norm the same way:
+# weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)
+FUSED_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Llama's RMSNorm with a hand-written backward (what Liger-Kernel's fused RMSNorm, used by ALST, does in one
+    kernel): the forward computes exactly what transformers' module does, in row chunks, and keeps only its input,
+    in its own dtype, and one fp32 scale per row; the backward computes the input gradient in row chunks,
+    dx = rstd (g - xhat mean(g xhat)) with g = dy w and xhat = x rstd, in fp32 per chunk. Autograd through
+    transformers' module instead keeps the fp32 copy of the input (4 bytes per element in bf16) and, in
+    backward, holds five fp32 [tokens, hidden] tensors at once."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        d = x.shape[-1]
+        rows = x.reshape(-1, d)
+        y, rstd = torch.empty_like(rows), rows.new_empty(rows.shape[0], 1, dtype=torch.float32)
+        step = max(1, NORM_CHUNK_ELEMENTS // d)
+        for a in range(0, rows.shape[0], step):  # in row chunks: the fp32 temporaries stay small here too
+            x32 = rows[a:a + step].to(torch.float32)
+            rstd[a:a + step] = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+            y[a:a + step] = weight * (x32 * rstd[a:a + step]).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        d = x.shape[-1]
+        rows, grads, scale = x.reshape(-1, d), dy.reshape(-1, d), rstd.reshape(-1, 1)
+        dx = torch.empty_like(rows)
+        dw = torch.zeros(d, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
+        step = max(1, NORM_CHUNK_ELEMENTS // d)
+        for a in range(0, rows.shape[0], step):
+            xhat = rows[a:a + step].to(torch.float32) * scale[a:a + step]
+            g = grads[a:a + step]
+            if dw is not None:  # as autograd computes d(weight * h): dy * h in the activation dtype, summed
+                dw += (g * xhat.to(x.dtype)).to(torch.float32).sum(0)
+            g = (g * weight).to(torch.float32)
+            dx[a:a + step] = (scale[a:a + step] * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return dx.view(x.shape), None if dw is None else dw.to(weight.dtype), None
+
+
+def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def apply_fused_norm(model) -> None:
+    """Every RMSNorm of the model (decoder norms, the final norm, Qwen3's q/k norms) runs through
+    RMSNormFunction. On this model instance only (a per-instance `forward`); weights and names are unchanged, so
+    checkpoints and exports are those of the stock model."""
+    for module in model.modules():
+        if type(module).__name__ in FUSED_NORM_CLASSES and not getattr(module, "longext_fused", False):
+            module.forward = MethodType(_fused_norm_forward, module)
+            module.longext_fused = True
 
 
 def activation_offload(train):

@@ -11,21 +11,29 @@ import torch
 
 from longext import rundir
 from longext.data import build_train_data
-from longext.engine import init_distributed, lr_lambda, make_engine
+from longext.engine import init_distributed, lr_lambda, make_engine, release_zero3_linear
 from longext.errors import TrainingStopped
 from longext.methods import plan_method
 from longext.metrics import MetricsLog, StepProgress
-from longext.models import add_lora, build_model, load_tokenizer, quiet_libraries
+from longext.models import add_lora, apply_full_finetune, build_model, load_tokenizer, quiet_libraries
 from longext.plan import resolve
 from longext.recipe import Recipe
 from longext.sp import (
-    activation_offload, apply_sequence_parallel, apply_tiled_mlp, layout, micro_batch_loss, shard_batch,
+    activation_offload, apply_fused_norm, apply_sequence_parallel, apply_tiled_mlp, layout, micro_batch_loss,
+    shard_batch,
 )
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
 def run_training(recipe: Recipe, resume: bool = False) -> Path:
+    try:
+        return _run_training(recipe, resume)
+    finally:
+        release_zero3_linear()
+
+
+def _run_training(recipe: Recipe, resume: bool) -> Path:
     quiet_libraries()
     run_dir = recipe.run_dir
     resolved = resolve(recipe)  # reads config.json only: fails fast, before any weights load
@@ -44,11 +52,16 @@ def run_training(recipe: Recipe, resume: bool = False) -> Path:
     else:
         data = build_train_data(recipe, tokenizer, method.positions, group)
     model, _ = build_model(recipe)
-    method.apply(model)
-    model = add_lora(model, recipe.lora, recipe.train.gradient_checkpointing)
+    method.apply(model)  # before LoRA: peft wraps the patched modules
+    if t.full_finetune:
+        apply_full_finetune(model, t.gradient_checkpointing)
+    else:
+        model = add_lora(model, recipe.lora, t.gradient_checkpointing)
     lay = apply_sequence_parallel(model, lay, t.micro_batch_size)
     if t.tiled_mlp:
         apply_tiled_mlp(model)
+    if t.fused_norm:
+        apply_fused_norm(model)
     engine = make_engine(model, recipe.train, lay.dp, lay.mpu)
     stages = _Stages(method, t.steps, data, tokenizer, recipe, engine)
     total = stages.total
@@ -95,7 +108,7 @@ def run_training(recipe: Recipe, resume: bool = False) -> Path:
     progress.close()
     if start < total and not _due(total, t.save_every):
         rundir.save_checkpoint(engine, run_dir, total, t.keep_checkpoints)
-    rundir.save_adapter(engine, run_dir, rank)
+    rundir.save_trained(engine, run_dir, rank, full=t.full_finetune)
     if method.finish is not None:
         rundir.write_status(run_dir, "running", total, total, rank, stages=stages.status(total))
         method.finish(engine, run_dir, rank)

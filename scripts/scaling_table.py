@@ -32,7 +32,8 @@ CONFIGS = {
                  "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
                  "max_position_embeddings": 40960, "rope_theta": 1000000.0, "tie_word_embeddings": False},
 }
-OFF = {"sequence_parallel": 1, "gradient_checkpointing": False, "tiled_loss": False, "tiled_mlp": False}
+OFF = {"sequence_parallel": 1, "gradient_checkpointing": False, "tiled_loss": False, "tiled_mlp": False,
+       "fused_norm": False}
 
 # (length, training, switches besides bf16 + ZeRO-3); every row on 8 GPUs
 LLAMA3_ROWS = [
@@ -44,6 +45,8 @@ LLAMA3_ROWS = [
     ("128k", "LoRA", {"sequence_parallel": 8, "gradient_checkpointing": True, "tiled_loss": True}),
     ("128k", "full", {"sequence_parallel": 8, "gradient_checkpointing": True, "tiled_loss": True}),
     ("512k", "LoRA", {"sequence_parallel": 8, "gradient_checkpointing": True, "tiled_loss": True, "tiled_mlp": True}),
+    ("512k", "LoRA", {"sequence_parallel": 8, "gradient_checkpointing": True, "tiled_loss": True, "tiled_mlp": True,
+                      "fused_norm": True}),
     ("512k", "full", {"sequence_parallel": 8, "gradient_checkpointing": True, "tiled_loss": True, "tiled_mlp": True}),
     ("512k", "full", {"sequence_parallel": 8, "gradient_checkpointing": True, "tiled_loss": True, "tiled_mlp": True,
                       "offload_optimizer": True, "checkpoint_offload": True}),
@@ -56,12 +59,12 @@ PUBLISHED_ROWS = [
     ("same at 64K", "OOM (ALST)", None, 65536, 8, {"gradient_checkpointing": True}, "ZeRO-3, checkpointing"),
     ("ALST, Llama-3-8B, 500K, 1 x H100", "fits; the maximum (ALST)", None, 500_000, 1,
      {"gradient_checkpointing": True, "offload_params": True, "offload_optimizer": True, "checkpoint_offload": True,
-      "tiled_loss": True, "tiled_mlp": True},
-     "ZeRO-3 + param/optimizer offload, checkpoint offload, tiled loss, TiledMLP"),
+      "tiled_loss": True, "tiled_mlp": True, "fused_norm": True},
+     "ZeRO-3 + param/optimizer offload, checkpoint offload, tiled loss, TiledMLP, fused RMSNorm (Liger)"),
     ("ALST, Llama-3-8B, 3.7M, 8 x H100", "fits; the maximum (ALST)", None, 3_700_000, 8,
      {"sequence_parallel": 8, "gradient_checkpointing": True, "offload_optimizer": True, "checkpoint_offload": True,
-      "tiled_loss": True, "tiled_mlp": True},
-     "SP 8, ZeRO-3 + optimizer offload, checkpoint offload, tiled loss, TiledMLP"),
+      "tiled_loss": True, "tiled_mlp": True, "fused_norm": True},
+     "SP 8, ZeRO-3 + optimizer offload, checkpoint offload, tiled loss, TiledMLP, fused RMSNorm (Liger)"),
     ("TRL, Qwen3-8B, 1,048,576, 8 x H100", "56.2 GB measured (TRL)", "qwen3-8b", 1_048_576, 8,
      {"sequence_parallel": 8, "gradient_checkpointing": True, "checkpoint_offload": True, "tiled_loss": True},
      "CP/SP 8, checkpointing + offload, chunked loss"),

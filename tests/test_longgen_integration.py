@@ -324,7 +324,28 @@ def test_bench_report_renders_ratios_and_the_issue_bars():
         case("longgen-toy-prefill-full", kv_bytes=100 * 2**20, prefill_seconds=3.0, **info),
         case("longgen-toy-train-longgen", step_seconds=1.0), case("longgen-toy-train-full", step_seconds=1.2)]}
     text = render({"longgen": doc})
-    assert "| toy | 1k | [1] of 4 | sinks 4 + window 124 | 100.00 | 40.00 | 60.0 % | 65.6 % | 3.00 | 2.00 | 1.50 |" in text
+    row = "| toy | 1k | [1] of 4 | sinks 4 + window 124 | 100.00 | 40.00 | 60.0 % | 65.6 % | 3.00 | 2.00 | 1.50 | 1.24 |"
+    assert row in text and "| 1.20 | 1.34 |" in text  # FLOP ratios of the committed toy base (4 layers, 1 full)
     assert "- toy at 1k: KV saving 60.0 % (needs ≥ 55.0 %): holds" in text
     assert "- toy at 1k: prefill speed-up 1.50x (needs ≥ 1.50x): holds" in text
-    assert "- toy at 1k: training-step speed-up 1.20x (needs ≥ 1.30x): fails" in text
+    assert "- toy at 1k: training-step speed-up 1.20x (needs ≥ 1.30x): fails\n" in text + "\n"
+    doc["cases"][1]["result"]["prefill_seconds"] = 2.2
+    assert ("- toy at 1k: prefill speed-up 1.10x (needs ≥ 1.50x): fails; the FLOP ratio is 1.24x, so no kernel "
+            "reaches the bar on this model and length") in render({"longgen": doc})
+
+
+def test_flop_ratios_follow_the_pattern_and_the_hand_count():
+    """longext.bench.longgen.flop_ratios: 1 when the window covers the length; otherwise the hand count of a
+    2-layer model with one sparse layer (sinks 2 + window 4 at length 8)."""
+    from longext.bench.longgen import flop_ratios
+
+    config = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "vocab_size": 10,
+              "num_attention_heads": 2, "num_key_value_heads": 1}
+    wide = flop_ratios(config, {"sink_tokens": 2, "window": 64}, 1, 8, False)
+    assert wide == {"prefill": pytest.approx(1.0), "train": pytest.approx(1.0)}
+    pairs_full, pairs_sparse = 36, 1 + 2 + 3 + 4 + 5 + 6 + 6 + 6  # per query q: k <= q and (k < 2 or q - k < 4)
+    linear = 2 * 8 * (2 * 8 * 8 + 2 * 8 * 4 + 3 * 8 * 16)
+    attention = 4 * 4 * 2  # 4 h per query head and pair, h = 4, 2 heads
+    full = 2 * linear + 2 * attention * pairs_full + 2 * 8 * 10
+    hybrid = 2 * linear + attention * (pairs_full + pairs_sparse) + 2 * 8 * 10
+    assert flop_ratios(config, {"sink_tokens": 2, "window": 4}, 1, 8, False)["prefill"] == pytest.approx(full / hybrid)

@@ -355,6 +355,23 @@ def test_the_500k_single_gpu_backward_is_dominated_by_the_attention_block():
                                "attention output + log-sum-exp"))
 
 
+@pytest.mark.parametrize("length, gpus, extra", [
+    (500_000, 1, {"offload_params": True}),  # ALST's 1 x H100 maximum
+    (3_700_000, 8, {"sequence_parallel": 8}),  # ALST's 8 x H100 maximum
+])
+def test_alsts_published_maxima_fit_80gb_with_the_fused_norm_alst_ran_them_with(length, gpus, extra):
+    """ALST's recipes load the model through Liger-Kernel (fused RMSNorm). With fused_norm both published maxima fit
+    in 80 GB; with transformers' RMSNorm the plan puts them about 10 % over; `auto` picks the fused norm there."""
+    s = Setup(seq_len=length, gpus=gpus, zero_stage=3, lora_r=None, offload_optimizer=True, gradient_checkpointing=True,
+              checkpoint_offload=True, tiled_loss=True, tiled_mlp=True, **extra)
+    stock, fused = (estimate(LLAMA3_8B, replace(s, fused_norm=f)).total for f in (False, True))
+    assert fused < 0.75 * 80e9 < 80e9 < stock < 1.15 * 80e9
+    from longext.memplan import resolve_auto
+
+    assert resolve_auto(LLAMA3_8B, replace(s, fused_norm="auto")).fused_norm is True
+    assert resolve_auto(LLAMA3_8B, replace(s, seq_len=4096 * gpus, fused_norm="auto")).fused_norm is False
+
+
 class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
     """Bytes of the storages created inside the mode that are still alive, after every op: the peak, and the
     total just after the first op whose name contains `mark`. Tensors that existed before (weights, the layer's
@@ -381,25 +398,32 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("T,targets,tiled,dtype", [
-    (2048, ("q_proj", "k_proj", "v_proj", "o_proj"), False, torch.float32),
-    (2048, ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), False, torch.bfloat16),
-    (2048, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), True, torch.float32),
-    (2048, ("q_proj", "v_proj"), True, torch.bfloat16),
+@pytest.mark.parametrize("T,targets,tiled,dtype,fused", [
+    (2048, ("q_proj", "k_proj", "v_proj", "o_proj"), False, torch.float32, False),
+    (2048, ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), False, torch.bfloat16, False),
+    (2048, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), True, torch.float32, False),
+    (2048, ("q_proj", "v_proj"), True, torch.bfloat16, False),
+    (2048, ("q_proj", "k_proj", "v_proj", "o_proj"), True, torch.float32, True),
+    (2048, ("q_proj", "v_proj"), True, torch.bfloat16, True),
+    (2048, ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), False, torch.bfloat16, True),
 ])
-def test_one_layers_backward_equals_the_live_tensors_of_a_real_checkpointed_layer(T, targets, tiled, dtype):
+def test_one_layers_backward_equals_the_live_tensors_of_a_real_checkpointed_layer(T, targets, tiled, dtype, fused,
+                                                                                 monkeypatch):
     """A real decoder layer (GQA, sdpa, peft LoRA, non-reentrant checkpointing as `train` runs it) on CPU: the peak
     of the bytes alive during its backward equals the plan's term, and the bytes alive once the attention kernel's
     backward has run equal the attention moment (CPU kernel: no flash workspace)."""
     from torch.utils.checkpoint import checkpoint
 
-    from longext.sp import apply_tiled_mlp
+    from longext.sp import apply_fused_norm, apply_tiled_mlp
 
     model = add_lora(build_tiny_model("llama", hidden_size=256, intermediate_size=704, num_hidden_layers=1,
                                       vocab_size=64, max_position_embeddings=T), LoraSpec(r=8, targets=list(targets)))
     model.train()
     if tiled:
         apply_tiled_mlp(model)
+    if fused:  # row chunks of 256 tokens: 8 per norm backward
+        monkeypatch.setattr("longext.sp.NORM_CHUNK_ELEMENTS", 256 * 256)
+        apply_fused_norm(model)
     model.to(dtype)
     base = model.get_base_model().model
     x = torch.randn(1, T, 256, dtype=dtype, requires_grad=True)
@@ -411,7 +435,7 @@ def test_one_layers_backward_equals_the_live_tensors_of_a_real_checkpointed_laye
     with _LiveBytes([*model.parameters(), *model.buffers(), *pe, x, y, weights], "attention_for_cpu_backward") as live:
         loss.backward()
     s = Setup(seq_len=T, device="cpu", precision="fp32" if dtype == torch.float32 else "bf16", zero_stage=0,
-              gradient_checkpointing=True, tiled_mlp=tiled, lora_r=8, lora_targets=targets)
+              gradient_checkpointing=True, tiled_mlp=tiled, fused_norm=fused, lora_r=8, lora_targets=targets)
     dims = Dims.from_config(model.config)
     assert live.peak == pytest.approx(layer_backward(dims, s).bytes, rel=0.01)
     attention = sum(p.bytes for p in backward_moments(dims, s)["attention kernel's backward"])

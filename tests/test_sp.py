@@ -330,6 +330,76 @@ def test_tiled_mlp_equals_the_plain_mlp(tiny_tokenizer):
         torch.testing.assert_close(tiled_grads[name], grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_norm_equals_transformers_rmsnorm(family, dtype, monkeypatch):
+    """RMSNormFunction against the family's own module under autograd: the same output bit for bit, and the same
+    input and weight gradients (row chunks of 7 here, the last one ragged)."""
+    import importlib
+
+    import torch
+
+    from longext import sp
+
+    monkeypatch.setattr(sp, "NORM_CHUNK_ELEMENTS", 7 * 48)
+    dt = getattr(torch, dtype)
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    norm = getattr(module, f"{family.capitalize()}RMSNorm")(48, eps=1e-5).to(dt)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1, generator=torch.Generator().manual_seed(0))
+    x = (torch.randn(2, 45, 48, generator=torch.Generator().manual_seed(1)) * 3).to(dt)
+    dy = torch.randn(2, 45, 48, generator=torch.Generator().manual_seed(2)).to(dt)
+    grads = []
+    for fused in (False, True):
+        if fused:
+            sp.apply_fused_norm(norm)
+        xi = x.clone().requires_grad_()
+        norm.weight.grad = None
+        y = norm(xi)
+        y.backward(dy)
+        grads.append((y.detach(), xi.grad, norm.weight.grad))
+    (y0, dx0, dw0), (y1, dx1, dw1) = grads
+    assert getattr(norm, "longext_fused", False)
+    assert torch.equal(y1, y0)
+    tol = dict(rtol=1e-5, atol=1e-6) if dt == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dx1, dx0, **tol)
+    torch.testing.assert_close(dw1, dw0, **tol)
+    assert dx1.dtype == dt and dw1.dtype == dt and dx0.abs().sum() > 0
+
+
+def test_fused_norm_model_gives_the_loss_and_lora_gradients_of_the_stock_model():
+    """A tiny Qwen3 (decoder norms, final norm and q/k norms all replaced): the same loss and LoRA gradients."""
+    import torch
+    from conftest import build_tiny_model
+
+    from longext.models import add_lora
+    from longext.recipe import LoraSpec
+    from longext.sp import apply_fused_norm
+
+    ids = torch.randint(0, 400, (1, 128), generator=torch.Generator().manual_seed(5))
+    out = []
+    for fused in (False, True):
+        model = add_lora(build_tiny_model("qwen3", vocab_size=400), LoraSpec(r=4))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        if fused:
+            apply_fused_norm(model)
+            replaced = [m for m in model.modules() if getattr(m, "longext_fused", False)]
+            assert len(replaced) == 1 + 4 * len(model.get_base_model().model.layers)  # final + 2 decoder + q/k
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (fused, fused_grads) = out
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=0)
+    assert plain_grads.keys() == fused_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7)
+
+
 def test_auto_switches_follow_the_per_rank_length(tmp_path, tiny_model_dir, corpus_dir):
     from helpers import write_recipe
 
@@ -344,24 +414,25 @@ def test_auto_switches_follow_the_per_rank_length(tmp_path, tiny_model_dir, corp
     assert (sp.tiled_loss, sp.tiled_mlp) == (True, False)
     kept = resolve(load_recipe(path, ["train.sequence_parallel=2", "train.tiled_loss=false"])).recipe.train
     assert kept.tiled_loss is False
-    auto = {"tiled_loss": "auto", "tiled_mlp": "auto"}
+    auto = {"tiled_loss": "auto", "tiled_mlp": "auto", "fused_norm": "auto"}
     sp4 = plain.model_copy(update={**auto, "sequence_parallel": 4})
     long = resolve_switches(sp4, 4 * AUTO_TILED_MLP_TOKENS, 128_256)
-    assert long.tiled_mlp is True and long.tiled_loss is True
+    assert long.tiled_mlp is True and long.tiled_loss is True and long.fused_norm is True
     short = resolve_switches(plain.model_copy(update=auto), AUTO_TILED_MLP_TOKENS - 1, 1000)
-    assert short.tiled_mlp is False and short.tiled_loss is False
+    assert short.tiled_mlp is False and short.tiled_loss is False and short.fused_norm is False
 
 
 def test_tiled_loss_run_equals_the_plain_run(tmp_path, tiny_model_dir, corpus_dir):
-    """One rank: train.tiled_loss true routes through longext.sp's loss (shifted labels, token sum / count); the
-    logged losses equal transformers' own loss path."""
+    """One rank: train.tiled_loss true routes through longext.sp's loss (shifted labels, token sum / count), with
+    TiledMLP and the fused norm on; the logged losses equal transformers' own loss and modules."""
     from helpers import losses, write_recipe
 
     from longext.recipe import load_recipe
     from longext.train import run_training
 
     runs = [run_training(load_recipe(write_recipe(tmp_path, tiny_model_dir, corpus_dir, name=f"t{flag}",
-                                                  train={"steps": 3, "tiled_loss": flag, "tiled_mlp": flag})))
+                                                  train={"steps": 3, "tiled_loss": flag, "tiled_mlp": flag,
+                                                         "fused_norm": flag})))
             for flag in (False, True)]
     a, b = (losses(r) for r in runs)
     assert a.keys() == b.keys()

@@ -79,6 +79,34 @@ def _with_retrieval(recipe: dict) -> dict:
     return {**recipe, "data": {**recipe["data"], "train": toy_train_texts(TOY_DIR)}}
 
 
+# ---------------------------------------------------------------------------------------- FLOPs
+def flop_ratios(config: dict, sparse: dict, full_layers: int, length: int, checkpointing: bool) -> dict:
+    """Full-attention FLOPs over LongGen FLOPs for one prefill (logits of the last token only) and one LoRA training
+    step, from the model's config.json: the speed-up if time followed FLOPs. Linear layers 2 T x params (backward:
+    input gradients only, the base weights being frozen); attention 4 h per query head and visible (query, key)
+    pair, its backward 2.5 x (a flash backward's five matmuls against two); gradient checkpointing one more forward
+    of the layers; the training step's lm_head over every token, forward and input gradient. attn_sink only."""
+    d, i, n, V = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    H = config["num_attention_heads"]
+    h = config.get("head_dim") or d // H
+    G = config.get("num_key_value_heads") or H
+    T, sinks, window = length, sparse.get("sink_tokens", 0), sparse["window"]
+    linear = 2 * T * (2 * d * H * h + 2 * d * G * h + 3 * d * i)
+    pairs_full = T * (T + 1) // 2
+    pairs_sparse = sum(min(q + 1, window) + min(sinks, max(0, q + 1 - window)) for q in range(T))
+
+    def total(pairs: list[int], train: bool) -> float:
+        attention = sum(4 * h * H * p for p in pairs)
+        if not train:
+            return n * linear + attention + 2 * d * V
+        forward = n * linear + attention
+        return forward * (2 if checkpointing else 1) + n * linear + 2.5 * attention + 4 * T * d * V
+
+    full = [pairs_full] * n
+    hybrid = [pairs_full] * full_layers + [pairs_sparse] * (n - full_layers)
+    return {"prefill": total(full, False) / total(hybrid, False), "train": total(full, True) / total(hybrid, True)}
+
+
 # ------------------------------------------------------------------------------------ measuring
 def _model(name: str):
     from transformers import AutoModelForCausalLM

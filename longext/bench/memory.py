@@ -4,7 +4,7 @@ A memory case is a JSON-able dict:
 
     {"kind": "memory", "name": "mem-tiny-1k-z2", "model": "tiny" | "smollm2", "seq_len": 1024,
      "zero_stage": 2, "gradient_checkpointing": false, "steps": 2,
-     "tiled_loss": false, "tiled_mlp": false}          (the last two optional: longext.sp's savers)
+     "tiled_loss": false, "tiled_mlp": false, "fused_norm": false}   (the last three optional: longext.sp's savers)
 
 Each case runs in its own process (`run_case`), which does exactly what `longext train` does around the
 model: `init_distributed` (world of one, gloo), `models.add_lora` (LoRA r8 on q/k/v/o, as the schema's
@@ -137,6 +137,10 @@ def measure(case: dict) -> dict:
         from longext.sp import apply_tiled_mlp
 
         apply_tiled_mlp(model)
+    if case.get("fused_norm"):
+        from longext.sp import apply_fused_norm
+
+        apply_fused_norm(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine = make_engine(model, train, world_size=1)
     gen = torch.Generator().manual_seed(0)
@@ -202,7 +206,7 @@ def case_setup(case: dict):
 
     return Setup(seq_len=case["seq_len"], device="cpu", precision="fp32", zero_stage=case["zero_stage"],
                  gradient_checkpointing=case["gradient_checkpointing"], tiled_loss=case.get("tiled_loss", False),
-                 tiled_mlp=case.get("tiled_mlp", False), lora_r=8,
+                 tiled_mlp=case.get("tiled_mlp", False), fused_norm=case.get("fused_norm", False), lora_r=8,
                  allocator="live" if case.get("live_peak") else "glibc")
 
 

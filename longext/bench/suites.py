@@ -234,9 +234,9 @@ def shipped_recipe(name: str) -> dict:
 # ---------------------------------------------------------------------------------------- memory
 def memory_cases(quick: bool) -> list[dict]:
     """Peak memory of one training step (LoRA r8 q/k/v/o, fp32, torch AdamW, DeepSpeed engine) across ZeRO stages,
-    lengths and gradient checkpointing; the tiny model also with the tiled loss and TiledMLP. SmolLM2 steps once
-    (a 4k step takes minutes here; its AdamW state is 7 MB), the tiny model twice (the second step runs with the
-    optimizer state allocated)."""
+    lengths and gradient checkpointing; the tiny model also with the tiled loss and TiledMLP, both models with the
+    fused norm. SmolLM2 steps once (a 4k step takes minutes here; its AdamW state is 7 MB), the tiny model twice
+    (the second step runs with the optimizer state allocated)."""
     rows = [("tiny", 1024, 0, False), ("tiny", 1024, 2, False), ("tiny", 1024, 3, False),
             ("tiny", 2048, 2, False), ("tiny", 2048, 2, True), ("tiny", 4096, 0, False), ("tiny", 4096, 2, False),
             ("tiny", 4096, 3, False), ("tiny", 4096, 2, True), ("tiny", 4096, 3, True),
@@ -251,6 +251,9 @@ def memory_cases(quick: bool) -> list[dict]:
         cases.append({"kind": "memory", "name": "mem-tiny-4k-z2-tiled", "model": "tiny", "seq_len": 4096,
                       "zero_stage": 2, "gradient_checkpointing": False, "steps": 1, "tiled_loss": True,
                       "tiled_mlp": True})
+        # the fused RMSNorm (longext.sp.RMSNormFunction): its own saved tensors and row-chunked backward
+        cases += [{"kind": "memory", "name": f"mem-{m}-4k-z2-gc-fused", "model": m, "seq_len": 4096, "zero_stage": 2,
+                   "gradient_checkpointing": True, "steps": 1, "fused_norm": True} for m in ("tiny", "smollm2")]
         # the same steps with RSS following the live tensors (no glibc retention): the formulas alone
         cases += [{**c, "name": c["name"] + "-live", "live_peak": True} for c in cases
                   if c["name"] in ("mem-tiny-2k-z2", "mem-smollm2-2k-z0")]

@@ -5,6 +5,8 @@ Merge. LongRecipe averages every parameter, θ = w·θ_original + (1 - w)·θ_tu
 W + s·B·A, so the average is W + (1 - w)·s·B·A: the same adapter with B scaled by (1 - w). Fully trained
 modules (lora.modules_to_save) are averaged with their original weights directly. The result is still a peft
 adapter, so eval and export treat it like any other run; the unmerged adapter stays in adapter-tuned/.
+A full fine-tune (train.full_finetune) averages every saved tensor of model/ with the base model's own, and the
+unmerged model stays in model-tuned/.
 """
 
 from __future__ import annotations
@@ -47,11 +49,16 @@ def merged_adapter_state(state: dict[str, torch.Tensor], originals: dict[str, to
 
 
 def merge_with_original(engine, run_dir: Path, weight_original: float, rank: int) -> None:
-    """Rewrite run_dir/adapter as the merge with the original model; the tuned adapter moves to adapter-tuned/."""
+    """Rewrite run_dir/adapter as the merge with the original model; the tuned adapter moves to adapter-tuned/.
+    A full fine-tune merges run_dir/model instead (merge_full_with_original)."""
     from safetensors.torch import load_file, save_file
 
     from longext.engine import gathered
+    from longext.models import load_run_recipe
 
+    recipe = load_run_recipe(run_dir)
+    if recipe.train.full_finetune:
+        return merge_full_with_original(run_dir, recipe.model.path, weight_original, rank)
     originals = {
         name.replace(".original_module", ""): p for name, p in engine.module.named_parameters() if ".original_module." in name
     }
@@ -68,5 +75,33 @@ def merge_with_original(engine, run_dir: Path, weight_original: float, rank: int
                 shutil.rmtree(tuned)
             os.replace(adapter, tuned)
             os.replace(tmp, adapter)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def merge_full_with_original(run_dir: Path, base_path: str, weight_original: float, rank: int) -> None:
+    """Rewrite run_dir/model (every weight trained) as w·θ_original + (1 - w)·θ_tuned, tensor by tensor, computed in
+    float32 and saved in the tuned tensor's dtype; the tuned model moves to model-tuned/. Both sides come from
+    save_pretrained/from_pretrained of the same architecture, so their tensor names agree."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from longext.materials import expand_path
+
+    if rank == 0:
+        original = AutoModelForCausalLM.from_pretrained(expand_path(base_path), dtype=torch.float32).state_dict()
+        model, tuned = run_dir / "model", run_dir / "model-tuned"
+        tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".model-merged."))
+        shutil.copytree(model, tmp, dirs_exist_ok=True)
+        for file in sorted(model.glob("*.safetensors")):
+            merged = {
+                key: (weight_original * original[key] + (1.0 - weight_original) * value.float()).to(value.dtype)
+                for key, value in load_file(file).items()
+            }
+            save_file(merged, str(tmp / file.name), metadata={"format": "pt"})
+        if tuned.exists():
+            shutil.rmtree(tuned)
+        os.replace(model, tuned)
+        os.replace(tmp, model)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
