@@ -62,7 +62,8 @@ def toy_checksum(toy_dir: Path = TOY_DIR) -> str:
 # Passkey documents for a fine-tuning mix (longext/bench/retrieval.py; the LongGen passkey rows use it): 1500 docs
 # of 120..1024 tokens, about 0.8M tokens next to the training books' 3.1M [choice]. The toy suite's rows train on
 # books only: the mix did not bring passkey back past L0 (toy base of 2026-11-22, PI x8, 80 steps: 0/10 at 128; base
-# of 2026-11-29, 160 steps: PI x8 0/10 at 128, 512 and 1024, E2-LLM 9/10 at 128 and 0/10 beyond; one run each).
+# of 2026-11-29, 160 steps: PI x8 0/10 at 128, 512 and 1024, E2-LLM 9/10 at 128 and 0/10 beyond; one run each;
+# 2026-12-03, E2-LLM with 12000 docs of 112..128 tokens, a third of the tokens: 15/20 at 128, 0/20 from 256 on).
 TOY_RETRIEVAL_DOCS = 1500
 
 
