@@ -63,7 +63,8 @@ def toy_checksum(toy_dir: Path = TOY_DIR) -> str:
 # of 120..1024 tokens, about 0.8M tokens next to the training books' 3.1M [choice]. The toy suite's rows train on
 # books only: the mix did not bring passkey back past L0 (toy base of 2026-11-22, PI x8, 80 steps: 0/10 at 128; base
 # of 2026-11-29, 160 steps: PI x8 0/10 at 128, 512 and 1024, E2-LLM 9/10 at 128 and 0/10 beyond; one run each;
-# 2026-12-03, E2-LLM with 12000 docs of 112..128 tokens, a third of the tokens: 15/20 at 128, 0/20 from 256 on).
+# 2026-12-03, E2-LLM with 12000 docs of 112..128 tokens, a third of the tokens: 15/20 at 128, 0/20 from 256 on;
+# PI x8 fine-tuned at 1024 with 6000 docs of 256..1024 tokens, more tokens than the books: 0/20 at every length).
 TOY_RETRIEVAL_DOCS = 1500
 
 
