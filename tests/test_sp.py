@@ -34,6 +34,9 @@ CASES = {
     "e2llm-z3-tiled-loss-and-mlp": ("e2llm", 3, True, True),
     "longgen-attn-sink-z2": ("longgen-sink", 2, False, False),
     "longgen-block-sparse-z2-tiled-loss": ("longgen-block", 2, True, False),
+    # every weight trains (train.full_finetune), with the fused RMSNorm on the SP side only (the reference is stock)
+    "full-finetune-z2-fused-norm": ("full", 2, False, False),
+    "full-finetune-z3-fused-norm-tiled": ("full", 3, True, True),
 }
 # LongGen hybrids: layer 1 full, layer 0 sparse, patterns much narrower than the 256-token sequence
 LONGGEN = {"longgen-sink": dict(full_layers=[1], sparse_type="attn_sink", sink_tokens=4, window=40),
@@ -54,7 +57,7 @@ def _batch(kind: str) -> dict:
     rows, extra = [], {}
     for row in range(BATCH):
         g = torch.Generator().manual_seed(100 + row)
-        if kind in ("contiguous", "padded", "harpe") or kind in LONGGEN:
+        if kind in ("contiguous", "padded", "harpe", "full") or kind in LONGGEN:
             rows.append(torch.arange(SEQ))
         elif kind == "pose":
             rows.append(pose_positions(SEQ, 8 * SEQ, 3, g))
@@ -73,16 +76,17 @@ def _batch(kind: str) -> dict:
     return batch
 
 
-def _model(kind: str, tiled_mlp: bool):
-    """Tiny Llama + method patch + LoRA on attention and MLP with non-zero B (so every LoRA gradient is non-zero)."""
+def _model(kind: str, tiled_mlp: bool, fused_norm: bool = False):
+    """Tiny Llama + method patch + LoRA on attention and MLP with non-zero B (so every LoRA gradient is non-zero);
+    kind "full": every weight trains, no LoRA."""
     import torch
     from conftest import build_tiny_model
 
     from longext.methods.harpe import apply_harpe
-    from longext.models import add_lora
+    from longext.models import add_lora, apply_full_finetune
     from longext.recipe import LoraSpec
     from longext.rotary import apply_scaled_rotary
-    from longext.sp import apply_tiled_mlp
+    from longext.sp import apply_fused_norm, apply_tiled_mlp
 
     # larger weights than the default init: attention is peaked, so a position off by a shard shows in the loss
     model = build_tiny_model("llama", vocab_size=400, initializer_range=0.2)
@@ -95,15 +99,20 @@ def _model(kind: str, tiled_mlp: bool):
         from longext.longgen.modeling_longext_longgen import LongGenSpec, apply_longgen
 
         apply_longgen(model, LongGenSpec(**LONGGEN[kind]))
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = add_lora(model, LoraSpec(r=4, alpha=8.0, targets=targets))
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    if kind == "full":
+        apply_full_finetune(model)
+    else:
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = add_lora(model, LoraSpec(r=4, alpha=8.0, targets=targets))
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     if tiled_mlp:
         apply_tiled_mlp(model)
+    if fused_norm:
+        apply_fused_norm(model)
     return model.train()
 
 
@@ -134,7 +143,7 @@ def _sequence_parallel(kind: str, stage: int, tiled_loss: bool, tiled_mlp: bool,
     from longext.recipe import TrainSpec
     from longext.sp import apply_sequence_parallel, layout, micro_batch_loss, shard_batch
 
-    model = _model(kind, tiled_mlp)
+    model = _model(kind, tiled_mlp, fused_norm=kind == "full")
     lay = apply_sequence_parallel(model, layout(rank, world, 2), BATCH)
     train = TrainSpec(steps=1, zero_stage=stage, precision="fp32", micro_batch_size=BATCH, grad_clip=None)
     engine = make_engine(model, train, lay.dp, lay.mpu)
