@@ -3,7 +3,8 @@
 The 2-rank cases run in one torchrun launch of this file (`__main__` below is the worker): every rank first computes
 the reference (plain model + LoRA, whole sequence, transformers' own loss and plain autograd, stock sdpa), then
 registers Ulysses (which replaces sdpa for the process) and runs the same micro-batch through longext's SP path in a
-real DeepSpeed engine. Tolerances (fp32): loss within 1e-5 absolute, every LoRA gradient within 1e-4 relative
+real DeepSpeed engine. A second launch of 4 ranks (sequence parallel 2 x data parallel 2) checks the data groups
+against the mean of their micro-batches' losses. Tolerances (fp32): loss within 1e-5 absolute, every LoRA gradient within 1e-4 relative
 (||g_sp - g_ref|| / ||g_ref||, per tensor); the sp-times-gradient trap would show as a relative error of 1.0.
 """
 
@@ -38,6 +39,8 @@ CASES = {
     "full-finetune-z2-fused-norm": ("full", 2, False, False),
     "full-finetune-z3-fused-norm-tiled": ("full", 3, True, True),
 }
+# 4 ranks, sequence parallel 2 x data parallel 2: each data group its own micro-batch; name: (positions, ZeRO stage)
+DP_CASES = {"sp2-dp2-contiguous-z2": ("contiguous", 2), "sp2-dp2-e2llm-z3": ("e2llm", 3)}
 # LongGen hybrids: layer 1 full, layer 0 sparse, patterns much narrower than the 256-token sequence
 LONGGEN = {"longgen-sink": dict(full_layers=[1], sparse_type="attn_sink", sink_tokens=4, window=40),
            "longgen-block": dict(full_layers=[1], sparse_type="block_sparse", block_size=16, local_blocks=2,
@@ -45,18 +48,19 @@ LONGGEN = {"longgen-sink": dict(full_layers=[1], sparse_type="attn_sink", sink_t
 
 
 # ------------------------------------------------------------------------------ the 2-rank worker
-def _batch(kind: str) -> dict:
-    """A micro-batch like TrainData's: [BATCH, SEQ] ids, mask, labels, positions (+ rope_scale for E2-LLM)."""
+def _batch(kind: str, group: int = 0) -> dict:
+    """A micro-batch like TrainData's: [BATCH, SEQ] ids, mask, labels, positions (+ rope_scale for E2-LLM); another
+    one for each data-parallel `group`."""
     import torch
 
     from longext.positions import e2llm_positions, longrecipe_positions, pose_positions
 
-    gen = torch.Generator().manual_seed(11)
+    gen = torch.Generator().manual_seed(11 + group)
     ids = torch.randint(0, 400, (BATCH, SEQ), generator=gen)
     mask = torch.ones_like(ids)
     rows, extra = [], {}
     for row in range(BATCH):
-        g = torch.Generator().manual_seed(100 + row)
+        g = torch.Generator().manual_seed(100 + 10 * group + row)
         if kind in ("contiguous", "padded", "harpe", "full") or kind in LONGGEN:
             rows.append(torch.arange(SEQ))
         elif kind == "pose":
@@ -136,7 +140,21 @@ def _reference(kind: str) -> tuple[float, dict]:
     return loss.item(), {n: p.grad.detach().clone() for n, p in _lora(model).items()}
 
 
+def _reference_dp(kind: str) -> tuple[float, dict]:
+    """What 2 data-parallel groups compute together: the mean of the two micro-batches' token-mean losses."""
+    model = _model(kind, tiled_mlp=False)
+    losses = []
+    for group in range(2):
+        batch = _batch(kind, group)
+        _before_forward(model, kind, batch)
+        losses.append(model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "position_ids")}).loss)
+    loss = (losses[0] + losses[1]) / 2
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().clone() for n, p in _lora(model).items()}
+
+
 def _sequence_parallel(kind: str, stage: int, tiled_loss: bool, tiled_mlp: bool, rank: int, world: int):
+    import torch
     from deepspeed.utils import safe_get_full_grad
 
     from longext.engine import make_engine
@@ -147,13 +165,14 @@ def _sequence_parallel(kind: str, stage: int, tiled_loss: bool, tiled_mlp: bool,
     lay = apply_sequence_parallel(model, layout(rank, world, 2), BATCH)
     train = TrainSpec(steps=1, zero_stage=stage, precision="fp32", micro_batch_size=BATCH, grad_clip=None)
     engine = make_engine(model, train, lay.dp, lay.mpu)
-    batch = _batch(kind)
+    batch = _batch(kind, lay.dp_rank)
     _before_forward(engine.module, kind, batch)
     loss, logged = micro_batch_loss(engine, shard_batch(batch, lay), lay, tiled_loss)
     engine.backward(loss)
     grads = {n: safe_get_full_grad(p) for n, p in _lora(engine.module).items()}
     engine.destroy()
-    return float(logged), grads
+    torch.distributed.all_reduce(logged)  # the ranks of a data group log the same value: the mean over groups
+    return float(logged) / world, grads
 
 
 def _worker(out: Path) -> None:
@@ -164,10 +183,12 @@ def _worker(out: Path) -> None:
 
     rank, world = init_distributed()
     longext.sp.LOGITS_PER_TILE = 2**14  # 2 x 128 tokens x 400 logits -> 7 loss tiles per rank when tiled_loss is on
-    kinds = sorted({kind for kind, *_ in CASES.values()})
-    references = {kind: _reference(kind) for kind in kinds}  # stock sdpa: before Ulysses replaces it
+    cases = CASES if world == 2 else {name: (kind, stage, False, False) for name, (kind, stage) in DP_CASES.items()}
+    kinds = sorted({kind for kind, *_ in cases.values()})
+    reference = _reference if world == 2 else _reference_dp
+    references = {kind: reference(kind) for kind in kinds}  # stock sdpa: before Ulysses replaces it
     results = {}
-    for name, (kind, stage, tiled_loss, tiled_mlp) in CASES.items():
+    for name, (kind, stage, tiled_loss, tiled_mlp) in cases.items():
         ref_loss, ref_grads = references[kind]
         loss, grads = _sequence_parallel(kind, stage, tiled_loss, tiled_mlp, rank, world)
         rel = [float((grads[n] - g).norm() / g.norm()) for n, g in ref_grads.items() if grads.get(n) is not None]
@@ -188,21 +209,41 @@ def _env() -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def sp_results(tmp_path_factory) -> dict:
+def _launch(tmp_path_factory, ranks: int) -> dict:
     from conftest import free_port
 
     out = tmp_path_factory.mktemp("sp") / "results.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(Path(__file__)), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+           str(free_port()), str(Path(__file__)), str(out)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def sp_results(tmp_path_factory) -> dict:
+    return _launch(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def dp_results(tmp_path_factory) -> dict:
+    return _launch(tmp_path_factory, 4)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_sequence_parallel_2_gives_the_loss_and_lora_gradients_of_one_rank(sp_results, case):
     r = sp_results[case]
+    assert r["nonzero"] and r["grads"] == r["expected_grads"] > 0
+    assert r["loss_abs"] < LOSS_TOL, r
+    assert r["grad_rel"] < GRAD_TOL, r
+
+
+@pytest.mark.parametrize("case", list(DP_CASES))
+def test_sequence_parallel_2_by_data_parallel_2_gives_the_mean_of_the_two_micro_batches(dp_results, case):
+    """4 ranks: two data groups of two sequence-parallel ranks, each group its own micro-batch. Loss and LoRA
+    gradients equal one rank's on the mean of the two micro-batches' losses (a wrong data-parallel or sp factor
+    would show as a relative error of 0.5 or 1)."""
+    r = dp_results[case]
     assert r["nonzero"] and r["grads"] == r["expected_grads"] > 0
     assert r["loss_abs"] < LOSS_TOL, r
     assert r["grad_rel"] < GRAD_TOL, r
