@@ -4,8 +4,9 @@ The 2-rank cases run in one torchrun launch of this file (`__main__` below is th
 the reference (plain model + LoRA, whole sequence, transformers' own loss and plain autograd, stock sdpa), then
 registers Ulysses (which replaces sdpa for the process) and runs the same micro-batch through longext's SP path in a
 real DeepSpeed engine. A second launch of 4 ranks (sequence parallel 2 x data parallel 2) checks the data groups
-against the mean of their micro-batches' losses. Tolerances (fp32): loss within 1e-5 absolute, every LoRA gradient within 1e-4 relative
-(||g_sp - g_ref|| / ||g_ref||, per tensor); the sp-times-gradient trap would show as a relative error of 1.0.
+against the mean of their micro-batches' losses. Tolerances (fp32): loss within 1e-5 absolute, every LoRA gradient
+within 1e-4 relative (||g_sp - g_ref|| / ||g_ref||, per tensor); the sp-times-gradient trap would show as a
+relative error of 1.0.
 """
 
 from __future__ import annotations
