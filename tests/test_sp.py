@@ -282,6 +282,28 @@ def test_train_with_sequence_parallel_2_matches_one_rank(tmp_path, tiny_model_di
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_longgen_recipe_with_sequence_parallel_2_matches_one_rank(tmp_path, tiny_model_dir, corpus_dir):
+    """`longext train --nproc 2` with train.sequence_parallel 2 on a LongGen recipe (its attention registered for
+    Ulysses through the recipe path, one layer sparse, a window narrower than a shard) logs the losses of one rank."""
+    from helpers import losses, write_recipe
+
+    from longext.recipe import load_recipe
+    from longext.train import run_training
+
+    common = dict(method={"kind": "longgen", "target_len": 256,
+                          "sparse": {"type": "attn_sink", "sink_tokens": 4, "window": 32}},
+                  rope={"kind": "none"}, data={"seq_len": 128}, train={"steps": 2, "zero_stage": 2, "lr": 2.0e-3})
+    one = run_training(load_recipe(write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="one", **common)))
+    path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="sp", **common)
+    cmd = [sys.executable, "-m", "longext", "train", str(path), "--nproc", "2", "-s", "train.sequence_parallel=2"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    a, b = losses(one), losses(tmp_path / "runs" / "sp")
+    assert a.keys() == b.keys() == {1, 2}
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
+
+
 @pytest.mark.parametrize("sets, nproc, expected", [
     (["train.sequence_parallel=3", "data.seq_len=66"], 3,
      "train.sequence_parallel: 3 does not divide the model's 4 attention heads"),
