@@ -36,6 +36,25 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
+def tokens(n: int, rows: int = 2, seed: int = 0):
+    """[rows, n] token ids below the tiny models' vocabulary (400), seeded."""
+    import torch
+
+    return torch.randint(0, 400, (rows, n), generator=torch.Generator().manual_seed(seed))
+
+
+def bad_input(capsys, *argv) -> list[str]:
+    """The bad-input contract of `longext ARGV`: exit code 2, only `error:` lines, no traceback; the lines."""
+    from longext.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and code == 2, err
+    lines = err.splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), err
+    return lines
+
+
 # A script run by run_fresh() starts with this: only site-packages on the path (longext must not import), then
 # `folder` (a saved model), `out` (where the script saves its results) and `ids` (a saved tensor of token ids),
 # and `refused`: what loading `folder` without trust_remote_code raised (None if it loaded).

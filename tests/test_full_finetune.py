@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import losses, run_fresh, write_recipe
+from helpers import bad_input, losses, run_fresh, tokens, write_recipe
 from longext.cli import main
 from longext.recipe import load_recipe
 from longext.train import run_training
@@ -40,20 +40,6 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(folder / "model.safetensors")
-
-
-def tokens(n: int, rows: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 400, (rows, n), generator=torch.Generator().manual_seed(seed))
-
-
-def bad_input(capsys, *argv) -> list[str]:
-    """The bad-input contract: exit code 2, only `error:` lines, no traceback."""
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err and code == 2, err
-    lines = err.splitlines()
-    assert lines and all(line.startswith("error: ") for line in lines), err
-    return lines
 
 
 def hand_built(run: Path, trained: bool = True):

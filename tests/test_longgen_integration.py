@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_fresh, write_recipe
+from helpers import bad_input, run_fresh, tokens, write_recipe
 from longext.cli import main
 from longext.errors import LongextError, RecipeError
 from longext.recipe import LongGenMethod, load_recipe
@@ -23,20 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # 2-layer tiny Llama (L0 = 128): auto layout = round(2/3) = 1 full layer, centred at (2 - 1) // 2 = 0.
 SPARSE = {"type": "attn_sink", "sink_tokens": 4, "window": 32}
 LONGGEN = {"kind": "longgen", "target_len": 256, "sparse": SPARSE}
-
-
-def tokens(n: int, rows: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 400, (rows, n), generator=torch.Generator().manual_seed(seed))
-
-
-def bad_input(capsys, *argv) -> list[str]:
-    """The bad-input contract: exit code 2, only `error:` lines, no traceback."""
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err and code == 2, err
-    lines = err.splitlines()
-    assert lines and all(line.startswith("error: ") for line in lines), err
-    return lines
 
 
 # ------------------------------------------------------------------------------------------ recipe

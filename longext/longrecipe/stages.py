@@ -71,10 +71,7 @@ def merge_with_original(engine, run_dir: Path, weight_original: float, rank: int
             tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".adapter-merged."))
             shutil.copytree(adapter, tmp, dirs_exist_ok=True)
             save_file(merged, str(tmp / WEIGHTS), metadata={"format": "pt"})
-            if tuned.exists():
-                shutil.rmtree(tuned)
-            os.replace(adapter, tuned)
-            os.replace(tmp, adapter)
+            _swap_in(tmp, adapter, tuned)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -99,9 +96,14 @@ def merge_full_with_original(run_dir: Path, base_path: str, weight_original: flo
                 for key, value in load_file(file).items()
             }
             save_file(merged, str(tmp / file.name), metadata={"format": "pt"})
-        if tuned.exists():
-            shutil.rmtree(tuned)
-        os.replace(model, tuned)
-        os.replace(tmp, model)
+        _swap_in(tmp, model, tuned)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _swap_in(merged: Path, final: Path, tuned: Path) -> None:
+    """The merged folder becomes `final`; what was there (the tuned weights) moves to `tuned`."""
+    if tuned.exists():
+        shutil.rmtree(tuned)
+    os.replace(final, tuned)
+    os.replace(merged, final)
