@@ -240,9 +240,10 @@ def test_every_method_row_of_the_suites_is_a_valid_recipe():
     assert toy_harpe_bases(theta) == (4 * theta, 20 * theta)
     assert toy["toy-abf-max"]["recipe"]["rope"]["theta"] == 20 * theta
     smol = {c["name"]: c for c in smollm2_cases(False)}
-    assert {"smollm2-e2llm", "smollm2-harpe", "smollm2-longrecipe", "smollm2-pose"} <= set(smol)
+    assert {"smollm2-e2llm", "smollm2-harpe", "smollm2-longrecipe", "smollm2-pose", "smollm2-longgen"} <= set(smol)
     kinds = {n: validate_recipe(c["recipe"], n).method.kind for n, c in smol.items() if c["train"]}
     assert kinds["smollm2-harpe"] == "harpe" and kinds["smollm2-longrecipe"] == "longrecipe"
+    assert kinds["smollm2-longgen"] == "longgen"
     assert all("eval" not in c["recipe"] for c in smol.values())
 
 

@@ -211,6 +211,7 @@ def smollm2_cases(quick: bool) -> list[dict]:
         ("harpe", "HARPE (3 bases 2e5-1e6, per KV group), trained at 2k"),
         ("longrecipe", "LongRecipe (30 % of 16k, digits, replay 4 + merge 0.5)"),
         ("pose", "PoSE (YaRN x2), trained at 2k"),
+        ("longgen", "LongGen (10 of 30 layers full, sinks 64 + window 960), trained at 4k"),
     ]
     return [
         case("base", "no extension", recipe("smollm2-base", {"kind": "none"}), False),
