@@ -225,16 +225,10 @@ def setup_from_recipe(recipe, gpus: int = 1, device: str = "cuda", full: bool = 
 
 def resolve_auto(dims: Dims, s: Setup) -> Setup:
     """tiled_loss / tiled_mlp / fused_norm `auto` decided by the training code's rule (longext.sp) for this setup."""
-    from longext.sp import AUTO_FUSED_NORM_TOKENS, AUTO_TILED_LOSS_LOGITS, AUTO_TILED_MLP_TOKENS
+    from longext.sp import auto_savers
 
-    local = s.micro_batch * s.seq_len // s.sequence_parallel
-    if s.tiled_loss == "auto":
-        s = replace(s, tiled_loss=s.sequence_parallel > 1 or local * dims.vocab >= AUTO_TILED_LOSS_LOGITS)
-    if s.tiled_mlp == "auto":
-        s = replace(s, tiled_mlp=local >= AUTO_TILED_MLP_TOKENS)
-    if s.fused_norm == "auto":
-        s = replace(s, fused_norm=local >= AUTO_FUSED_NORM_TOKENS)
-    return s
+    rules = auto_savers(s.micro_batch * s.seq_len // s.sequence_parallel, s.sequence_parallel, dims.vocab)
+    return replace(s, **{k: v for k, v in rules.items() if getattr(s, k) == "auto"})
 
 
 # --------------------------------------------------------------------------------------- estimate

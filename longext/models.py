@@ -135,9 +135,7 @@ def add_lora(model, spec: LoraSpec, gradient_checkpointing: bool = False):
         if missing:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
             raise LongextError(f"{field_name}: no module named {', '.join(missing)} in this model (linear layers: {', '.join(linear)})")
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    _training_mode(model, gradient_checkpointing)
     config = LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.targets,
         modules_to_save=spec.modules_to_save or None, task_type="CAUSAL_LM", bias="none",
@@ -147,8 +145,13 @@ def add_lora(model, spec: LoraSpec, gradient_checkpointing: bool = False):
 
 def apply_full_finetune(model, gradient_checkpointing: bool = False) -> None:
     """Every weight trains (train.full_finetune, the papers' setting). No wrapper: parameter names, checkpoints and
-    save_pretrained stay the model's own. Checkpointing is set up as add_lora does it."""
+    save_pretrained stay the model's own."""
     model.requires_grad_(True)
+    _training_mode(model, gradient_checkpointing)
+
+
+def _training_mode(model, gradient_checkpointing: bool) -> None:
+    """Non-reentrant gradient checkpointing if asked, and no KV cache in training forwards."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -121,16 +121,18 @@ def _training_lengths(recipe) -> list[tuple[str, int]]:
 
 
 
+def auto_savers(tokens_per_rank: int, sequence_parallel: int, vocab: int) -> dict[str, bool]:
+    """What `auto` means for each memory saver (the training code's rule; `longext plan` uses it too)."""
+    return {"tiled_loss": sequence_parallel > 1 or tokens_per_rank * vocab >= AUTO_TILED_LOSS_LOGITS,
+            "tiled_mlp": tokens_per_rank >= AUTO_TILED_MLP_TOKENS,
+            "fused_norm": tokens_per_rank >= AUTO_FUSED_NORM_TOKENS}
+
+
 def resolve_switches(train, seq_len: int, vocab: int):
     """TrainSpec with tiled_loss / tiled_mlp / fused_norm `auto` decided from the per-rank length (and vocabulary)."""
     local = train.micro_batch_size * seq_len // train.sequence_parallel  # tokens per rank per forward
-    update = {}
-    if train.tiled_loss == "auto":
-        update["tiled_loss"] = train.sequence_parallel > 1 or local * vocab >= AUTO_TILED_LOSS_LOGITS
-    if train.tiled_mlp == "auto":
-        update["tiled_mlp"] = local >= AUTO_TILED_MLP_TOKENS
-    if train.fused_norm == "auto":
-        update["fused_norm"] = local >= AUTO_FUSED_NORM_TOKENS
+    rules = auto_savers(local, train.sequence_parallel, vocab)
+    update = {k: v for k, v in rules.items() if getattr(train, k) == "auto"}
     return train.model_copy(update=update) if update else train
 
 
