@@ -829,7 +829,8 @@ def _expected(annotation: Any) -> str:
         elif any(getattr(m, "func", None) is parse_length for m in getattr(arg, "__metadata__", ())):
             words.append(LENGTH_ALLOWED)
         else:
-            words.append({float: "a number", int: "a whole number", str: "text", type(None): "null"}.get(arg, str(arg)))
+            words.append({bool: "true or false", float: "a number", int: "a whole number", str: "text",
+                          type(None): "null"}.get(arg, str(arg)))
     return ", or ".join(words)
 
 

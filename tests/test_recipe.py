@@ -295,6 +295,13 @@ def test_number_or_auto_field_gives_one_issue_not_one_per_union_member(tmp_path)
     assert lines == {f"{path}:11 rope.factor: expected a number, or 'auto' (got 'big')"}
 
 
+def test_switch_or_auto_field_names_both_choices_in_words(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("  steps: 10", "  steps: 10\n  fused_norm: maybe"))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert set(info.value.lines()) == {f"{path}:9 train.fused_norm: expected true or false, or 'auto' (got 'maybe')"}
+
+
 def test_list_items_are_located_by_index(tmp_path):
     [(line, field, message)] = problems(write(tmp_path, MINIMAL + "eval:\n  lengths:\n    - 4k\n    - 1.1k\n"))
     assert (line, field) == (12, "eval.lengths.1")
