@@ -65,6 +65,12 @@ def toy_checksum(toy_dir: Path = TOY_DIR) -> str:
 # of 2026-11-29, 160 steps: PI x8 0/10 at 128, 512 and 1024, E2-LLM 9/10 at 128 and 0/10 beyond; one run each;
 # 2026-12-03, E2-LLM with 12000 docs of 112..128 tokens, a third of the tokens: 15/20 at 128, 0/20 from 256 on;
 # PI x8 fine-tuned at 1024 with 6000 docs of 256..1024 tokens, more tokens than the books: 0/20 at every length).
+# Why E2-LLM cannot retrieve past L0 here (2026-12-03, passkey with g forced, 20 trials, docs/methods/e2llm.md):
+# the suite's row gets 19/20 at 128 with g = 1 but 0/20 at 128 with g = 2, 4 or 8 (positions it trained on); with
+# the 12000 short docs and 8x the steps, g = 2 at 128 reaches 12/20, g = 4 and 8 stay 0/20; trained on g = 4 alone,
+# 13/20 at 128, 3/20 at 256, 0/20 at 512 and 1024, and sharper attention (logits x1.2..2) does not help. The toy
+# learns the scaled positions when drilled on them, but its copying does not carry to windows longer than it
+# trained on, whatever the positions: a limit of the 1.2M-parameter base, not of E2-LLM's positions.
 TOY_RETRIEVAL_DOCS = 1500
 
 
@@ -171,8 +177,9 @@ def toy_method_rows(texts: list[str], theta: float) -> list[tuple[str, str, dict
 # --------------------------------------------------------------------------------------- smollm2
 def smollm2_cases(quick: bool) -> list[dict]:
     """The base, training-free x2 baselines, the demo-like YaRN LoRA row and one row per method from its shipped
-    CPU recipe (recipes/<method>-smollm2-cpu.yaml, without its eval section), most needed first so that an
-    interrupted run (the suite is saved after each case) still carries the method rows.
+    CPU recipe (recipes/<method>-smollm2-cpu.yaml, without its eval section). Order: the base and the
+    training-free baselines every method row is judged against, then the methods, the demo-like row last; the
+    suite is saved after each case, so an interrupted run still carries the baselines and the first methods.
 
     Full: perplexity at 4k-16k on one 256-token target window, passkey at 12k and 16k with 3 trials (a 16k
     forward takes ~2.5 min here). quick (also the reduced run documented in docs/benchmarks.md when the full one
@@ -215,10 +222,9 @@ def smollm2_cases(quick: bool) -> list[dict]:
     ]
     return [
         case("base", "no extension", recipe("smollm2-base", {"kind": "none"}), False),
-        *[case(name, label, shipped_recipe(f"{name}-smollm2-cpu"), True) for name, label in methods[:3]],
         *[case(name, label, recipe(f"smollm2-{name}", rope), False) for name, label, rope in free[1:]],
+        *[case(name, label, shipped_recipe(f"{name}-smollm2-cpu"), True) for name, label in methods],
         case("yarn-lora", "YaRN x2 + LoRA 10 steps at 2k (demo)", recipe("smollm2-yarn-lora", {"kind": "yarn"}, demo_train), True),
-        *[case(name, label, shipped_recipe(f"{name}-smollm2-cpu"), True) for name, label in methods[3:]],
     ]
 
 
