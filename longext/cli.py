@@ -172,17 +172,18 @@ def eval_cmd(
     texts: Annotated[Optional[list[str]], typer.Option("--texts", help="Long texts for perplexity (files/folders or `books`). Repeatable.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="Perplexity mode: fixed | sliding.")] = None,
     passkey: Annotated[Optional[bool], typer.Option("--passkey/--no-passkey", help="Run passkey retrieval.")] = None,
+    niah: Annotated[Optional[bool], typer.Option("--niah/--no-niah", help="Run multi-key needle-in-a-haystack retrieval (off unless the recipe's eval.niah.enabled).")] = None,
     perplexity: Annotated[Optional[bool], typer.Option("--ppl/--no-ppl", help="Run perplexity.")] = None,
-    trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Passkey trials per length.")] = None,
+    trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Passkey and needle trials per length.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report directory. Default: <run>/eval, or evals/<name> for a model directory.")] = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Perplexity against length and passkey retrieval; writes eval.json, eval.md and PNG plots."""
+    """Perplexity against length, passkey and (--niah) needle retrieval; writes eval.json, eval.md and PNG plots."""
     from longext.evaluate.run import EvalRequest, run_eval
 
     request = EvalRequest.from_cli(
         target=target, length=length, lengths=lengths, baseline=baseline, texts=texts, mode=mode,
-        passkey=passkey, perplexity=perplexity, trials=trials, out=out, overrides=overrides or [],
+        passkey=passkey, perplexity=perplexity, trials=trials, out=out, overrides=overrides or [], niah=niah,
     )
     report = run_eval(request)
     _console().print(f"report: {report}")

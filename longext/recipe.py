@@ -508,6 +508,20 @@ class PasskeySpec(Section):
     digits: int = Field(5, ge=1, le=20, description="Digits in the key.")
 
 
+class NiahSpec(Section):
+    """Multi-key needle in a haystack (RULER's niah_multikey_1): several key -> number needles in filler, the
+    number of one key asked for at the end. Off by default: it costs as many forward passes as passkey."""
+
+    enabled: bool = Field(False, description="Run needle-in-a-haystack retrieval at each length (`--niah`).")
+    trials: int = Field(6, ge=1, description="Trials per length.")
+    depths: list[float] = Field(
+        default_factory=lambda: [0.1, 0.5, 0.9], min_length=1,
+        description="Relative depths of the asked-for needle (0 = start); the distractors go anywhere.",
+    )
+    needles: int = Field(4, ge=1, le=32, description="Needles per prompt: the asked-for one plus distractors.")
+    digits: int = Field(7, ge=1, le=20, description="Digits of each needle's number (RULER: 7).")
+
+
 class EvalSpec(Section):
     """What `longext eval` measures by default for this run; its flags override these."""
 
@@ -516,6 +530,7 @@ class EvalSpec(Section):
     )
     perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
     passkey: PasskeySpec = Field(default_factory=PasskeySpec)
+    niah: NiahSpec = Field(default_factory=NiahSpec)
     seed: int = Field(0, description="Seeds passkey keys, depths and filler.")
 
 

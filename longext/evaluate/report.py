@@ -1,4 +1,7 @@
-"""The eval report: eval.json (everything), eval.md (tables), ppl.png and passkey.png, and a rich table.
+"""The eval report: eval.json (everything), eval.md (tables), PNG plots and a rich table.
+
+Plots: ppl.png, passkey.png and niah.png against length; passkey-depth.png and niah-depth.png, accuracy per
+(length, depth) cell, one panel per model (the needle-in-a-haystack picture).
 
 `results` layout (what run.py builds; per-length maps are keyed by the length, str or int):
 
@@ -6,7 +9,8 @@
      "original_context": int, "target_context": int | None, "reference_length": int,
      "settings": EvalSpec as JSON, "texts": {...},
      "models": [{"name": str, "baseline": bool, "rope": {...}, "original_context": int,
-                 "target_context": int | None, "perplexity": {L: {...}}, "passkey": {L: {...}}}]}
+                 "target_context": int | None, "perplexity": {L: {...}}, "passkey": {L: {...}},
+                 "niah": {L: {...}}}]}
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from longext.errors import LongextError
 from longext.lengths import format_length
 
 log = logging.getLogger(__name__)
-FILES = ("eval.json", "eval.md", "ppl.png", "passkey.png")
+RETRIEVAL = (("passkey", "passkey", "passkey retrieval"), ("niah", "needle", "needle in a haystack (multi-key)"))
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -81,9 +85,22 @@ def _ppl_cells(model: dict, length: int, ref: int) -> tuple[str, str]:
     return f"{value:.2f}", (f"{value / base:.2f}" if base else "–")
 
 
-def _passkey_cell(model: dict, length: int) -> str:
-    row = by_length(model.get("passkey")).get(length)
+def _retrieval_cell(model: dict, length: int, part: str = "passkey") -> str:
+    row = by_length(model.get(part)).get(length)
     return f"{row['correct']}/{row['trials']}" if row else "–"
+
+
+def depth_grid(section: dict | None) -> tuple[list[int], list[float], dict[tuple[int, float], tuple[int, int]]]:
+    """(lengths, depths, {(length, depth): (correct, trials)}) from a passkey or niah section's trial records."""
+    cells: dict[tuple[int, float], list[int]] = {}
+    for length, row in by_length(section).items():
+        for record in row.get("records", []):
+            cell = cells.setdefault((length, record["depth"]), [0, 0])
+            cell[0] += bool(record["correct"])
+            cell[1] += 1
+    lengths = sorted({L for L, _ in cells})
+    depths = sorted({d for _, d in cells})
+    return lengths, depths, {k: (v[0], v[1]) for k, v in cells.items()}
 
 
 # -------------------------------------------------------------------------------------- tables
@@ -92,7 +109,7 @@ def markdown(results: dict) -> str:
     models, lengths = results["models"], results["lengths"]
     ref = results.get("reference_length") or reference_length(lengths, results.get("original_context"))
     settings, machine = results.get("settings", {}), results.get("machine", {})
-    ppl, key = settings.get("perplexity", {}), settings.get("passkey", {})
+    ppl, key, niah = settings.get("perplexity", {}), settings.get("passkey", {}), settings.get("niah", {})
     lines = [
         f"# Evaluation of `{results.get('target', '?')}`", "",
         f"- models: {', '.join(m['name'] for m in models)}",
@@ -100,6 +117,9 @@ def markdown(results: dict) -> str:
         f"- perplexity: {ppl.get('mode')} mode, {ppl.get('targets')} scored tokens x {ppl.get('windows')} windows "
         f"(sliding stride {ppl.get('stride')}); texts: {', '.join(ppl.get('texts', []))}",
         f"- passkey: {key.get('trials')} trials per length, depths {key.get('depths')}, {key.get('digits')} digits",
+        *([f"- needle in a haystack: {niah.get('trials')} trials per length, {niah.get('needles')} needles "
+           f"({niah.get('digits')}-digit numbers), asked-for needle at depths {niah.get('depths')}"]
+          if any(m.get("niah") for m in models) else []),
         f"- machine: {machine.get('cpu')}, gpus: {machine.get('gpus') or 'none'}, torch {machine.get('torch')}, "
         f"transformers {machine.get('transformers')}, {machine.get('date')}", "",
     ]
@@ -108,23 +128,31 @@ def markdown(results: dict) -> str:
         header = ["length"] + [f"{m['name']} {c}" for m in models for c in ("ppl", f"x{format_length(ref)}")]
         rows = [[_length_label(L, results)] + [c for m in models for c in _ppl_cells(m, L, ref)] for L in lengths]
         lines += _md_table(header, rows) + ["", "![perplexity against length](ppl.png)", ""]
-    if any(m.get("passkey") for m in models):
-        header = ["length"] + [f"{m['name']} passkey" for m in models]
-        rows = [[_length_label(L, results)] + [_passkey_cell(m, L) for m in models] for L in lengths]
-        lines += ["## Passkey retrieval", ""] + _md_table(header, rows)
-        lines += ["", "![passkey accuracy against length](passkey.png)", ""]
+    for part, short, title in RETRIEVAL:
+        if not any(m.get(part) for m in models):
+            continue
+        header = ["length"] + [f"{m['name']} {short}" for m in models]
+        rows = [[_length_label(L, results)] + [_retrieval_cell(m, L, part) for m in models] for L in lengths]
+        lines += [f"## {title[0].upper()}{title[1:]}", ""] + _md_table(header, rows)
+        if part == "niah":
+            wrong = [f"{m['name']} {sum(r.get('distractor_answers', 0) for r in by_length(m.get(part)).values())}"
+                     for m in models if m.get(part)]
+            lines += ["", f"Answers that gave a distractor needle's number: {', '.join(wrong)}."]
+        lines += ["", f"![{short} accuracy against length]({part}.png) ![{short} accuracy by depth]({part}-depth.png)", ""]
     lines += ["## Time (seconds)", ""] + _md_table(*_time_table(results))
     return "\n".join(lines) + "\n"
 
 
 def _time_table(results: dict) -> tuple[list[str], list[list[str]]]:
     models = results["models"]
-    header = ["length"] + [f"{m['name']} {part}" for m in models for part in ("ppl", "passkey")]
+    parts = [p for p in ("perplexity", "passkey", "niah") if any(m.get(p) for m in models)]
+    short = {"perplexity": "ppl", "passkey": "passkey", "niah": "needle"}
+    header = ["length"] + [f"{m['name']} {short[part]}" for m in models for part in parts]
     rows = []
     for L in results["lengths"]:
         cells = [_length_label(L, results)]
         for m in models:
-            for part in ("perplexity", "passkey"):
+            for part in parts:
                 row = by_length(m.get(part)).get(L)
                 cells.append(f"{row['seconds']:.1f}" if row else "–")
         rows.append(cells)
@@ -143,28 +171,34 @@ def rich_table(results: dict):
     ref = results.get("reference_length") or reference_length(lengths, results.get("original_context"))
     table = Table(title=f"longext eval: {results.get('target', '')}")
     table.add_column("length")
+    niah = any(m.get("niah") for m in models)
     for m in models:
         table.add_column(f"{m['name']} ppl", justify="right")
         table.add_column(f"x{format_length(ref)}", justify="right")
         table.add_column("passkey", justify="right")
+        if niah:
+            table.add_column("needle", justify="right")
     for L in lengths:
         cells = [_length_label(L, results)]
         for m in models:
-            cells += [*_ppl_cells(m, L, ref), _passkey_cell(m, L)]
+            cells += [*_ppl_cells(m, L, ref), _retrieval_cell(m, L)]
+            cells += [_retrieval_cell(m, L, "niah")] if niah else []
         table.add_row(*cells)
     return table
 
 
 # --------------------------------------------------------------------------------------- plots
 def plot(results: dict, out_dir: Path) -> list[str]:
-    """ppl.png (log y) and passkey.png against length (log2 x), dashed lines at L0 and the target."""
+    """ppl.png (log y), passkey.png and niah.png against length (log2 x), dashed lines at L0 and the target; then
+    the depth heatmaps (`depth_plot`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    for part, name, ylabel in (("perplexity", "ppl.png", "perplexity"), ("passkey", "passkey.png", "passkey accuracy")):
+    for part, name, ylabel in (("perplexity", "ppl.png", "perplexity"), ("passkey", "passkey.png", "passkey accuracy"),
+                               ("niah", "niah.png", "needle accuracy (multi-key)")):
         series = [(m["name"], by_length(m.get(part))) for m in results["models"] if m.get(part)]
         if not series:
             continue
@@ -174,13 +208,52 @@ def plot(results: dict, out_dir: Path) -> list[str]:
             ax.plot(list(rows), ys, marker="o", label=label)
         _decorate(ax, results, log_y=part == "perplexity")
         ax.set_ylabel(ylabel)
-        if part == "passkey":
+        if part != "perplexity":
             ax.set_ylim(-0.05, 1.05)
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=120)
         plt.close(fig)
         written.append(name)
+    for part, _, title in RETRIEVAL:
+        written += depth_plot(results, part, title, out_dir)
     return written
+
+
+def depth_plot(results: dict, part: str, title: str, out_dir: Path) -> list[str]:
+    """<part>-depth.png: accuracy per (length, depth) cell, green = found, red = missed, one panel per model,
+    each cell labelled correct/trials."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [(m["name"], depth_grid(m.get(part))) for m in results["models"] if m.get(part)]
+    panels = [(name, grid) for name, grid in panels if grid[2]]  # sections without trial records: nothing to draw
+    if not panels:
+        return []
+    columns = max(len(grid[0]) for _, grid in panels)
+    rows = max(len(grid[1]) for _, grid in panels)
+    fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                             figsize=(len(panels) * (1.8 + 0.85 * columns) + 1.2, 1.6 + 0.45 * rows))
+    image = None
+    for ax, (name, (lengths, depths, cells)) in zip(axes[0], panels):
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for (L, d), (correct, trials) in cells.items():
+            grid[depths.index(d), lengths.index(L)] = correct / trials
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+        for (L, d), (correct, trials) in cells.items():
+            dark = not 0.2 < correct / trials < 0.8  # the colour map's ends are dark: white labels there
+            ax.text(lengths.index(L), depths.index(d), f"{correct}/{trials}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
+        ax.set_xticks(range(len(lengths)), [format_length(L) for L in lengths], rotation=45)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(name, fontsize=9)
+    axes[0][0].set_ylabel("depth of the asked-for key")
+    fig.colorbar(image, ax=list(axes[0]), fraction=0.05, label="accuracy")
+    fig.suptitle(title, fontsize=10)
+    name = f"{part}-depth.png"
+    fig.savefig(out_dir / name, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [name]
 
 
 def _decorate(ax, results: dict, log_y: bool) -> None:
@@ -238,7 +311,7 @@ def write_report(out_dir: Path, results: dict) -> Path:
         try:
             plot(results, tmp)
         except ImportError:  # matplotlib is an extra; the tables are still complete
-            log.warning("matplotlib is not installed: no ppl.png / passkey.png")
+            log.warning("matplotlib is not installed: no PNG plots")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

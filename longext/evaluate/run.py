@@ -1,6 +1,6 @@
 """`longext eval TARGET`: check the flags, load the model(s), measure, write the report.
 
-Flow: `cli.eval_cmd → EvalRequest.from_cli → run_eval → {models.load_target, perplexity, passkey,
+Flow: `cli.eval_cmd → EvalRequest.from_cli → run_eval → {models.load_target, perplexity, passkey, niah,
 report.write_report}`. The eval settings start from the run's recipe `eval:` section (or the
 defaults), then `--set` overrides, then the flags; every mistake is a one-line error naming the flag.
 """
@@ -40,7 +40,7 @@ class EvalRequest:
 
     @classmethod
     def from_cli(cls, target, length=None, lengths=None, baseline=False, texts=None, mode=None, passkey=None,
-                 perplexity=None, trials=None, out=None, overrides: Sequence[str] = ()) -> EvalRequest:
+                 perplexity=None, trials=None, out=None, overrides: Sequence[str] = (), niah=None) -> EvalRequest:
         """Validate the `longext eval` arguments. Raises LongextError with one line per problem."""
         target = Path(target)
         if not target.is_dir():
@@ -53,7 +53,8 @@ class EvalRequest:
         if length is not None and lengths is not None:
             raise LongextError("--length, --lengths: give one of them (--length builds a ladder, --lengths lists it)")
         flags = {("perplexity", "texts"): texts, ("perplexity", "mode"): mode, ("perplexity", "enabled"): perplexity,
-                 ("passkey", "enabled"): passkey, ("passkey", "trials"): trials}
+                 ("passkey", "enabled"): passkey, ("passkey", "trials"): trials,
+                 ("niah", "enabled"): niah, ("niah", "trials"): trials}
         spec = eval_spec(recipe.eval if recipe else EvalSpec(), overrides, flags)
         longest = length_flag("--length", length) if length is not None else None
         explicit = lengths_flag(lengths) if lengths is not None else ([] if longest else list(spec.lengths))
@@ -62,8 +63,8 @@ class EvalRequest:
                 "--length: give the longest context to test, e.g. --length 16k, or a ladder with --lengths 4k,8k,16k"
                 + (" (the run's recipe has no eval.lengths)" if recipe else "")
             )
-        if not spec.perplexity.enabled and not spec.passkey.enabled:
-            raise LongextError("--ppl, --passkey: both are off, nothing to evaluate")
+        if not spec.perplexity.enabled and not spec.passkey.enabled and not spec.niah.enabled:
+            raise LongextError("--ppl, --passkey, --niah: all are off, nothing to evaluate")
         out = Path(out) if out else (target / "eval" if recipe else Path("evals") / target.resolve().name)
         _check_out(out)
         return cls(
@@ -131,9 +132,10 @@ def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[tuple[str, s
         wrapped = {"eval": raw}  # so field paths, 'did you mean' hints and lengths read as in a recipe
         issues = [_to_issue({**e, "loc": ("eval", *e["loc"])}, wrapped, None, set()) for e in err.errors()]
         raise Problems([f"--set {issue.field}: {issue.message}" for issue in issues]) from None
-    bad = [(i, d) for i, d in enumerate(spec.passkey.depths) if not 0.0 <= d <= 1.0]
+    bad = [(part, i, d) for part in ("passkey", "niah") for i, d in enumerate(getattr(spec, part).depths)
+           if not 0.0 <= d <= 1.0]
     if bad:
-        raise Problems([f"--set eval.passkey.depths.{i}: a depth is between 0 and 1 (got {d})" for i, d in bad])
+        raise Problems([f"--set eval.{part}.depths.{i}: a depth is between 0 and 1 (got {d})" for part, i, d in bad])
     return spec
 
 
@@ -190,7 +192,8 @@ def load_texts(request: EvalRequest) -> list[str]:
 
 def evaluate_model(loaded, lengths: list[int], request: EvalRequest, documents: list[str], bar: EvalProgress,
                    models_left: int) -> dict:
-    """One model's perplexity and passkey results, per length (str keys, as in eval.json)."""
+    """One model's perplexity, passkey and needle results, per length (str keys, as in eval.json)."""
+    from longext.evaluate.niah import niah_at_lengths, niah_prompt, trial_needles
     from longext.evaluate.passkey import passkey_at_lengths, passkey_prompt
     from longext.evaluate.perplexity import document_token_ids, perplexity_at_lengths, plan_windows
 
@@ -203,6 +206,10 @@ def evaluate_model(loaded, lengths: list[int], request: EvalRequest, documents: 
     if spec.passkey.enabled:
         passkey_prompt(loaded.tokenizer, min(lengths), "0" * spec.passkey.digits, 0.5)  # too short: raise now
         passes += [L for L in lengths for _ in range(spec.passkey.trials)]
+    if spec.niah.enabled:
+        needles, query = trial_needles(spec.seed, min(lengths), 0, spec.niah, 0.5)
+        niah_prompt(loaded.tokenizer, min(lengths), needles, query)  # too short: raise now
+        passes += [L for L in lengths for _ in range(spec.niah.trials)]
     bar.expect(passes, models_left)
     entry = {
         "name": loaded.name, "original_context": loaded.original_context, "target_context": loaded.target_context,
@@ -217,6 +224,10 @@ def evaluate_model(loaded, lengths: list[int], request: EvalRequest, documents: 
         rows = passkey_at_lengths(loaded.model, loaded.tokenizer, lengths, spec.passkey, spec.seed,
                                   set_length=loaded.set_length, progress=progress)
         entry["passkey"] = {str(L): row for L, row in rows.items()}
+    if spec.niah.enabled:
+        rows = niah_at_lengths(loaded.model, loaded.tokenizer, lengths, spec.niah, spec.seed,
+                               set_length=loaded.set_length, progress=progress)
+        entry["niah"] = {str(L): row for L, row in rows.items()}
     return entry
 
 

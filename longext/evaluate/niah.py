@@ -1,0 +1,166 @@
+"""Multi-key needle in a haystack (RULER's niah_multikey_1, Hsieh et al. 2024): several "special magic number"
+needles, each under its own key word, hidden in filler; the prompt asks for one key's number.
+
+Harder than passkey retrieval in the way that long-context claims usually fail: the answer must be told
+apart from distractor needles of the same form, not just found. The queried needle sits at the trial's
+depth; the distractors at seeded random depths. Prompts are sized by counting tokens, like passkey's.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from longext.errors import LongextError
+from longext.evaluate.passkey import EXTRA_TOKENS, _fit, answer_is_correct, filler_sentences, generate_answer
+from longext.lengths import format_length
+from longext.recipe import NiahSpec
+
+INTRO = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the numbers afterwards."
+)
+NEEDLE = " One of the special magic numbers for {key} is: {value}."
+QUESTION = (
+    " What is the special magic number for {key} mentioned in the provided text?"
+    " The special magic number for {key} mentioned in the provided text is"
+)
+# key words (RULER draws random English words); fixed here so that prompts never depend on a word list package
+KEYS = (
+    "apple", "anchor", "badger", "barrel", "beacon", "bishop", "blanket", "bottle", "bridge", "butter", "candle",
+    "canyon", "carpet", "castle", "cellar", "cherry", "circus", "cobalt", "copper", "cotton", "dagger", "desert",
+    "dragon", "eagle", "engine", "falcon", "feather", "fiddle", "forest", "fossil", "garden", "garlic", "ginger",
+    "glacier", "goblet", "granite", "harbor", "helmet", "hermit", "island", "jacket", "jungle", "kettle", "ladder",
+    "lantern", "lemon", "lizard", "magnet", "marble", "meadow", "mirror", "monkey", "mustard", "needle", "nickel",
+    "orange", "orchid", "oyster", "paddle", "parrot", "pepper", "pillow", "pirate", "planet", "pocket", "pumpkin",
+    "quarry", "rabbit", "raven", "ribbon", "rocket", "saddle", "salmon", "silver", "spider", "spoon", "statue",
+    "tablet", "teapot", "thistle", "tiger", "timber", "tomato", "tunnel", "turtle", "velvet", "violin", "walnut",
+    "wizard", "willow", "window", "winter", "yogurt", "zebra",
+)
+
+
+@dataclass(frozen=True)
+class Needle:
+    key: str
+    value: str
+    depth: float  # relative position among the filler sentences (0 = start)
+
+
+@dataclass(frozen=True)
+class NiahPrompt:
+    """One prompt: `ids` (<= the requested length), the needles in text order and which one is asked for."""
+
+    ids: list[int]
+    needles: tuple[Needle, ...]
+    query: Needle
+    needle_at: int  # token index where the queried needle's sentence starts
+
+
+def trial_needles(seed: int, length: int, trial: int, spec: NiahSpec, depth: float) -> tuple[list[Needle], Needle]:
+    """The trial's needles (the queried one at `depth`, the others at random depths) and the queried one: the same
+    for every model, different per length and trial; distinct keys and distinct values."""
+    rng = random.Random(f"niah:{seed}:{length}:{trial}")
+    keys = rng.sample(KEYS, spec.needles)
+    low = 10 ** (spec.digits - 1)
+    values: list[str] = []
+    while len(values) < spec.needles:
+        value = str(rng.randrange(low, 10 * low))
+        if value not in values:
+            values.append(value)
+    depths = [depth] + [rng.random() for _ in range(spec.needles - 1)]
+    needles = [Needle(k, v, d) for k, v, d in zip(keys, values, depths)]
+    return needles, needles[0]
+
+
+def prompt_text(sentences: list[str], offset: int, n: int, needles: list[Needle], query: Needle) -> tuple[str, str]:
+    """(text up to the queried needle, whole prompt): n filler sentences cycled from `offset`, each needle inserted
+    before filler sentence round(depth * n) (ties keep the needles' order)."""
+    slots = sorted(range(len(needles)), key=lambda i: (round(needles[i].depth * n), i))
+    parts, head = [INTRO], None
+    order = iter(slots)
+    nxt = next(order, None)
+    for s in range(n + 1):
+        while nxt is not None and round(needles[nxt].depth * n) == s:
+            if needles[nxt] is query:
+                head = "".join(parts)
+            parts.append(NEEDLE.format(key=needles[nxt].key, value=needles[nxt].value))
+            nxt = next(order, None)
+        if s < n:
+            parts.append(" " + sentences[(offset + s) % len(sentences)])
+    parts.append(QUESTION.format(key=query.key))
+    return head if head is not None else "", "".join(parts)
+
+
+def niah_prompt(tokenizer, length: int, needles: list[Needle], query: Needle,
+                sentences: list[str] | None = None, offset: int = 0) -> NiahPrompt:
+    """The longest prompt (whole filler sentences) of at most `length` tokens.
+
+    Raises:
+        LongextError: `length` cannot even hold the intro, the needles and the question.
+    """
+    sentences = sentences or filler_sentences()
+
+    def build(n: int) -> tuple[str, list[int]]:
+        head, text = prompt_text(sentences, offset, n, needles, query)
+        return head, tokenizer(text)["input_ids"]
+
+    bare = len(build(0)[1])
+    if bare > length:
+        raise LongextError(f"needle in a haystack at {format_length(length)}: the prompt needs at least {bare} tokens "
+                           f"({len(needles)} needles)")
+    cycle = len(build(len(sentences))[1]) - bare
+    per = max(cycle / len(sentences), 1e-9)  # tokens per filler sentence, on average
+    n = _fit(lambda k: len(build(k)[1]), int((length - bare) / per), length, per)
+    head, ids = build(n)
+    ordered = tuple(sorted(needles, key=lambda x: (round(x.depth * n), needles.index(x))))
+    return NiahPrompt(ids, ordered, query, len(tokenizer(head)["input_ids"]))
+
+
+def niah_at_lengths(
+    model,
+    tokenizer,
+    lengths: list[int],
+    spec: NiahSpec,
+    seed: int,
+    *,
+    filler: str | None = None,
+    set_length: Callable[[int], None] | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict[int, dict]:
+    """Accuracy of multi-key needle retrieval at each length, with every trial recorded.
+
+    Trial i at length L asks for a needle at depth `spec.depths[i % len(depths)]`, with `spec.needles - 1`
+    distractors; `filler` is text to take sentences from (default: the classic grass/sky/sun lines).
+    """
+    sentences = filler_sentences(filler)
+    out = {}
+    for length in sorted(set(lengths)):
+        if set_length:
+            set_length(length)
+        label = f"needle {format_length(length)}"
+        records, started = [], time.perf_counter()
+        for trial in range(spec.trials):
+            depth = spec.depths[trial % len(spec.depths)]
+            needles, query = trial_needles(seed, length, trial, spec, depth)
+            offset = random.Random(f"niah-filler:{seed}:{length}:{trial}").randrange(len(sentences))
+            prompt = niah_prompt(tokenizer, length, needles, query, sentences, offset if filler else 0)
+            if progress:
+                progress(label, 0)
+            answer = generate_answer(model, tokenizer, prompt.ids, spec.digits + EXTRA_TOKENS)
+            if progress:
+                progress(label, len(prompt.ids))
+            distractor = next((x.key for x in needles[1:] if answer_is_correct(answer, x.value)), None)
+            records.append({
+                "trial": trial, "depth": depth, "key": query.key, "value": query.value, "answer": answer,
+                "correct": answer_is_correct(answer, query.value), "distractor": distractor,
+                "needles": len(needles), "prompt_tokens": len(prompt.ids), "needle_at": prompt.needle_at,
+            })
+        correct = sum(r["correct"] for r in records)
+        out[length] = {
+            "accuracy": correct / len(records), "correct": correct, "trials": len(records),
+            "distractor_answers": sum(r["distractor"] is not None for r in records),
+            "seconds": time.perf_counter() - started, "records": records,
+        }
+    return out
