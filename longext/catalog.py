@@ -25,27 +25,36 @@ def find_recipe(name: str) -> Path:
     raise LongextError(f"NAME: no recipe named {name!r} (shipped: {names})")
 
 
-def recipe_table():
-    """rich Table: name, method, RoPE, target length, training length, model, description."""
+def recipe_table(width: int = 200):
+    """rich Table: name, method, RoPE, target length, training length, model, description; on a console
+    narrower than 140 columns without the model, narrower than 100 also without RoPE and training length."""
     from rich.table import Table
 
     from longext.errors import RecipeError
     from longext.lengths import format_length
     from longext.recipe import load_recipe
 
+    columns = ["name", "method", "rope", "target", "train len", "model", "description"]
+    if width < 140:
+        columns.remove("model")
+    if width < 100:
+        columns = [c for c in columns if c not in ("rope", "train len")]
     table = Table(title=f"recipes in {RECIPES_DIR}")
-    for column in ("name", "method", "rope", "target", "train len", "model", "description"):
-        table.add_column(column, overflow="fold")
+    table.add_column("name", no_wrap=True)  # a name is what users copy: never split it
+    for column in columns[1:]:
+        table.add_column(column, overflow="fold", no_wrap=column != "description" and column != "model")
     for path in shipped_recipes():
         try:
             r = load_recipe(path)
         except RecipeError as err:
-            table.add_row(path.stem, "[red]invalid[/]", "", "", "", "", err.lines()[0])
-            continue
-        factor = getattr(r.rope, "factor", "")
-        rope = f"{r.rope.kind} x{factor}" if factor not in ("", None) else r.rope.kind
-        table.add_row(
-            path.stem, r.method.kind, rope, format_length(r.method.target_len),
-            format_length(r.seq_len) if r.seq_len else "L0", r.model.path, r.description,
-        )
+            cells = {"name": path.stem, "method": "[red]invalid[/]", "description": err.lines()[0]}
+        else:
+            factor = getattr(r.rope, "factor", "")
+            cells = {
+                "name": path.stem, "method": r.method.kind,
+                "rope": f"{r.rope.kind} x{factor}" if factor not in ("", None) else r.rope.kind,
+                "target": format_length(r.method.target_len), "train len": format_length(r.seq_len) if r.seq_len else "L0",
+                "model": r.model.path, "description": r.description,
+            }
+        table.add_row(*(cells.get(c, "") for c in columns))
     return table

@@ -263,15 +263,16 @@ def recipes_list() -> None:
     """The shipped recipes with their method, RoPE setting and target length."""
     from longext.catalog import recipe_table
 
-    _console().print(recipe_table())
+    console = _console()
+    console.print(recipe_table(console.width))
 
 
 @recipes_app.command("show")
 def recipes_show(name: Annotated[str, typer.Argument(metavar="NAME", help="A name from `longext recipes list`, or a path.")]) -> None:
-    """Print a shipped recipe."""
+    """Print a shipped recipe, byte for byte (`longext recipes show demo > mine.yaml` is a starting point)."""
     from longext.catalog import find_recipe
 
-    _console().print(find_recipe(name).read_text(), markup=False)
+    sys.stdout.write(find_recipe(name).read_text())  # not rich: it would wrap long lines and break the YAML
 
 
 @recipes_app.command("validate")

@@ -429,3 +429,24 @@ def test_a_fresh_process_answers_without_importing_torch(argv):
     }
     assert imported, "no -X importtime output"
     assert not imported & HEAVY
+
+
+# ------------------------------------------------------------------------------ success paths
+def test_recipes_list_names_every_shipped_recipe_and_show_prints_it_byte_for_byte(capsys, tmp_path):
+    from longext.catalog import shipped_recipes
+    from longext.recipe import load_recipe
+
+    code, out, _ = run(capsys, "recipes", "list")
+    assert code == 0 and all(path.stem in out for path in shipped_recipes())
+    code, out, _ = run(capsys, "recipes", "show", "demo")
+    assert code == 0 and out == (ROOT / "recipes" / "demo.yaml").read_text()  # long lines not wrapped
+    copy = tmp_path / "mine.yaml"
+    copy.write_text(out)
+    assert load_recipe(copy).name == "demo"
+
+
+def test_models_where_names_the_cache_and_what_is_missing(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGEXT_CACHE", str(tmp_path / "cache"))
+    code, out, _ = run(capsys, "models", "where")
+    assert code == 0 and f"cache: {tmp_path / 'cache'}" in out
+    assert "smollm2: not prepared" in out and "books: not prepared" in out

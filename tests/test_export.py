@@ -22,6 +22,8 @@ ROPES = {
     "linear": {"kind": "linear"},
     "yarn": {"kind": "yarn"},
     "dynamic": {"kind": "dynamic"},
+    "llama3": {"kind": "llama3"},
+    "ntk": {"kind": "ntk"},
     "none": {"kind": "none", "theta": 50000.0},
 }
 # What older consumers must read, written out by hand (factor auto = 256 / 128 = 2).
@@ -33,6 +35,13 @@ LEGACY = {
          "beta_fast": 32.0, "beta_slow": 1.0},
     ),
     "dynamic": (10000.0, {"rope_type": "dynamic", "type": "dynamic", "factor": 2.0}),
+    "llama3": (
+        10000.0,
+        {"rope_type": "llama3", "type": "llama3", "factor": 2.0, "original_max_position_embeddings": L0,
+         "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    ),
+    # static NTK is a new base, b * s^(d / (d - 2)) with head_dim d = 64 / 4 = 16, and no scaling block
+    "ntk": (10000.0 * 2.0 ** (16 / 14), None),
     "none": (50000.0, None),
 }
 

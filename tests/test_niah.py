@@ -161,3 +161,28 @@ def test_eval_stops_before_any_forward_pass_when_a_length_cannot_hold_the_needle
     with pytest.raises(LongextError, match=r"^needle in a haystack at 128: the prompt needs at least \d+ tokens"):
         run_eval(request)
     assert not (tmp_path / "r").exists()
+
+
+def test_correct_and_distractor_answers_are_counted(tiny_llama, tiny_tokenizer, monkeypatch):
+    """No model this small answers a needle question, so the answerer here reads the prompt it is given: the
+    asked-for number on even trials, the first distractor's number on odd ones. It also checks that every prompt
+    holds the asked key's needle."""
+    import re
+
+    asked = []
+
+    def reader(model, tokenizer, ids, max_new_tokens):
+        text = tokenizer.decode(ids)
+        key = re.search(r"What is the special magic number for (\w+)", text).group(1)
+        numbers = dict(re.findall(r"magic numbers for (\w+) is: (\d+)\.", text))
+        asked.append(key)
+        other = next(value for name, value in numbers.items() if name != key)
+        return f" {numbers[key]}." if len(asked) % 2 == 1 else f" {other}."
+
+    monkeypatch.setattr(nh, "generate_answer", reader)
+    spec = NiahSpec(trials=4, depths=[0.3, 0.7], needles=3, digits=5)
+    row = nh.niah_at_lengths(tiny_llama, tiny_tokenizer, [600], spec, seed=1)[600]
+    assert (row["correct"], row["accuracy"], row["distractor_answers"]) == (2, 0.5, 2)
+    assert [r["correct"] for r in row["records"]] == [True, False, True, False]
+    assert [r["key"] for r in row["records"]] == asked
+    assert all(r["distractor"] in nh.KEYS and r["distractor"] != r["key"] for r in row["records"][1::2])

@@ -109,7 +109,7 @@ def niah_prompt(tokenizer, length: int, needles: list[Needle], query: Needle,
     bare = len(build(0)[1])
     if bare > length:
         raise LongextError(f"needle in a haystack at {format_length(length)}: the prompt needs at least {bare} tokens "
-                           f"({len(needles)} needles)")
+                           f"({len(needles)} needle{'s' if len(needles) != 1 else ''})")
     cycle = len(build(len(sentences))[1]) - bare
     per = max(cycle / len(sentences), 1e-9)  # tokens per filler sentence, on average
     n = _fit(lambda k: len(build(k)[1]), int((length - bare) / per), length, per)
