@@ -272,7 +272,12 @@ def recipes_show(name: Annotated[str, typer.Argument(metavar="NAME", help="A nam
     """Print a shipped recipe, byte for byte (`longext recipes show demo > mine.yaml` is a starting point)."""
     from longext.catalog import find_recipe
 
-    sys.stdout.write(find_recipe(name).read_text())  # not rich: it would wrap long lines and break the YAML
+    path = find_recipe(name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LongextError(f"NAME: {path} is not UTF-8 text; a recipe is a YAML text file") from None
+    sys.stdout.write(text)  # not rich: it would wrap long lines and break the YAML
 
 
 @recipes_app.command("validate")

@@ -37,6 +37,7 @@ from longext import __version__
 from longext.errors import LongextError
 from longext.models import expand_path, is_run_dir, load_model_config, load_run_recipe, load_target, quiet_libraries
 from longext.rope import RopeState, legacy_rope_keys
+from longext.rundir import check_writable, share_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALLOWED_DTYPES = ("auto", "float32", "bfloat16")  # float16 only via auto, when the base model is float16
@@ -116,6 +117,7 @@ def run_export(run: Path, out: Path, force: bool = False, dtype: str = "auto", l
     merged = merge_run(run, state, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    share_folder(tmp)
     try:
         write_export(merged, tmp, state)
         merged.model = None  # one model in memory at a time
@@ -151,6 +153,7 @@ def check_export_args(run: Path, out: Path, force: bool, dtype: str) -> None:
         raise LongextError(f"--out: {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise LongextError(f"--out: {out} exists; pass --force to replace it")
+    check_writable(out, "--out")
 
 
 def check_trained(run: Path) -> None:

@@ -7,6 +7,7 @@ import re
 _UNITS = {"": 1, "k": 1024, "m": 1024 * 1024}
 _PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([km]?)\s*", re.IGNORECASE)
 ALLOWED = "a positive whole number of tokens like 4096, 4k, 128k or 1m"
+MAX_TOKENS = 1 << 30  # 1024m: a sanity bound, far beyond every published context window (ALST trained 15m)
 
 
 def parse_length(value: object) -> int:
@@ -26,6 +27,8 @@ def parse_length(value: object) -> int:
         raise ValueError(f"expected {ALLOWED}")
     if tokens <= 0:
         raise ValueError(f"expected {ALLOWED}")
+    if tokens > MAX_TOKENS:
+        raise ValueError(f"{format_length(tokens)} tokens is beyond any model; expected at most {format_length(MAX_TOKENS)}")
     return tokens
 
 

@@ -44,7 +44,8 @@ Auto = Literal["auto"]
 class Section(BaseModel):
     # Unknown keys are errors: a typo like `lora.rnak` must never fall back to a default quietly. Strict types:
     # `steps: true` or `lr: "1e-5"` is an error, not 1 or a parsed string (lengths like "4k" go through Length).
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # Floats are finite: `lr: .inf` passes `gt=0` but is never meant.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -538,7 +539,8 @@ class OutputSpec(Section):
     """Where the run directory goes."""
 
     dir: str | None = Field(None, description="Run directory. Default runs/<name>.")
-    overwrite: bool = Field(False, description="Replace an existing finished run directory.")
+    overwrite: bool = Field(False, description="Replace an existing run directory. Only a folder `longext train` wrote "
+                                               "(recipe.yaml or status.json in it) is ever replaced; any other non-empty folder is refused.")
 
 
 class Recipe(Section):
@@ -575,7 +577,11 @@ def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(path, [Issue("<file>", "no such recipe file")])
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(path, [Issue("<file>", f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                                               f"{err.start}); a recipe is a YAML text file")]) from None
     try:
         raw = load_yaml(text)
     except yaml.YAMLError as err:
@@ -770,7 +776,7 @@ def _to_issue(error: dict, raw: dict, root: yaml.Node | None, overridden: set[st
             message, show_got = f"Field required, one of {kinds}", False
     elif kind in ("model_type", "model_attributes_type", "dict_type"):
         message = "expected a section of `key: value` fields"
-    if show_got and "input" in error and repr(got) not in message:
+    if show_got and "input" in error and f"(got {got!r})" not in message:
         message += f" (got {got!r})"
     field = ".".join(loc) or "<root>"
     if field in overridden or any(field.startswith(o + ".") for o in overridden):

@@ -37,7 +37,48 @@ def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file should read like any other the user writes
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_folder(path: Path) -> None:
+    """mkdtemp makes 0700; give a published folder the permissions a plain mkdir would."""
+    os.chmod(path, 0o777 & ~_umask())
+
+
+def check_writable(path: Path, flag: str, folder: bool = True) -> None:
+    """Before any work: `path` (a folder, or a file when folder=False) can be created or replaced. Creates a probe
+    in the nearest existing ancestor, so read-only mounts and pseudo file systems answer too.
+
+    Raises:
+        LongextError: the path is a file where a folder is wanted (or the reverse), or nothing can be written there.
+    """
+    path = Path(path)
+    if path.exists() and folder and not path.is_dir():
+        raise LongextError(f"{flag}: {path} is a file; give a folder")
+    if path.is_dir() and not folder:
+        raise LongextError(f"{flag}: {path} is a folder; give a file path")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LongextError(f"{flag}: {path}: {parent} is a file, not a folder")
+    try:
+        probe = tempfile.mkdtemp(dir=parent, prefix=".longext-probe-")
+    except OSError as err:
+        raise LongextError(f"{flag}: {path}: cannot write in {parent} ({err.strerror})") from None
+    os.rmdir(probe)
+
+
+def _holds_a_run(path: Path) -> bool:
+    """Written by `longext train` (finished or not): a run folder that output.overwrite may replace."""
+    return (path / "recipe.yaml").is_file() or (path / "status.json").is_file()
 
 
 def _rank() -> int:
@@ -46,14 +87,24 @@ def _rank() -> int:
 
 def check_start(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     """Refuse to overwrite or to resume what cannot be resumed; clear the folder for overwrite."""
+    check_writable(run_dir, "output.dir")
     has_content = run_dir.is_dir() and any(run_dir.iterdir())
     if resume:
         if latest_checkpoint(run_dir) is None:
             raise LongextError(f"--resume: no checkpoint in {run_dir}/checkpoints (start without --resume)")
+        if not (run_dir / "recipe.yaml").is_file():
+            raise LongextError(f"--resume: {run_dir} has checkpoints but no recipe.yaml, so they cannot be checked "
+                               f"against the recipe (start without --resume in another --out)")
         _check_same_recipe(run_dir, recipe)
         return
     if not has_content:
         return
+    if not _holds_a_run(run_dir):
+        found = sorted(p.name for p in run_dir.iterdir())
+        raise LongextError(
+            f"output.dir: {run_dir} is not empty and is not a longext run (holds {', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}); output.overwrite only replaces runs: choose another --out"
+        )
     if not recipe.output.overwrite:
         what = "a finished run" if read_status(run_dir).get("state") == "finished" else "an unfinished run"
         raise LongextError(
@@ -143,7 +194,21 @@ def load_checkpoint(engine, run_dir: Path) -> int:
     if client_state is None:
         raise LongextError(f"--resume: checkpoint {path} could not be read (it may be from another DeepSpeed layout)")
     torch.set_rng_state(client_state["torch_rng"])
+    _lr_from_schedule(engine.lr_scheduler)
     return int(client_state["step"])
+
+
+def _lr_from_schedule(scheduler) -> None:
+    """The learning rate of the next step from the schedule of *this* recipe. The checkpoint brings back the
+    optimizer's lr of the old one, which differs when train.steps changed on resume (the LambdaLR factors are
+    functions of the total steps); the scheduler would only correct it after the first resumed step."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if not lambdas:
+        return
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def save_trained(engine, run_dir: Path, rank: int, full: bool = False) -> Path:
@@ -157,6 +222,7 @@ def save_trained(engine, run_dir: Path, rank: int, full: bool = False) -> Path:
     with gathered(engine, params):
         if rank == 0:
             tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}."))
+            share_folder(tmp)
             module.save_pretrained(tmp)
             if final.exists():
                 shutil.rmtree(final)

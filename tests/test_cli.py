@@ -319,14 +319,40 @@ def tiny_recipe(tmp_path, tiny_model_dir) -> Path:
 def test_train_into_a_used_run_directory_is_refused_and_left_alone(capsys, tmp_path, tiny_recipe):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "status.json").write_text('{"state": "interrupted"}')
     [line] = bad_input(capsys, "train", tiny_recipe, "--out", run_dir)
     assert line == (
         f"error: output.dir: {run_dir} already holds an unfinished run (continue it with --resume, "
         "set output.overwrite: true, or choose another --out)"
     )
-    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
-    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert [p.name for p in run_dir.iterdir()] == ["status.json"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_that_is_not_a_run_is_never_replaced(capsys, tmp_path, tiny_recipe, overwrite):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    [line] = bad_input(capsys, "train", tiny_recipe, "--out", folder, "--set", f"output.overwrite={str(overwrite).lower()}")
+    assert line == (
+        f"error: output.dir: {folder} is not empty and is not a longext run (holds notes.txt); output.overwrite "
+        "only replaces runs: choose another --out"
+    )
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("where, message", [
+    ("afile", "{out} is a file; give a folder"),
+    ("/proc/longext-x", "{out}: cannot write in /proc ("),  # then the OS's reason: root and users differ
+])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(capsys, tmp_path, tiny_recipe, where,
+                                                                            message):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / where if where == "afile" else Path(where)
+    [line] = bad_input(capsys, "train", tiny_recipe, "--out", out)
+    assert line.startswith("error: output.dir: " + message.format(out=out))
+    assert line.endswith(")") == message.endswith("(")  # the OS's reason closes the /proc line
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_resume_without_a_checkpoint_is_refused(capsys, tmp_path, tiny_recipe):
@@ -450,3 +476,46 @@ def test_models_where_names_the_cache_and_what_is_missing(capsys, tmp_path, monk
     code, out, _ = run(capsys, "models", "where")
     assert code == 0 and f"cache: {tmp_path / 'cache'}" in out
     assert "smollm2: not prepared" in out and "books: not prepared" in out
+
+
+# ---------------------------------------------------------------------- more bad input (audit)
+def test_a_recipe_that_is_not_utf8_text_is_one_line(capsys, tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe name: x\n")
+    want = f"error: {path} <file>: not UTF-8 text (byte 0xff at offset 0); a recipe is a YAML text file"
+    assert bad_input(capsys, "train", path, "--dry-run") == [want]
+    assert bad_input(capsys, "recipes", "validate", path) == [want]
+    assert bad_input(capsys, "recipes", "show", path) == [f"error: NAME: {path} is not UTF-8 text; a recipe is a YAML text file"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=.inf", "train.lr: Input should be a finite number (got inf) [from --set]"),
+    ("train.lr=0", "train.lr: Input should be greater than 0 (got 0) [from --set]"),  # "0" is in the message's text
+    ("method.target_len=0", "method.target_len: expected a positive whole number of tokens like 4096, 4k, 128k or 1m "
+                            "(got 0) [from --set]"),
+    ("method.target_len=99999999m", "method.target_len: 99999999m tokens is beyond any model; expected at most 1024m "
+                                    "(got '99999999m') [from --set]"),
+])
+def test_values_that_pass_their_type_but_not_their_meaning(capsys, recipe, override, message):
+    [line] = bad_input(capsys, "recipes", "validate", recipe, "--set", override)
+    assert line.startswith(f"error: {recipe}:") and line.endswith(message)
+
+
+def test_analyze_names_each_model_and_checks_its_output_before_loading(capsys, tmp_path):
+    toy = ROOT / "bench" / "toy-base"
+    assert bad_input(capsys, "analyze", toy, tmp_path / "nowhere", "--out", tmp_path / "a.json") == [
+        f"error: REFERENCE: no such model or run directory: '{tmp_path / 'nowhere'}'"]
+    assert bad_input(capsys, "analyze", tmp_path, toy, "--out", tmp_path / "a.json") == [
+        f"error: BASE: {tmp_path} is neither a model directory (no config.json) nor a run directory"]
+    (tmp_path / "notes.txt").write_text("mine")
+    assert bad_input(capsys, "analyze", toy, toy, "--out", tmp_path / "notes.txt") == [
+        f"error: --out: {tmp_path / 'notes.txt'} exists and is not a file written by `longext analyze`; choose another path"]
+    assert bad_input(capsys, "analyze", toy, toy, "--out", tmp_path) == [f"error: --out: {tmp_path} is a folder; give a file path"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_eval_and_bench_refuse_an_output_they_cannot_write_before_any_work(capsys, tmp_path, tiny_model_dir):
+    [line] = bad_input(capsys, "eval", tiny_model_dir, "--length", "256", "--out", "/proc/longext-x")
+    assert line.startswith("error: --out: /proc/longext-x: cannot write in /proc (")
+    [line] = bad_input(capsys, "bench", "toy", "--doc", "/proc/longext-x.md")
+    assert line.startswith("error: --doc: /proc/longext-x.md: cannot write in /proc (")

@@ -67,3 +67,36 @@ def test_tokenization_adds_no_special_tokens(tiny_tokenizer):
     ids = tokenize_documents(["Hello there 12"], tiny_tokenizer)[0]
     assert tiny_tokenizer.eos_token_id not in ids
     assert tiny_tokenizer.decode(ids) == "Hello there 12"
+
+
+THREE = ["first document", "second document", "third document"]
+
+
+def documents_of(tmp_path, tiny_model_dir, **data) -> list[str]:
+    from helpers import write_recipe
+    from longext.data import training_documents
+    from longext.recipe import load_recipe
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in THREE))
+    path = write_recipe(tmp_path, tiny_model_dir, tmp_path / "docs.jsonl", data=data)
+    return training_documents(load_recipe(path))
+
+
+@pytest.mark.parametrize(("data", "kept"), [
+    ({}, THREE),
+    ({"holdout_docs": 1}, THREE[:2]),  # the last documents are the held-out ones
+    ({"holdout_docs": 2}, THREE[:1]),
+    ({"max_docs": 2}, THREE[:2]),
+    ({"max_docs": 5}, THREE),
+    ({"holdout_docs": 1, "max_docs": 1}, THREE[:1]),
+    ({"holdout_docs": 2, "max_docs": 2}, THREE[:1]),  # max_docs never reaches into the held-out documents
+])
+def test_holdout_and_max_docs_keep_the_right_documents(tmp_path, tiny_model_dir, data, kept):
+    assert documents_of(tmp_path, tiny_model_dir, **data) == kept
+
+
+def test_holding_out_every_document_is_a_clear_error(tmp_path, tiny_model_dir):
+    with pytest.raises(LongextError, match=r"data.train: no documents left to train on \(check data.max_docs / data.holdout_docs\)"):
+        documents_of(tmp_path, tiny_model_dir, holdout_docs=3)
+    with pytest.raises(LongextError, match="no documents left to train on"):
+        documents_of(tmp_path, tiny_model_dir, holdout_docs=7)

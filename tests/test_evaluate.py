@@ -335,6 +335,12 @@ def test_bad_flags_give_one_line_errors_naming_the_flag(tmp_path, kwargs, messag
     assert len(err.value.lines()) == 1
 
 
+def test_a_folder_that_is_neither_a_run_nor_a_model_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(LongextError, match=r"^TARGET: .* is neither a run directory \(no recipe.yaml\) nor a model "
+                                           r"directory \(no config.json\)$"):
+        EvalRequest.from_cli(tmp_path, length="4k")
+
+
 def test_missing_target_directory_is_named(tmp_path):
     with pytest.raises(LongextError, match=r"^TARGET: no such directory: .*nowhere$"):
         EvalRequest.from_cli(tmp_path / "nowhere", length="4k")
@@ -367,6 +373,7 @@ def test_request_starts_from_the_run_recipe_then_set_then_flags(tmp_path):
 
 
 def test_plain_model_directory_reports_to_evals_by_default(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # what makes a folder a model directory for the request
     request = EvalRequest.from_cli(tmp_path, lengths="2k,1k,2k", mode="sliding", texts=["a.txt"])
     assert request.lengths == (1024, 2048) and request.out == Path("evals") / tmp_path.name
     assert request.spec.perplexity.mode == "sliding" and request.spec.perplexity.texts == ["a.txt"]

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, LlamaConfig
 
 from conftest import build_tiny_model
-from helpers import run_fresh, write_recipe
+from helpers import losses, run_fresh, write_recipe
 from longext.errors import LongextError, RecipeError
 from longext.harpe import bases as hb
 from longext.harpe.modeling_longext_harpe import HARPE_ATTENTION, apply_harpe_rotary
@@ -214,6 +214,50 @@ def test_eval_loads_the_run_with_its_bases(harpe_run, corpus_dir):
         harpe_logits = loaded.model(ids).logits
         base.model.rotary_emb.head_bases = [2.0e5, 2.0e5]
         assert (loaded.model(ids).logits - harpe_logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("group", [0, 1])
+def test_first_logged_loss_is_the_stock_loss_with_the_groups_base(tmp_path, tiny_tokenizer, corpus_dir, group):
+    """Stock transformers has no per-head bases, so the reference is the o_proj trick of
+    test_with_gqa_a_groups_query_heads_see_their_key_heads_base on the base model of a real run: only kv group
+    `group`'s query heads reach the output, and LoRA B starts at zero, so the run's step-1 loss is stock
+    transformers' loss with that group's single base on the same micro-batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longext.data import build_train_data
+    from longext.plan import resolve
+    from longext.train import run_training
+
+    bases = [2.0e3, 2.0e5]
+    model = stock_model("llama", 1.0e4, vocab_size=len(tiny_tokenizer), initializer_range=0.2)  # peaked attention
+    keep = torch.zeros(4, 16)
+    keep[2 * group : 2 * group + 2] = 1  # query heads 2g, 2g+1 share kv head g
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.data *= keep.flatten()
+    model_dir = tmp_path / "base"
+    model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    harpe = {"kind": "harpe", "target_len": 256, "bases": {"kind": "explicit", "values": bases}}
+    path = write_recipe(tmp_path, model_dir, corpus_dir, name="h1", method=harpe, rope={"kind": "none"},
+                        data={"seq_len": "auto"}, train={"steps": 1})
+    got = losses(run_training(load_recipe(path)))[1]
+
+    recipe = resolve(load_recipe(path)).recipe
+    batch = build_train_data(recipe, AutoTokenizer.from_pretrained(model_dir)).micro_batch(0)
+    assert batch["input_ids"].shape == (1, 256)
+
+    def stock(theta: float) -> float:
+        config = AutoConfig.from_pretrained(model_dir)
+        config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32,
+                                                   attn_implementation="sdpa").eval()
+        with torch.no_grad():
+            return ref(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "position_ids")}).loss.item()
+
+    want = stock(bases[group])
+    assert got == pytest.approx(want, rel=1e-6)
+    # the other group's base and the model's own base (HARPE not applied) give other losses
+    assert abs(stock(bases[1 - group]) - want) > 1e-3 and abs(stock(1.0e4) - want) > 1e-3
 
 
 FRESH = r"""

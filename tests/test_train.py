@@ -90,13 +90,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_dir, co
         assert len(set(logged(full, "lr")[3:])) == 3  # the resumed steps really had different rates
 
 
-@pytest.mark.parametrize("schedule", [
-    "constant",
-    pytest.param("cosine", marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: on --resume the optimizer's param_groups lr comes back from the checkpoint, which holds the OLD "
-        "schedule's lr for the next step (here lr * min_lr_ratio, as the 3-step schedule had ended); LambdaLR "
-        "recomputes only at its next step(), so the first resumed step runs at the old schedule's lr"))),
-])
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_resume_with_more_steps_continues_as_the_longer_run(tmp_path, tiny_model_dir, corpus_dir, schedule):
     # train.steps may change on resume (rundir.RESUMABLE_CHANGES): a 3-step run extended to 6 must follow the
     # 6-step run from step 4 on, lr and losses alike
@@ -132,6 +126,14 @@ def test_logged_lr_follows_warmup_then_the_decay(tmp_path, tiny_model_dir, corpu
         "steps": 6, "lr": 1.0e-3, "warmup_steps": 2, "schedule": schedule, "min_lr_ratio": 0.1})
     run = train(path)
     assert logged(run, "lr") == pytest.approx(EXPECTED_LR[schedule], rel=1e-9)
+
+
+def test_keep_checkpoints_keeps_exactly_the_newest(tmp_path, tiny_model_dir, corpus_dir):
+    path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="keep", data={"seq_len": 32},
+                        train={"steps": 4, "save_every": 1, "keep_checkpoints": 2})
+    ckpt = train(path) / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-000003", "step-000004"]
+    assert (ckpt / "latest").read_text().strip() == "step-000004"
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, corpus_dir):

@@ -198,6 +198,10 @@ def run_bench(suite: str, quick: bool = False, force: bool = False, out: Path = 
     """Run `suite` (or all of them) and rewrite `doc`. Returns the doc path."""
     if suite not in ALLOWED:
         raise LongextError(f"SUITE: unknown benchmark suite {suite!r} (allowed: {', '.join(ALLOWED)})")
+    from longext.rundir import check_writable
+
+    check_writable(Path(out), "--out")
+    check_writable(Path(doc), "--doc", folder=False)
     for name in SUITES if suite == "all" else (suite,):
         suite_cases(name, quick)  # fail fast (e.g. no toy base) before any case runs
     for name in SUITES if suite == "all" else (suite,):

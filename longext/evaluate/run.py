@@ -65,6 +65,9 @@ class EvalRequest:
             )
         if not spec.perplexity.enabled and not spec.passkey.enabled and not spec.niah.enabled:
             raise LongextError("--ppl, --passkey, --niah: all are off, nothing to evaluate")
+        if recipe is None and not (target / "config.json").is_file():
+            raise LongextError(f"TARGET: {target} is neither a run directory (no recipe.yaml) nor a model directory "
+                               f"(no config.json)")
         out = Path(out) if out else (target / "eval" if recipe else Path("evals") / target.resolve().name)
         _check_out(out)
         return cls(
@@ -141,9 +144,11 @@ def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[tuple[str, s
 
 def _check_out(out: Path) -> None:
     from longext.evaluate.report import replaceable
+    from longext.rundir import check_writable
 
     if not replaceable(out):
         raise LongextError(f"--out: {out} exists and is not a longext eval report; choose another directory")
+    check_writable(out, "--out")
 
 
 # ------------------------------------------------------------------------------------------- run

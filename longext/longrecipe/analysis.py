@@ -72,6 +72,18 @@ def run_analysis(base: Path, reference: Path, texts: list[str], length: int, sam
     from longext.materials import resolve_texts
     from longext.models import load_target
 
+    from longext.rundir import atomic_write_text, check_writable
+
+    from longext.models import is_run_dir
+
+    for name, path in (("BASE", base), ("REFERENCE", reference)):  # both, before any weights are loaded
+        if not Path(path).is_dir():
+            raise LongextError(f"{name}: no such model or run directory: {str(path)!r}")
+        if not is_run_dir(Path(path)) and not (Path(path) / "config.json").is_file():
+            raise LongextError(f"{name}: {path} is neither a model directory (no config.json) nor a run directory")
+    check_writable(out, "--out", folder=False)
+    if out.is_file() and not _is_analysis(out):
+        raise LongextError(f"--out: {out} exists and is not a file written by `longext analyze`; choose another path")
     loaded = [load_target(Path(p)) for p in (base, reference)]
     sizes = [m.model.get_output_embeddings().weight.shape[0] for m in loaded]
     if sizes[0] != sizes[1]:
@@ -88,9 +100,16 @@ def run_analysis(base: Path, reference: Path, texts: list[str], length: int, sam
         "length": length, "windows": len(windows), "tokens": int(count.sum()),
         "ranking": ranking(total, count, token_texts(tokenizer)),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(report, indent=1) + "\n")
     return out
+
+
+def _is_analysis(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("format") == FORMAT
 
 
 def load_impactful(path: str, top_fraction: float, tokenizer_size: int) -> set[int]:

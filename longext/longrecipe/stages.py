@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from longext.data import TrainData, build_train_data
+from longext.rundir import share_folder
 
 WEIGHTS = "adapter_model.safetensors"
 LORA_UP = ("lora_B", "lora_embedding_B")
@@ -69,6 +70,7 @@ def merge_with_original(engine, run_dir: Path, weight_original: float, rank: int
             saved = {k: p.detach().cpu() for k, p in originals.items() if k in state}
             merged = merged_adapter_state(state, saved, weight_original)
             tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".adapter-merged."))
+            share_folder(tmp)
             shutil.copytree(adapter, tmp, dirs_exist_ok=True)
             save_file(merged, str(tmp / WEIGHTS), metadata={"format": "pt"})
             _swap_in(tmp, adapter, tuned)
@@ -89,6 +91,7 @@ def merge_full_with_original(run_dir: Path, base_path: str, weight_original: flo
         original = AutoModelForCausalLM.from_pretrained(expand_path(base_path), dtype=torch.float32).state_dict()
         model, tuned = run_dir / "model", run_dir / "model-tuned"
         tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".model-merged."))
+        share_folder(tmp)
         shutil.copytree(model, tmp, dirs_exist_ok=True)
         for file in sorted(model.glob("*.safetensors")):
             merged = {
