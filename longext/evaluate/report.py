@@ -249,7 +249,7 @@ def depth_plot(results: dict, part: str, title: str, out_dir: Path) -> list[str]
         ax.set_title(name, fontsize=9)
     axes[0][0].set_ylabel("depth of the asked-for key")
     fig.colorbar(image, ax=list(axes[0]), fraction=0.05, label="accuracy")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.04)  # above the panel titles
     name = f"{part}-depth.png"
     fig.savefig(out_dir / name, dpi=120, bbox_inches="tight")
     plt.close(fig)
