@@ -72,10 +72,17 @@ def train(
 ) -> None:
     """Fine-tune for long context as RECIPE says; writes a run directory (adapter or, with train.full_finetune, the
     trained model; checkpoints, metrics)."""
-    from longext.recipe import load_recipe
+    from longext.recipe import load_recipe, located
 
     extra = [f"output.dir={out}"] if out else []
     spec = load_recipe(recipe, [*(overrides or []), *extra])
+    try:
+        _train(ctx, spec, dry_run, resume, nproc, hostfile)
+    except LongextError as err:
+        raise located(recipe, err, overrides or []) from None  # --out is not a --set: no tag
+
+
+def _train(ctx: typer.Context, spec, dry_run: bool, resume: bool, nproc: int, hostfile: Optional[Path]) -> None:
     if dry_run:
         from longext.plan import describe_plan
 
@@ -135,7 +142,7 @@ def plan(
     import json
 
     from longext.memplan import parse_size, plan_recipe, render_plan
-    from longext.recipe import load_recipe
+    from longext.recipe import load_recipe, located
 
     problems = []
     if gpus < 1:
@@ -153,7 +160,10 @@ def plan(
         from longext.memplan import default_budget
 
         budget = default_budget(cpu, gpus)
-    est, switches = plan_recipe(spec, gpus=gpus, budget=budget, device="cpu" if cpu else "cuda", full=full)
+    try:
+        est, switches = plan_recipe(spec, gpus=gpus, budget=budget, device="cpu" if cpu else "cuda", full=full)
+    except LongextError as err:
+        raise located(recipe, err, overrides or []) from None
     if as_json:
         typer.echo(json.dumps({**est.to_json(), "fixing_switches": switches and [list(x) for x in switches]}, indent=1))
         return

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Sequence, Union, get_args, get_origi
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from longext.errors import Issue, RecipeError
+from longext.errors import Issue, LongextError, Problems, RecipeError
 from longext.lengths import ALLOWED as LENGTH_ALLOWED
 from longext.lengths import parse_length
 
@@ -725,6 +725,45 @@ def _apply_override(raw: dict, item: str) -> Issue | None:
         node = child
     node[parts[-1]] = parsed
     return None
+
+
+_FIELD_LINE = re.compile(r"^([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+): (.+)$")
+
+
+def located(path: Path | str, err: LongextError, overrides: Sequence[str] = ()) -> LongextError:
+    """A problem found after validation (a missing model.path, texts, the memory refusal ...) with the recipe file
+    and line in front, like the schema's own errors: `file:line field: message`, for fields the file or a --set
+    gave. Other lines (a field from a flag such as --out, no field at all), and errors that are not plain bad input
+    (TrainingStopped, ...), come back as they were."""
+    if type(err) not in (LongextError, Problems):
+        return err
+    try:
+        root = _compose(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        root = None
+    overridden = {o.split("=", 1)[0].strip() for o in overrides}
+    lines, changed = [], False
+    for line in err.lines():
+        m = _FIELD_LINE.match(line)
+        field = m.group(1) if m else ""
+        from_set = any(field == o or field.startswith(o + ".") for o in overridden)
+        if m and (from_set or _has_path(root, field.split("."))):
+            lines.append(f"{path}:{_line_of(root, field.split('.'))} {line}" + (" [from --set]" if from_set else ""))
+            changed = True
+        else:
+            lines.append(line)
+    return Problems(lines) if changed else err
+
+
+def _has_path(root: yaml.Node | None, parts: Sequence[str]) -> bool:
+    node = root
+    for part in parts:
+        if not isinstance(node, yaml.MappingNode):
+            return False
+        node = next((v for k, v in node.value if k.value == part), None)
+        if node is None:
+            return False
+    return True
 
 
 def _compose(text: str) -> yaml.Node | None:

@@ -152,14 +152,16 @@ def test_set_into_a_value_that_is_not_a_section(capsys, recipe):
 # ----------------------------------------------------------------------------- model.path checks
 def test_dry_run_with_a_missing_model_directory(capsys, recipe, tmp_path):
     [line] = bad_input(capsys, "train", recipe, "--dry-run")
-    assert line.startswith(f"error: model.path: no such model directory: '{tmp_path / 'no-model'}'")
+    # found after validation, still named like a schema error: file, line, field
+    assert line.startswith(f"error: {recipe}:3 model.path: no such model directory: '{tmp_path / 'no-model'}'")
 
 
 def test_dry_run_with_a_model_directory_without_config_json(capsys, recipe, tmp_path):
     (tmp_path / "empty-model").mkdir()
     [line] = bad_input(capsys, "train", recipe, "--dry-run", "-s", f"model.path={tmp_path / 'empty-model'}")
     assert line == (
-        f"error: model.path: {tmp_path / 'empty-model'} has no config.json (expected a transformers model directory)"
+        f"error: {recipe}:3 model.path: {tmp_path / 'empty-model'} has no config.json (expected a transformers model "
+        "directory) [from --set]"
     )
 
 
@@ -168,7 +170,8 @@ def test_dry_run_with_an_unsupported_model_type(capsys, recipe, tmp_path):
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert bad_input(capsys, "train", recipe, "--dry-run", "-s", f"model.path={model}") == [
-        "error: model.path: model type 'gpt2' is not supported (supported: llama, mistral, qwen2, qwen3)"
+        f"error: {recipe}:3 model.path: model type 'gpt2' is not supported (supported: llama, mistral, qwen2, qwen3) "
+        "[from --set]"
     ]
 
 
@@ -519,3 +522,13 @@ def test_eval_and_bench_refuse_an_output_they_cannot_write_before_any_work(capsy
     assert line.startswith("error: --out: /proc/longext-x: cannot write in /proc (")
     [line] = bad_input(capsys, "bench", "toy", "--doc", "/proc/longext-x.md")
     assert line.startswith("error: --doc: /proc/longext-x.md: cannot write in /proc (")
+
+
+def test_missing_training_texts_are_named_with_the_recipe_line(capsys, tmp_path, tiny_recipe):
+    import re
+
+    [line] = bad_input(capsys, "train", tiny_recipe, "--out", tmp_path / "run")
+    lines = tiny_recipe.read_text().splitlines()
+    want = next(i for i, text in enumerate(lines, 1) if text.strip().startswith("train: ["))
+    assert re.match(rf"error: {re.escape(str(tiny_recipe))}:{want} data.train: no such file or folder: ", line), line
+    assert not (tmp_path / "run").exists()

@@ -68,8 +68,9 @@ def test_layer_out_of_range_is_refused_against_the_models_layer_count(capsys, tm
     path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, method=method, rope={"kind": "none"})
     load_recipe(path)  # the schema cannot know the layer count ...
     [line] = bad_input(capsys, "train", path, "--dry-run")  # ... the resolved plan can (model config only)
-    assert line == ("error: method.layout.full_layers: layer 2, 5 is out of range for this model's 2 layers "
-                    "(allowed 0..1; got [0, 2, 5])")
+    assert line.startswith(f"error: {path}:")  # the recipe line of the field, as for schema errors
+    assert line.endswith(" method.layout.full_layers: layer 2, 5 is out of range for this model's 2 layers "
+                         "(allowed 0..1; got [0, 2, 5])")
 
 
 def test_dry_run_shows_the_resolved_layout(capsys, tmp_path, tiny_model_dir, corpus_dir):
@@ -116,8 +117,9 @@ def test_flex_kernel_is_refused_for_training_without_cuda(capsys, tmp_path, tiny
         pytest.skip("CUDA present: flex trains there")
     path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, method={**LONGGEN, "kernel": "flex"}, rope={"kind": "none"})
     [line] = bad_input(capsys, "train", path)
-    assert line == ("error: method.kernel: flex trains on CUDA only (FlexAttention has no backward on CPU in this "
-                    "torch); use auto or block here (got 'flex')")
+    assert line.startswith(f"error: {path}:")
+    assert line.endswith(" method.kernel: flex trains on CUDA only (FlexAttention has no backward on CPU in this "
+                         "torch); use auto or block here (got 'flex')")
 
 
 def test_shipped_longgen_recipes_validate():
