@@ -179,7 +179,9 @@ def test_correct_and_distractor_answers_are_counted(tiny_llama, tiny_tokenizer, 
         other = next(value for name, value in numbers.items() if name != key)
         return f" {numbers[key]}." if len(asked) % 2 == 1 else f" {other}."
 
-    monkeypatch.setattr(nh, "generate_answer", reader)
+    from longext.evaluate import passkey
+
+    monkeypatch.setattr(passkey, "generate_answer", reader)  # what run_trials calls for passkey and needle alike
     spec = NiahSpec(trials=4, depths=[0.3, 0.7], needles=3, digits=5)
     row = nh.niah_at_lengths(tiny_llama, tiny_tokenizer, [600], spec, seed=1)[600]
     assert (row["correct"], row["accuracy"], row["distractor_answers"]) == (2, 0.5, 2)

@@ -9,12 +9,11 @@ depth; the distractors at seeded random depths. Prompts are sized by counting to
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 from longext.errors import LongextError
-from longext.evaluate.passkey import EXTRA_TOKENS, _fit, answer_is_correct, filler_sentences, generate_answer
+from longext.evaluate.passkey import EXTRA_TOKENS, Trial, _fit, answer_is_correct, filler_sentences, run_trials
 from longext.lengths import format_length
 from longext.recipe import NiahSpec
 
@@ -135,32 +134,24 @@ def niah_at_lengths(
     distractors; `filler` is text to take sentences from (default: the classic grass/sky/sun lines).
     """
     sentences = filler_sentences(filler)
-    out = {}
-    for length in sorted(set(lengths)):
-        if set_length:
-            set_length(length)
-        label = f"needle {format_length(length)}"
-        records, started = [], time.perf_counter()
-        for trial in range(spec.trials):
-            depth = spec.depths[trial % len(spec.depths)]
-            needles, query = trial_needles(seed, length, trial, spec, depth)
-            offset = random.Random(f"niah-filler:{seed}:{length}:{trial}").randrange(len(sentences))
-            prompt = niah_prompt(tokenizer, length, needles, query, sentences, offset if filler else 0)
-            if progress:
-                progress(label, 0)
-            answer = generate_answer(model, tokenizer, prompt.ids, spec.digits + EXTRA_TOKENS)
-            if progress:
-                progress(label, len(prompt.ids))
+
+    def trial(length: int, i: int) -> Trial:
+        depth = spec.depths[i % len(spec.depths)]
+        needles, query = trial_needles(seed, length, i, spec, depth)
+        offset = random.Random(f"niah-filler:{seed}:{length}:{i}").randrange(len(sentences))
+        prompt = niah_prompt(tokenizer, length, needles, query, sentences, offset if filler else 0)
+
+        def record(answer: str) -> dict:
             distractor = next((x.key for x in needles[1:] if answer_is_correct(answer, x.value)), None)
-            records.append({
-                "trial": trial, "depth": depth, "key": query.key, "value": query.value, "answer": answer,
+            return {
+                "trial": i, "depth": depth, "key": query.key, "value": query.value, "answer": answer,
                 "correct": answer_is_correct(answer, query.value), "distractor": distractor,
                 "needles": len(needles), "prompt_tokens": len(prompt.ids), "needle_at": prompt.needle_at,
-            })
-        correct = sum(r["correct"] for r in records)
-        out[length] = {
-            "accuracy": correct / len(records), "correct": correct, "trials": len(records),
-            "distractor_answers": sum(r["distractor"] is not None for r in records),
-            "seconds": time.perf_counter() - started, "records": records,
-        }
-    return out
+            }
+
+        return Trial(prompt.ids, spec.digits + EXTRA_TOKENS, record)
+
+    rows = run_trials(model, tokenizer, lengths, spec.trials, "needle", trial, set_length, progress)
+    for row in rows.values():
+        row["distractor_answers"] = sum(r["distractor"] is not None for r in row["records"])
+    return rows

@@ -140,27 +140,47 @@ def passkey_at_lengths(
     `filler` is text to take sentences from (default: the classic grass/sky/sun lines).
     """
     sentences = filler_sentences(filler)
+
+    def trial(length: int, i: int) -> Trial:
+        key = trial_key(seed, length, i, spec.digits)
+        depth = spec.depths[i % len(spec.depths)]
+        offset = random.Random(f"filler:{seed}:{length}:{i}").randrange(len(sentences))
+        prompt = passkey_prompt(tokenizer, length, key, depth, sentences, offset if filler else 0)
+        return Trial(prompt.ids, spec.digits + EXTRA_TOKENS, lambda answer: {
+            "trial": i, "depth": depth, "key": key, "answer": answer, "correct": answer_is_correct(answer, key),
+            "prompt_tokens": len(prompt.ids), "needle_at": prompt.needle_at,
+        })
+
+    return run_trials(model, tokenizer, lengths, spec.trials, "passkey", trial, set_length, progress)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One retrieval question: the prompt, how many tokens to generate, and the record of a given answer."""
+
+    ids: list[int]
+    max_new_tokens: int
+    record: Callable[[str], dict]
+
+
+def run_trials(model, tokenizer, lengths: list[int], trials: int, label: str, trial: Callable[[int, int], Trial],
+               set_length: Callable[[int], None] | None, progress: Callable[[str, int], None] | None) -> dict[int, dict]:
+    """Greedy answers to `trial(length, i)` for each length (ascending) and i < trials: per length the accuracy,
+    the counts, the seconds and every trial's record (which says whether it was `correct`)."""
     out = {}
     for length in sorted(set(lengths)):
         if set_length:
             set_length(length)
-        label = f"passkey {format_length(length)}"
+        name = f"{label} {format_length(length)}"
         records, started = [], time.perf_counter()
-        for trial in range(spec.trials):
-            key = trial_key(seed, length, trial, spec.digits)
-            depth = spec.depths[trial % len(spec.depths)]
-            offset = random.Random(f"filler:{seed}:{length}:{trial}").randrange(len(sentences))
-            prompt = passkey_prompt(tokenizer, length, key, depth, sentences, offset if filler else 0)
+        for i in range(trials):
+            question = trial(length, i)
             if progress:
-                progress(label, 0)
-            answer = generate_answer(model, tokenizer, prompt.ids, spec.digits + EXTRA_TOKENS)
+                progress(name, 0)
+            answer = generate_answer(model, tokenizer, question.ids, question.max_new_tokens)
             if progress:
-                progress(label, len(prompt.ids))
-            records.append({
-                "trial": trial, "depth": depth, "key": key, "answer": answer,
-                "correct": answer_is_correct(answer, key), "prompt_tokens": len(prompt.ids),
-                "needle_at": prompt.needle_at,
-            })
+                progress(name, len(question.ids))
+            records.append(question.record(answer))
         correct = sum(r["correct"] for r in records)
         out[length] = {
             "accuracy": correct / len(records), "correct": correct, "trials": len(records),
