@@ -236,15 +236,18 @@ def read_lazyload(prefix: str | Path) -> dict[str, Any]:
 
 
 def _lazyload_chunk(chunk: bytes, name: str) -> bytes:
-    """One .rdb record: 4-byte big-endian uncompressed length, then a zlib stream, or a type byte
-    ('2' bzip2, 'X' xz, '0' stored) followed by the data."""
+    """One .rdb record (R's connections.c, R_compress1/2/3): 4-byte big-endian uncompressed length, then a zlib
+    stream (compress = 1), or a type byte and the data: '2' bzip2, 'Z' a raw LZMA2 stream (xz without its
+    container, preset 6), '1' zlib, '0' stored."""
     (expected,) = struct.unpack(">I", chunk[:4])
     body = chunk[4:]
     kind = body[:1]
     if kind == b"2":
         data = bz2.decompress(body[1:])
-    elif kind == b"X":
-        data = lzma.decompress(body[1:])
+    elif kind == b"Z":  # the decoder's dictionary must be at least the encoder's: preset 9's 64 MiB covers R's 6
+        data = lzma.decompress(body[1:], format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9}])
+    elif kind == b"1":
+        data = zlib.decompress(body[1:])
     elif kind == b"0":
         data = body[1:]
     else:

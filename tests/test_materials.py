@@ -193,3 +193,155 @@ def test_resolve_texts_bad_entries_name_the_field(tmp_path, make, message):
 def test_resolve_texts_books_before_prepare_is_an_error(cache):
     with pytest.raises(LongextError, match="^data.train: books are not prepared; run `longext models prepare books`"):
         resolve_texts(["books"], "train", "data.train")
+
+
+# ------------------------------------------------------------------------ rser: .rda and lazy-load DBs
+# An R object tree, written out the way R's serialize() does: a vector's attributes (a tagged pairlist) after its
+# elements, and a symbol's every use after the first a back-reference (REFSXP) to it.
+_NA_INT = -(2**31)
+
+
+def _obj(kind: str, value, **attrs) -> tuple:
+    return (kind, value, attrs)
+
+
+def _xdr(node, symbols: list[str]) -> bytes:
+    kind, value, attrs = node
+    if kind == "pairlist":  # value: {tag: node}
+        out = b""
+        for tag, item in value.items():
+            out += struct.pack(">i", 2 | (1 << 10)) + _sym(tag, symbols) + _xdr(item, symbols)
+        return out + struct.pack(">i", 254)  # NILVALUE ends the CDR chain
+    code = {"lgl": 10, "int": 13, "str": 16, "list": 19}[kind]
+    flags = code | ((1 << 9) if attrs else 0) | ((1 << 8) if "class" in attrs else 0)  # has-attr, is-object
+    out = struct.pack(">ii", flags, len(value))
+    if kind == "str":
+        out += b"".join(_charsxp(v) for v in value)
+    elif kind == "list":
+        out += b"".join(_xdr(v, symbols) for v in value)
+    else:
+        out += struct.pack(f">{len(value)}i", *value)
+    if attrs:
+        out += _xdr(_obj("pairlist", attrs), symbols)
+    return out
+
+
+def _sym(name: str, symbols: list[str]) -> bytes:
+    if name in symbols:
+        return struct.pack(">i", ((symbols.index(name) + 1) << 8) | 255)  # REFSXP, index packed in the flags
+    symbols.append(name)
+    return struct.pack(">i", 1) + _charsxp(name)
+
+
+def _stream(node) -> bytes:
+    return _xdr_header() + _xdr(node, [])
+
+
+BOOKS_FRAME = _obj(  # tidytext's `books`: a data frame of lines, its columns named, compact row names
+    "list",
+    [_obj("int", [105, 105, 121]), _obj("str", ["Persuasion", "Persuasion", "Northanger Abbey"]),
+     _obj("str", ["Chapter 1", None, "No one who had ever seen Catherine"])],
+    names=_obj("str", ["gutenberg_id", "title", "text"]),
+    **{"class": _obj("str", ["tbl_df", "tbl", "data.frame"]), "row.names": _obj("int", [_NA_INT, -3])},
+)
+NOTE = _obj("str", ["public domain", "Sōseki"], names=_obj("str", ["licence", "author"]))
+
+
+def _xz(data: bytes) -> bytes:
+    import lzma
+
+    return lzma.compress(data)
+
+
+def _bzip2(data: bytes) -> bytes:
+    import bz2
+
+    return bz2.compress(data)
+
+
+COMPRESSORS = {"gzip": gzip.compress, "bzip2": _bzip2, "xz": _xz, "none": lambda data: data}  # save(compress = ...)
+
+
+@pytest.mark.parametrize("compression", list(COMPRESSORS))
+def test_read_rda_returns_each_saved_object_by_name(tmp_path, compression):
+    # save(books, note, file = "x.rda"): "RDX3\n", then one stream holding a pairlist tagged with the names
+    from longext.rser import read_rda
+
+    path = tmp_path / "x.rda"
+    saved = _obj("pairlist", {"books": BOOKS_FRAME, "note": NOTE})
+    path.write_bytes(COMPRESSORS[compression](b"RDX3\n" + _stream(saved)))
+    objects = read_rda(path)
+    assert list(objects) == ["books", "note"]
+    frame = objects["books"]
+    assert frame.kind == "list"
+    columns = dict(zip(frame.attrs["names"].value, frame.value))
+    assert list(columns) == ["gutenberg_id", "title", "text"]
+    assert columns["gutenberg_id"].value == [105, 105, 121]
+    assert columns["title"].value == ["Persuasion", "Persuasion", "Northanger Abbey"]
+    assert columns["text"].value == ["Chapter 1", None, "No one who had ever seen Catherine"]
+    assert frame.attrs["class"].value == ["tbl_df", "tbl", "data.frame"]
+    assert frame.attrs["row.names"].value == [_NA_INT, -3]
+    note = objects["note"]  # its "names" tag is a back-reference to the symbol the frame introduced
+    assert (note.value, note.attrs["names"].value) == (["public domain", "Sōseki"], ["licence", "author"])
+
+
+def test_read_rda_rejects_a_file_without_the_rdx_header(tmp_path):
+    from longext.rser import read_rda
+
+    path = tmp_path / "x.rds"
+    path.write_bytes(gzip.compress(_stream(NOTE)))
+    with pytest.raises(ValueError, match="not an R data file"):
+        read_rda(path)
+
+
+def _rdb_record(data: bytes, compressed: int) -> bytes:
+    """One record as R's lazyLoadDBinsertValue writes it (connections.c R_compress1/2/3): the uncompressed length
+    big-endian, then zlib (1); or a type byte and the data: '2' bzip2 (2), 'Z' raw LZMA2 at preset 6 (3), '0' stored
+    when compressing would not make it shorter (2 and 3)."""
+    import bz2
+    import lzma
+    import zlib
+
+    head = struct.pack(">I", len(data))
+    if compressed == 1:
+        return head + zlib.compress(data)
+    if compressed == 2:
+        packed = b"2" + bz2.compress(data, 9)
+    else:
+        packed = b"Z" + lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 6}])
+    return head + (packed if len(packed) - 1 <= len(data) else b"0" + data)
+
+
+AUSTEN = {  # janeaustenr-like: one character vector per book, a line per element, NA for some blank lines
+    "persuasion": _obj("str", ["PERSUASION", None, "Chapter 1"] + ["Sir Walter Elliot, of Kellynch Hall"] * 40),
+    "emma": _obj("str", ["EMMA", "", "VOLUME I"] * 30),
+    "tiny": _obj("str", ["x"]),  # so short that bzip2 / xz would grow it: R stores it ('0')
+}
+
+
+@pytest.mark.parametrize("compressed", [
+    1, 2, 3,
+], ids=["zlib", "bzip2", "xz"])
+def test_read_lazyload_returns_each_variable_of_the_database(tmp_path, compressed):
+    # makeLazyLoadDB: every object serialized (XDR) and compressed into Rdata.rdb, one record after another; Rdata.rdx
+    # is saveRDS(list(variables = <name: c(offset, length)>, references = list(), compressed = ...)) (gzip)
+    from longext.rser import read_lazyload
+
+    blob, keys, kinds = b"", {}, set()
+    for name, node in AUSTEN.items():
+        record = _rdb_record(_stream(node), compressed)
+        keys[name] = _obj("int", [len(blob), len(record)])
+        blob += record
+        kinds.add(record[4:5])
+    if compressed != 1:  # both record kinds of this compression: packed, and stored ('0') for `tiny`
+        assert kinds == {b"2" if compressed == 2 else b"Z", b"0"}
+    flag = _obj("lgl", [1]) if compressed == 1 else _obj("int", [compressed])
+    index = _obj("list", [_obj("list", list(keys.values()), names=_obj("str", list(keys))), _obj("list", []), flag],
+                 names=_obj("str", ["variables", "references", "compressed"]))
+    (tmp_path / "Rdata.rdb").write_bytes(blob)
+    (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(_stream(index)))
+
+    objects = read_lazyload(tmp_path / "Rdata")
+    assert list(objects) == list(AUSTEN)
+    for name, (_, lines, _) in AUSTEN.items():
+        assert (objects[name].kind, objects[name].value) == ("str", lines)

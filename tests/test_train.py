@@ -229,3 +229,82 @@ def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(tmp_path, tiny_
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4)
     assert (tmp_path / "runs" / "two" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ optimizer hyper-parameters reach DeepSpeed
+ADAM = {"lr": 3.0e-3, "weight_decay": 0.05, "betas": [0.8, 0.99], "eps": 1.0e-6}  # none of them the default
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_recipe_adamw_settings_reach_the_engine_optimizer(tmp_path, tiny_model_dir, corpus_dir, monkeypatch, stage):
+    import longext.train
+
+    engines = []
+    real = longext.train.make_engine
+
+    def spy(*args, **kwargs):  # the real engine, only remembered
+        engines.append(real(*args, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(longext.train, "make_engine", spy)
+    path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name=f"adam{stage}", data={"seq_len": 32},
+                        train={"steps": 1, "zero_stage": stage, **ADAM})
+    train(path)
+    (engine,) = engines
+    groups = engine.optimizer.param_groups  # what DeepSpeed steps (the ZeRO wrapper forwards its inner AdamW's)
+    assert groups and any(p.numel() for g in groups for p in g["params"])
+    for group in groups:
+        assert (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"]) == (
+            ADAM["lr"], ADAM["weight_decay"], tuple(ADAM["betas"]), ADAM["eps"])
+
+
+# ------------------------------------------------------------------ micro_batch_size 2 + per_doc packing
+SHORT_DOC_WORDS = (10, 20, 24, 30)  # 12-49 tokens, all under seq_len 64: every per_doc sample is padded
+
+
+@pytest.fixture(scope="module")
+def peaked_model_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny Llama with larger weights (as in test_sp): per-token losses differ, so a dropped row or scored
+    padding moves the mean by far more than the tolerance."""
+    from conftest import build_tiny_model
+
+    d = tmp_path_factory.mktemp("peaked-llama")
+    build_tiny_model("llama", vocab_size=len(tiny_tokenizer), initializer_range=0.2).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+def test_first_loss_with_two_padded_per_doc_rows_is_transformers_loss(tmp_path, peaked_model_dir):
+    import torch
+    from conftest import synthetic_text
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from longext.data import build_train_data
+    from longext.plan import resolve
+    from longext.train import MODEL_INPUTS
+
+    corpus = tmp_path / "short"
+    corpus.mkdir()
+    for i, words in enumerate(SHORT_DOC_WORDS):
+        (corpus / f"doc{i}.txt").write_text(synthetic_text(words, seed=10 + i))
+    path = write_recipe(tmp_path, peaked_model_dir, corpus, name="perdoc", data={"seq_len": 64, "packing": "per_doc"},
+                        train={"steps": 1, "micro_batch_size": 2})
+    got = losses(train(path))[1]
+
+    recipe = resolve(load_recipe(path)).recipe
+    batch = build_train_data(recipe, AutoTokenizer.from_pretrained(peaked_model_dir)).micro_batch(0)
+    real = batch["attention_mask"].sum(1)
+    assert batch["input_ids"].shape == (2, 64)
+    assert (real < 64).all() and (real > 8).all() and real[0] != real[1]  # both rows padded, by different amounts
+    assert torch.equal(batch["labels"] == -100, batch["attention_mask"] == 0)
+
+    config = AutoConfig.from_pretrained(peaked_model_dir)
+    config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1.0e4}  # target_len 256 / L0 128
+    model = AutoModelForCausalLM.from_pretrained(peaked_model_dir, config=config, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        want = model(**{k: batch[k] for k in MODEL_INPUTS}).loss.item()
+        first_row = model(**{k: batch[k][:1] for k in MODEL_INPUTS}).loss.item()
+        padding_scored = model(**{**{k: batch[k] for k in MODEL_INPUTS}, "labels": batch["input_ids"]}).loss.item()
+    assert got == pytest.approx(want, rel=1e-6)
+    assert abs(first_row - want) > 1e-2 and abs(padding_scored - want) > 1e-2  # this batch tells those bugs apart
