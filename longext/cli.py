@@ -185,6 +185,7 @@ def eval_cmd(
     niah: Annotated[Optional[bool], typer.Option("--niah/--no-niah", help="Run multi-key needle-in-a-haystack retrieval (off unless the recipe's eval.niah.enabled).")] = None,
     perplexity: Annotated[Optional[bool], typer.Option("--ppl/--no-ppl", help="Run perplexity.")] = None,
     trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Passkey and needle trials per length.")] = None,
+    filler: Annotated[Optional[str], typer.Option("--filler", help="Haystack of passkey and needle prompts: classic | books | text files/folder.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report directory. Default: <run>/eval, or evals/<name> for a model directory.")] = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -194,6 +195,7 @@ def eval_cmd(
     request = EvalRequest.from_cli(
         target=target, length=length, lengths=lengths, baseline=baseline, texts=texts, mode=mode,
         passkey=passkey, perplexity=perplexity, trials=trials, out=out, overrides=overrides or [], niah=niah,
+        filler=filler,
     )
     report = run_eval(request)
     _console().print(f"report: {report}")

@@ -532,6 +532,12 @@ class EvalSpec(Section):
     perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
     passkey: PasskeySpec = Field(default_factory=PasskeySpec)
     niah: NiahSpec = Field(default_factory=NiahSpec)
+    filler: str = Field(
+        "classic", min_length=1,
+        description="Haystack of the passkey and needle prompts: classic (the passkey paper's grass/sky/sun lines, "
+                    "repeated), books (the eval split of the offline books), or text files / a folder (sentences "
+                    "cycled from a seeded offset per trial).",
+    )
     seed: int = Field(0, description="Seeds passkey keys, depths and filler.")
 
 

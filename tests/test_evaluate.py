@@ -418,3 +418,34 @@ def test_eval_of_a_run_with_baseline_compares_both_models_on_the_same_tokens_and
     assert base["perplexity"]["256"]["ppl"] != tuned["perplexity"]["256"]["ppl"]  # the adapter and RoPE count
     keys = [[r["key"] for r in m["passkey"]["256"]["records"]] for m in (base, tuned)]
     assert keys[0] == keys[1]
+
+
+# ---------------------------------------------------------------------------------------- filler
+def test_filler_is_classic_books_or_the_named_texts(corpus_dir, tmp_path):
+    from longext.evaluate.run import load_filler
+
+    assert load_filler("classic") is None
+    text = load_filler(str(corpus_dir))
+    assert all(p.read_text().strip()[:200] in text for p in sorted(corpus_dir.glob("*.txt")))
+    with pytest.raises(LongextError, match=r"^eval.filler: no such file or folder: '.*nowhere'"):
+        load_filler(str(tmp_path / "nowhere"))
+    (tmp_path / "flat.txt").write_text("no sentence ends here at all")
+    with pytest.raises(LongextError, match=r"^eval.filler: '.*flat.txt' has no sentences"):
+        load_filler(str(tmp_path / "flat.txt"))
+
+
+def test_eval_filler_flag_puts_the_texts_in_the_prompts(tiny_model_dir, corpus_dir, tmp_path):
+    from longext.cli import main
+
+    def needle_positions(*extra) -> list[int]:
+        out = tmp_path / f"r{len(extra)}"
+        args = ["eval", str(tiny_model_dir), "--lengths", "256", "--no-ppl", "--trials", "3", "--out", str(out)]
+        assert main([*args, *extra]) == 0
+        results = json.loads((out / "eval.json").read_text())
+        assert results["settings"]["filler"] == (extra[1] if extra else "classic")
+        assert f"haystack: {extra[1] if extra else 'classic'}" in (out / "eval.md").read_text()
+        return [r["needle_at"] for r in results["models"][0]["passkey"]["256"]["records"]]
+
+    classic, corpus = needle_positions(), needle_positions("--filler", str(corpus_dir))
+    # the same depths over other sentences put the needle at other token positions
+    assert classic != corpus

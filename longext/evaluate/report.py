@@ -116,7 +116,8 @@ def markdown(results: dict) -> str:
         f"- L0 (original window): {results.get('original_context')}; target window: {results.get('target_context')}",
         f"- perplexity: {ppl.get('mode')} mode, {ppl.get('targets')} scored tokens x {ppl.get('windows')} windows "
         f"(sliding stride {ppl.get('stride')}); texts: {', '.join(ppl.get('texts', []))}",
-        f"- passkey: {key.get('trials')} trials per length, depths {key.get('depths')}, {key.get('digits')} digits",
+        f"- passkey: {key.get('trials')} trials per length, depths {key.get('depths')}, {key.get('digits')} digits; "
+        f"haystack: {settings.get('filler', 'classic')}",
         *([f"- needle in a haystack: {niah.get('trials')} trials per length, {niah.get('needles')} needles "
            f"({niah.get('digits')}-digit numbers), asked-for needle at depths {niah.get('depths')}"]
           if any(m.get("niah") for m in models) else []),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,8 @@ class EvalRequest:
 
     @classmethod
     def from_cli(cls, target, length=None, lengths=None, baseline=False, texts=None, mode=None, passkey=None,
-                 perplexity=None, trials=None, out=None, overrides: Sequence[str] = (), niah=None) -> EvalRequest:
+                 perplexity=None, trials=None, out=None, overrides: Sequence[str] = (), niah=None,
+                 filler=None) -> EvalRequest:
         """Validate the `longext eval` arguments. Raises LongextError with one line per problem."""
         target = Path(target)
         if not target.is_dir():
@@ -56,6 +58,8 @@ class EvalRequest:
                  ("passkey", "enabled"): passkey, ("passkey", "trials"): trials,
                  ("niah", "enabled"): niah, ("niah", "trials"): trials}
         spec = eval_spec(recipe.eval if recipe else EvalSpec(), overrides, flags)
+        if filler is not None:
+            spec = spec.model_copy(update={"filler": str(filler)})
         longest = length_flag("--length", length) if length is not None else None
         explicit = lengths_flag(lengths) if lengths is not None else ([] if longest else list(spec.lengths))
         if not longest and not explicit:
@@ -164,6 +168,7 @@ def run_eval(request: EvalRequest) -> Path:
 
     quiet_libraries()
     documents = load_texts(request) if request.spec.perplexity.enabled else []
+    filler = load_filler(request.spec.filler, request.text_field) if request.spec.passkey.enabled or request.spec.niah.enabled else None
     entries, context = [], {}
     with EvalProgress(Console(stderr=True)) as bar:
         for i, baseline in enumerate((False, True) if request.baseline else (False,)):
@@ -173,7 +178,7 @@ def run_eval(request: EvalRequest) -> Path:
                 "original_context": loaded.original_context, "target_context": loaded.target_context,
             }
             models_left = 1 + request.baseline - i
-            entries.append(evaluate_model(loaded, context["lengths"], request, documents, bar, models_left))
+            entries.append(evaluate_model(loaded, context["lengths"], request, documents, bar, models_left, filler))
             entries[-1]["baseline"] = baseline
             del loaded
             gc.collect()
@@ -195,8 +200,23 @@ def load_texts(request: EvalRequest) -> list[str]:
     return documents
 
 
+def load_filler(value: str, text_field: str = "text") -> str | None:
+    """The haystack text of eval.filler: None for the classic lines, else the named texts joined."""
+    if value == "classic":
+        return None
+    from longext.data import load_documents
+    from longext.materials import resolve_texts
+
+    field = "eval.filler"
+    documents = load_documents(resolve_texts([value], split="eval", field=field), text_field)
+    text = "\n".join(documents)
+    if not re.search(r"[.!?]", text):
+        raise LongextError(f"{field}: {value!r} has no sentences (no . ! or ?) to build a haystack from")
+    return text
+
+
 def evaluate_model(loaded, lengths: list[int], request: EvalRequest, documents: list[str], bar: EvalProgress,
-                   models_left: int) -> dict:
+                   models_left: int, filler: str | None = None) -> dict:
     """One model's perplexity, passkey and needle results, per length (str keys, as in eval.json)."""
     from longext.evaluate.niah import niah_at_lengths, niah_prompt, trial_needles
     from longext.evaluate.passkey import passkey_at_lengths, passkey_prompt
@@ -226,11 +246,11 @@ def evaluate_model(loaded, lengths: list[int], request: EvalRequest, documents: 
                                      progress=progress)
         entry["perplexity"] = {str(L): row for L, row in rows.items()}
     if spec.passkey.enabled:
-        rows = passkey_at_lengths(loaded.model, loaded.tokenizer, lengths, spec.passkey, spec.seed,
+        rows = passkey_at_lengths(loaded.model, loaded.tokenizer, lengths, spec.passkey, spec.seed, filler=filler,
                                   set_length=loaded.set_length, progress=progress)
         entry["passkey"] = {str(L): row for L, row in rows.items()}
     if spec.niah.enabled:
-        rows = niah_at_lengths(loaded.model, loaded.tokenizer, lengths, spec.niah, spec.seed,
+        rows = niah_at_lengths(loaded.model, loaded.tokenizer, lengths, spec.niah, spec.seed, filler=filler,
                                set_length=loaded.set_length, progress=progress)
         entry["niah"] = {str(L): row for L, row in rows.items()}
     return entry
