@@ -146,6 +146,15 @@ def test_a_suite_without_new_results_keeps_its_old_section():
     assert new.count("<!-- suite:toy -->") == 1
 
 
+
+def test_a_run_stopped_before_its_first_case_keeps_the_old_section():
+    old = report.render({"toy": suite_doc([("toy-base", "no extension", model_result({128: 7.0}, {}))],
+                                          toy_base={"gate": {}})})
+    stopped = {**suite_doc([], toy_base={"gate": {}}), "complete": False, "pending": ["toy-base"]}
+    assert "| no extension | 7.00 |" in report.render({"toy": stopped}, old)
+    assert "| no extension |" not in report.render({"toy": stopped})  # nothing older to keep: the empty run shows
+
+
 def test_throughput_table_has_the_engine_to_plain_ratio():
     def case(name, path, tps):
         return {"case": {"name": name, "case": "train", "path": path, "model": "tiny", "seq_len": 2048, "steps": 3},
