@@ -418,6 +418,17 @@ def test_eval_of_a_run_with_baseline_compares_both_models_on_the_same_tokens_and
     assert base["perplexity"]["256"]["ppl"] != tuned["perplexity"]["256"]["ppl"]  # the adapter and RoPE count
     keys = [[r["key"] for r in m["passkey"]["256"]["records"]] for m in (base, tuned)]
     assert keys[0] == keys[1]
+    # reference: the plain base model directory, loaded by stock transformers, on the same documents and spec
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    texts = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
+    ids = document_token_ids(AutoTokenizer.from_pretrained(tiny_model_dir), texts)
+    assert base["text_tokens"] == tuned["text_tokens"] == [len(t) for t in ids]
+    want = perplexity_at_lengths(plain, ids, [192, 256], load_recipe(recipe).eval.perplexity)
+    for length in (192, 256):
+        assert base["perplexity"][str(length)]["ppl"] == pytest.approx(want[length]["ppl"], rel=1e-6)
+        assert base["perplexity"][str(length)]["scored_tokens"] == want[length]["scored_tokens"]
 
 
 # ---------------------------------------------------------------------------------------- filler

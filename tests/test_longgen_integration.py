@@ -174,7 +174,35 @@ def test_run_records_the_resolved_layout_and_trains_the_adapter(longgen_run):
     lora_b = [w for name, w in weights.items() if "lora_B" in name]
     assert lora_b and all(w.abs().max() > 0 for w in lora_b)  # B starts at zero: nonzero means it trained
     losses = [json.loads(line)["loss"] for line in (longgen_run / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    assert len(losses) == 3
+    # LoRA B starts at zero: step 1 is the base model with the run's RoPE and the hybrid layout, applied by hand
+    want, full = (first_batch_loss(longgen_run, longgen=g) for g in (True, False))
+    assert losses[0] == pytest.approx(want, rel=1e-5)
+    # the sparse layer drops keys on this batch: the all-full loss (~3e-4 relative away with this near-uniform tiny model)
+    # is ten tolerances away, so a run that trained all-full would fail the match above
+    assert abs(full - want) > 10 * 1e-5 * want
+
+
+def first_batch_loss(run_dir: Path, longgen: bool) -> float:
+    """Stock transformers' loss of the run's base model (RoPE theta 5e4) on the run's first micro-batch, with
+    LongGen applied by hand from a spec written out here (not read from the run), or left all-full."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longext.data import build_train_data
+    from longext.longgen.modeling_longext_longgen import LongGenSpec, apply_longgen
+    from longext.plan import resolve
+    from longext.train import MODEL_INPUTS
+
+    recipe = resolve(load_recipe(run_dir / "recipe.yaml")).recipe
+    batch = build_train_data(recipe, AutoTokenizer.from_pretrained(recipe.model.path)).micro_batch(0)
+    assert batch["input_ids"].shape == (1, 256)  # longer than sink + window: the sparse layer drops keys
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32, attn_implementation="sdpa",
+                                                 rope_parameters={"rope_type": "default", "rope_theta": 5.0e4},
+                                                 max_position_embeddings=256).eval()
+    if longgen:
+        apply_longgen(model, LongGenSpec(full_layers=[0], sparse_type="attn_sink", sink_tokens=4, window=32))
+    with torch.no_grad():
+        return model(**{k: batch[k] for k in MODEL_INPUTS}).loss.item()
 
 
 def test_eval_loads_the_run_with_its_sparse_layout(longgen_run):

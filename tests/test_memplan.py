@@ -173,10 +173,28 @@ def tiny_recipe(tmp_path, tiny_model_dir, corpus_dir):
 
 
 def test_plan_prints_the_terms_and_the_verdict(capsys, tiny_recipe):
-    code, out, _ = run(capsys, "plan", tiny_recipe, "--gpus", "2", "--gpu-memory", "80GB")
-    assert code == 0
-    for name in ("weights", "trainable state", "kept activations", "fixed overhead", "total", "fits"):
-        assert name in out
+    import re
+
+    from longext.memplan import plan_recipe
+    from longext.recipe import load_recipe
+
+    # the tiny model's estimate is ~1 GiB (the stated fixed overhead): 80 GB fits, 0.5 GiB does not
+    for flag, budget in (("80GB", 80 * 10**9), ("0.5GiB", GiB // 2)):
+        code, out, _ = run(capsys, "plan", tiny_recipe, "--gpus", "2", "--gpu-memory", flag)
+        assert code == 0
+        rows = {cells[0]: cells[1] for line in out.splitlines()
+                if len(cells := [c.strip() for c in line.split("│")[1:-1]]) >= 2}
+        for name in ("weights", "trainable state", "kept activations", "fixed overhead", "total"):
+            assert name in rows, out
+        est, _ = plan_recipe(load_recipe(tiny_recipe), gpus=2, budget=budget, device="cuda")
+        total = f"{est.total / GiB:,.2f}"
+        assert rows["total"] == total
+        verdict = [line for line in out.splitlines() if line.startswith("total ")]
+        fits = est.total <= budget
+        assert fits == (flag == "80GB")  # the two budgets straddle the estimate
+        assert verdict == [f"total {total} GiB of {budget / GiB:,.2f} GiB per device ({est.total / budget:.0%}): "
+                           f"{'fits' if fits else 'does NOT fit'}"], out
+        assert ("would fit with" in out or "does not fit even with every switch" in out) == (not fits)
 
 
 def test_plan_json_names_the_switches_that_fix_a_small_budget(capsys, tiny_recipe):

@@ -171,16 +171,55 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000001"
 
 
+def _stock_first_loss(model_dir: Path, batch: dict, rope_parameters: dict | None, max_positions: int) -> float:
+    """Stock transformers' loss on `batch` for the saved model, with `rope_parameters` (None: as saved)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from longext.train import MODEL_INPUTS
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if rope_parameters is not None:
+        config.rope_parameters = rope_parameters
+    config.max_position_embeddings = max_positions
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        return model(**{k: batch[k] for k in MODEL_INPUTS}).loss.item()
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_one_training_step_for_each_supported_family(tmp_path, corpus_dir, tiny_tokenizer, arch):
     from conftest import build_tiny_model
+    from transformers import AutoConfig, AutoTokenizer
+
+    from longext.data import build_train_data
+    from longext.plan import resolve
 
     model_dir = tmp_path / arch
-    build_tiny_model(arch, vocab_size=len(tiny_tokenizer)).save_pretrained(model_dir)
+    # larger weights (as in test_e2llm_pose's peaked model): attention is peaked, so the RoPE moves the loss
+    build_tiny_model(arch, vocab_size=len(tiny_tokenizer), initializer_range=0.2).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
-    run = train(write_recipe(tmp_path, model_dir, corpus_dir, name=arch, train={"steps": 1}, rope={"kind": "yarn"}))
+    # seq_len 256 > L0 = 128: positions past L0, where YaRN and the plain RoPE differ most
+    path = write_recipe(tmp_path, model_dir, corpus_dir, name=arch, train={"steps": 1}, rope={"kind": "yarn"},
+                        data={"seq_len": 256})
+    run = train(path)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "rope.json").read_text())["parameters"]["rope_type"] == "yarn"
+    got = losses(run)[1]
+    assert math.isfinite(got)
+
+    # LoRA B starts at zero: step 1 is the base model with the run's RoPE, YaRN s = target_len 256 / L0 128
+    recipe = resolve(load_recipe(path)).recipe
+    batch = build_train_data(recipe, AutoTokenizer.from_pretrained(model_dir)).micro_batch(0)
+    assert batch["input_ids"].shape == (1, 256)
+    theta = AutoConfig.from_pretrained(model_dir).rope_parameters["rope_theta"]
+    yarn = {"rope_type": "yarn", "factor": 2.0, "rope_theta": theta, "original_max_position_embeddings": 128,
+            "beta_fast": 32.0, "beta_slow": 1.0}
+    want = _stock_first_loss(model_dir, batch, yarn, 256)
+    assert got == pytest.approx(want, rel=1e-5)
+    plain = _stock_first_loss(model_dir, batch, None, 256)
+    assert abs(plain - want) > 1e-3  # this batch tells the YaRN model from the unscaled one
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:
