@@ -37,7 +37,7 @@ from longext import __version__
 from longext.errors import LongextError
 from longext.models import expand_path, is_run_dir, load_model_config, load_run_recipe, load_target, quiet_libraries
 from longext.rope import RopeState, legacy_rope_keys
-from longext.rundir import check_writable, share_folder
+from longext.outputs import check_writable, share_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALLOWED_DTYPES = ("auto", "float32", "bfloat16")  # float16 only via auto, when the base model is float16

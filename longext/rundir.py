@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from longext.errors import LongextError
+from longext.outputs import check_writable, share_folder, umask
 from longext.recipe import load_yaml
 from longext.recipe import Recipe, dump_recipe
 
@@ -37,43 +38,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file should read like any other the user writes
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; the file should read like any other the user writes
     os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def share_folder(path: Path) -> None:
-    """mkdtemp makes 0700; give a published folder the permissions a plain mkdir would."""
-    os.chmod(path, 0o777 & ~_umask())
-
-
-def check_writable(path: Path, flag: str, folder: bool = True) -> None:
-    """Before any work: `path` (a folder, or a file when folder=False) can be created or replaced. Creates a probe
-    in the nearest existing ancestor, so read-only mounts and pseudo file systems answer too.
-
-    Raises:
-        LongextError: the path is a file where a folder is wanted (or the reverse), or nothing can be written there.
-    """
-    path = Path(path)
-    if path.exists() and folder and not path.is_dir():
-        raise LongextError(f"{flag}: {path} is a file; give a folder")
-    if path.is_dir() and not folder:
-        raise LongextError(f"{flag}: {path} is a folder; give a file path")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise LongextError(f"{flag}: {path}: {parent} is a file, not a folder")
-    try:
-        probe = tempfile.mkdtemp(dir=parent, prefix=".longext-probe-")
-    except OSError as err:
-        raise LongextError(f"{flag}: {path}: cannot write in {parent} ({err.strerror})") from None
-    os.rmdir(probe)
 
 
 def _holds_a_run(path: Path) -> bool:

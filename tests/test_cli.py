@@ -532,3 +532,16 @@ def test_missing_training_texts_are_named_with_the_recipe_line(capsys, tmp_path,
     want = next(i for i, text in enumerate(lines, 1) if text.strip().startswith("train: ["))
     assert re.match(rf"error: {re.escape(str(tiny_recipe))}:{want} data.train: no such file or folder: ", line), line
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_flag_and_output_errors_answer_before_torch_is_imported(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    code = (
+        "import sys\nfrom longext.errors import LongextError\nfrom longext.evaluate.run import EvalRequest\n"
+        f"try:\n    EvalRequest.from_cli({str(tmp_path)!r}, length='4k', out='/proc/longext-x')\n"
+        "except LongextError as err:\n    print(err)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % (HEAVY,)
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    message, modules = result.stdout.strip().splitlines()
+    assert message.startswith("--out: /proc/longext-x: cannot write in /proc (") and modules == "[]"

@@ -198,7 +198,7 @@ def run_bench(suite: str, quick: bool = False, force: bool = False, out: Path = 
     """Run `suite` (or all of them) and rewrite `doc`. Returns the doc path."""
     if suite not in ALLOWED:
         raise LongextError(f"SUITE: unknown benchmark suite {suite!r} (allowed: {', '.join(ALLOWED)})")
-    from longext.rundir import check_writable
+    from longext.outputs import check_writable
 
     check_writable(Path(out), "--out")
     check_writable(Path(doc), "--doc", folder=False)

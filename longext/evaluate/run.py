@@ -148,7 +148,7 @@ def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[tuple[str, s
 
 def _check_out(out: Path) -> None:
     from longext.evaluate.report import replaceable
-    from longext.rundir import check_writable
+    from longext.outputs import check_writable
 
     if not replaceable(out):
         raise LongextError(f"--out: {out} exists and is not a longext eval report; choose another directory")

@@ -70,11 +70,9 @@ def run_analysis(base: Path, reference: Path, texts: list[str], length: int, sam
     from longext.data import load_documents, tokenize_documents
     from longext.longrecipe.selection import token_texts
     from longext.materials import resolve_texts
-    from longext.models import load_target
-
-    from longext.rundir import atomic_write_text, check_writable
-
-    from longext.models import is_run_dir
+    from longext.models import is_run_dir, load_target
+    from longext.outputs import check_writable
+    from longext.rundir import atomic_write_text
 
     for name, path in (("BASE", base), ("REFERENCE", reference)):  # both, before any weights are loaded
         if not Path(path).is_dir():

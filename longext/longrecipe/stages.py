@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from longext.data import TrainData, build_train_data
-from longext.rundir import share_folder
+from longext.outputs import share_folder
 
 WEIGHTS = "adapter_model.safetensors"
 LORA_UP = ("lora_B", "lora_embedding_B")
