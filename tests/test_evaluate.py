@@ -316,6 +316,7 @@ def test_rich_table_has_a_row_per_length_and_columns_per_model():
          "--ppl, --passkey, --niah: all are off, nothing to evaluate"),
         (dict(length="4k", overrides=["niah.depths=[-0.1]"]),
          "--set eval.niah.depths.0: a depth is between 0 and 1 (got -0.1)"),
+        (dict(length="4k", filler=""), "--filler: String should have at least 1 character (got '')"),
         (dict(length="4k", overrides=["niah.needles=40"]),
          "--set eval.niah.needles: Input should be less than or equal to 32 (got 40)"),
         (dict(length="4k", baseline=True), "--baseline: {dir} is not a run directory"),

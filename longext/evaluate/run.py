@@ -54,12 +54,11 @@ class EvalRequest:
             raise LongextError(f"--mode: expected fixed or sliding (got {mode!r})")
         if length is not None and lengths is not None:
             raise LongextError("--length, --lengths: give one of them (--length builds a ladder, --lengths lists it)")
-        flags = {("perplexity", "texts"): texts, ("perplexity", "mode"): mode, ("perplexity", "enabled"): perplexity,
-                 ("passkey", "enabled"): passkey, ("passkey", "trials"): trials,
-                 ("niah", "enabled"): niah, ("niah", "trials"): trials}
+        flags = {"perplexity.texts": ("--texts", texts), "perplexity.mode": ("--mode", mode),
+                 "perplexity.enabled": ("--ppl", perplexity), "passkey.enabled": ("--passkey", passkey),
+                 "passkey.trials": ("--trials", trials), "niah.enabled": ("--niah", niah),
+                 "niah.trials": ("--trials", trials), "filler": ("--filler", filler)}
         spec = eval_spec(recipe.eval if recipe else EvalSpec(), overrides, flags)
-        if filler is not None:
-            spec = spec.model_copy(update={"filler": str(filler)})
         longest = length_flag("--length", length) if length is not None else None
         explicit = lengths_flag(lengths) if lengths is not None else ([] if longest else list(spec.lengths))
         if not longest and not explicit:
@@ -117,9 +116,10 @@ def ladder_lengths(longest: int, original_context: int | None) -> list[int]:
     return sorted(keep)
 
 
-def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[tuple[str, str], object]) -> EvalSpec:
+def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[str, tuple[str, object]]) -> EvalSpec:
     """`base` with `--set` overrides (paths relative to `eval.`; an `eval.` prefix is accepted), then the
-    flags that were given (not None), validated by the schema."""
+    flags that were given (not None), validated by the schema. `flags` maps a field path to (flag, value); an
+    error in a field a flag set names the flag."""
     raw = base.model_dump(mode="json")
     lines = []
     for item in overrides:
@@ -130,15 +130,22 @@ def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[tuple[str, s
             lines.append(f"{where}: {issue.message}")
     if lines:
         raise Problems(lines)
-    for (section, name), value in flags.items():
+    given = {}
+    for field, (flag, value) in flags.items():
         if value is not None:
-            raw.setdefault(section, {})[name] = list(value) if isinstance(value, (list, tuple)) else value
+            *sections, name = field.split(".")
+            node = raw
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[name] = list(value) if isinstance(value, (list, tuple)) else value
+            given[f"eval.{field}"] = flag
     try:
         spec = EvalSpec.model_validate(raw)
     except ValidationError as err:
         wrapped = {"eval": raw}  # so field paths, 'did you mean' hints and lengths read as in a recipe
         issues = [_to_issue({**e, "loc": ("eval", *e["loc"])}, wrapped, None, set()) for e in err.errors()]
-        raise Problems([f"--set {issue.field}: {issue.message}" for issue in issues]) from None
+        raise Problems([f"{given[issue.field]}: {issue.message}" if issue.field in given
+                        else f"--set {issue.field}: {issue.message}" for issue in issues]) from None
     bad = [(part, i, d) for part in ("passkey", "niah") for i, d in enumerate(getattr(spec, part).depths)
            if not 0.0 <= d <= 1.0]
     if bad:
@@ -168,7 +175,8 @@ def run_eval(request: EvalRequest) -> Path:
 
     quiet_libraries()
     documents = load_texts(request) if request.spec.perplexity.enabled else []
-    filler = load_filler(request.spec.filler, request.text_field) if request.spec.passkey.enabled or request.spec.niah.enabled else None
+    retrieval = request.spec.passkey.enabled or request.spec.niah.enabled
+    filler = load_filler(request.spec.filler, request.text_field) if retrieval else None
     entries, context = [], {}
     with EvalProgress(Console(stderr=True)) as bar:
         for i, baseline in enumerate((False, True) if request.baseline else (False,)):
