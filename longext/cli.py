@@ -54,7 +54,9 @@ SetOpt = Annotated[
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, emoji=False)
+    # soft_wrap: a printed line is never cut at the console width (80 columns when redirected), so paths and
+    # figures stay whole for grep and scripts; tables still fit the width.
+    return Console(stderr=stderr, highlight=False, emoji=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------- train
