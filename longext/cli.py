@@ -119,7 +119,8 @@ def _memory_check(spec, ranks: int) -> None:
     """`longext plan`'s estimate against this machine (GPU memory, or available RAM shared by the ranks)."""
     if spec.train.memory_check == "off":
         return
-    from longext.memplan import budget_problem, device_budget, plan_recipe
+    from longext.memplan import budget_problem, device_budget
+    from longext.plan import plan_recipe
 
     device, budget = device_budget(ranks)
     problem = budget_problem(*plan_recipe(spec, gpus=ranks, budget=budget, device=device))
@@ -143,7 +144,8 @@ def plan(
     """Per-device memory and step FLOPs of RECIPE from the model config alone (no weights); says whether it fits."""
     import json
 
-    from longext.memplan import parse_size, plan_recipe, render_plan
+    from longext.memplan import parse_size, render_plan
+    from longext.plan import plan_recipe
     from longext.recipe import load_recipe, located
 
     problems = []

@@ -12,6 +12,8 @@ import torch
 
 from longext.recipe import TrainSpec
 
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+
 if not torch.cuda.is_available():
     # Before anything imports deepspeed (transformers' save path may): pick the CPU accelerator
     # quietly instead of DeepSpeed's guess-and-warn.
@@ -46,10 +48,16 @@ def uses_deepspeed_optimizer(train: TrainSpec) -> bool:
     return train.optimizer == "auto" and on_gpu()
 
 
-def deepspeed_config(train: TrainSpec, world_size: int, trainable: int | None = None) -> dict:
-    """The DeepSpeed config of a run; `trainable` (parameter count) caps the reduce bucket (memplan.reduce_bucket)."""
-    from longext.memplan import reduce_bucket
+def reduce_bucket(trainable: int | None) -> int:
+    """ZeRO's gradient reduce bucket in elements, as longext configures it: DeepSpeed allocates the whole bucket
+    however few the trainable gradients are (5e8 by default: 0.93 GiB in bf16 for a LoRA of a few million
+    parameters); it never needs more than all of them (a larger gradient bypasses it), so longext caps it at their
+    count. `longext plan` counts the same buffer."""
+    return REDUCE_BUCKET if not trainable else int(min(REDUCE_BUCKET, max(trainable, 1)))
 
+
+def deepspeed_config(train: TrainSpec, world_size: int, trainable: int | None = None) -> dict:
+    """The DeepSpeed config of a run; `trainable` (parameter count) caps the reduce bucket (reduce_bucket)."""
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage >= 1:
         zero["reduce_bucket_size"] = reduce_bucket(trainable)

@@ -35,7 +35,10 @@ import torch
 
 from longext import __version__
 from longext.errors import LongextError
-from longext.models import expand_path, is_run_dir, load_model_config, load_run_recipe, load_target, quiet_libraries
+from longext.materials import expand_path
+from longext.models import load_model_config, quiet_libraries
+from longext.rundir import is_run_dir, load_run_recipe
+from longext.targets import load_target
 from longext.rope import RopeState, legacy_rope_keys
 from longext.outputs import check_writable, share_folder
 

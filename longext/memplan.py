@@ -62,15 +62,6 @@ CPU_BASELINE = int(0.52 * GiB)  # process baseline of a CPU rank, measured by `l
 # above the live tensors by about this share of the activations a forward pass produces (measured once: the mean
 # of the SmolLM2-135M 2k cases at ZeRO 0 and 2, 0.75 and 0.42; with MALLOC_MMAP_THRESHOLD_=65536 it is ~1 %)
 CPU_HEAP_RETENTION = 0.58
-REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
-
-
-def reduce_bucket(trainable: int | None) -> int:
-    """ZeRO's gradient reduce bucket in elements, as longext configures it (engine.deepspeed_config): DeepSpeed
-    allocates the whole bucket however few the trainable gradients are (5e8 by default: 0.93 GiB in bf16 for a LoRA
-    of a few million parameters); it never needs more than all of them (a larger gradient bypasses it), so longext
-    caps it at their count."""
-    return REDUCE_BUCKET if not trainable else int(min(REDUCE_BUCKET, max(trainable, 1)))
 ZERO3_MAX_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters / stage3_max_reuse_distance defaults
 ZERO3_PERSISTENCE = 100_000  # DeepSpeed's stage3_param_persistence_threshold default (elements)
 REFUSE_RATIO = 1.1  # `train` refuses (memory_check: refuse) when the estimate exceeds the budget by more than this
@@ -302,6 +293,8 @@ def _weight_terms(dims: Dims, s: Setup, trainable: int) -> list[Term]:
 
 def _state_terms(s: Setup, Nt: int) -> list[Term]:
     """Gradients, fp32 master copy, AdamW moments of the Nt trainable params; the ZeRO gradient bucket."""
+    from longext.engine import reduce_bucket  # the buffer the engine configures; engine imports torch: lazily
+
     D, a = s.gpus, _bytes(s)
     grad_div, state_div = (D if s.zero_stage >= 2 else 1), (D if s.zero_stage >= 1 else 1)
     master = 4 if s.precision == "bf16" or s.zero_stage >= 1 else 0  # fp32 runs copy only inside a ZeRO optimizer
@@ -649,18 +642,6 @@ def gib(x: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------ report
-def plan_recipe(recipe, gpus: int = 1, budget: int | None = None, device: str = "cuda", full: bool = False):
-    """(Estimate, fixing switches or None) for a recipe, reading only the model config (longext.plan.resolve)."""
-    from longext.plan import resolve
-
-    resolved = resolve(recipe)
-    dims = Dims.from_config(resolved.model_config)
-    setup = resolve_auto(dims, setup_from_recipe(resolved.recipe, gpus, device, full))
-    est = estimate(dims, setup, budget)
-    switches = fixing_switches(dims, setup, budget) if budget is not None else []
-    return est, switches
-
-
 def render_plan(est: Estimate, switches, name: str = "") -> list:
     """rich renderables: the terms table, the total against the budget, the verdict and the switches."""
     from rich.table import Table

@@ -1,5 +1,5 @@
-"""Load the base model with the recipe's RoPE setting, add LoRA (or train every weight), and load any target
-for eval/export.
+"""Load the base model with the recipe's RoPE setting and add LoRA (or train every weight). Loading a trained run
+or any model for eval/export is longext.targets.
 
 Patch ladder (style.md §4.4): RoPE goes into the config before the weights load; method patches
 work on this model instance only.
@@ -7,35 +7,19 @@ work on this model instance only.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from longext.errors import LongextError
 from longext.materials import expand_path
-from longext.recipe import LoraSpec, Recipe, load_recipe
+from longext.recipe import LoraSpec, Recipe
 from longext.rope import RopeState, apply_rope_config, rope_state
 
 # Families whose attention uses transformers' standard rotary embedding + `apply_rotary_pos_emb`.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-@dataclass
-class Loaded:
-    """A model ready for evaluation, with what the report needs to know about it."""
-
-    model: Any  # PreTrainedModel or PeftModel, eval mode
-    tokenizer: Any
-    name: str
-    original_context: int
-    target_context: int | None
-    rope: dict
-    set_length: Callable[[int], None] = field(default=lambda length: None)
-    recipe: Recipe | None = None
 
 
 def quiet_libraries() -> None:
@@ -66,10 +50,10 @@ def load_model_config(path: str, field_name: str = "model.path"):
             f"{field_name}: no such model directory: {path!r} (for the offline SmolLM2 run `longext models prepare smollm2`)"
         )
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=_own_export(local))
+        config = AutoConfig.from_pretrained(path, trust_remote_code=is_own_export(local))
     except (OSError, ValueError) as err:
         raise LongextError(f"{field_name}: cannot load a model config from {path!r}: {str(err).splitlines()[0]}") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES and not _own_export(local):
+    if config.model_type not in SUPPORTED_MODEL_TYPES and not is_own_export(local):
         raise LongextError(
             f"{field_name}: model type {config.model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
@@ -77,7 +61,7 @@ def load_model_config(path: str, field_name: str = "model.path"):
     return config
 
 
-def _own_export(path: Path) -> bool:
+def is_own_export(path: Path) -> bool:
     """A model longext exported with its own modeling code (HARPE): its code is ours, so loading it
     with trust_remote_code is safe; nothing else gets that."""
     import json
@@ -155,91 +139,3 @@ def _training_mode(model, gradient_checkpointing: bool) -> None:
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-
-
-# ------------------------------------------------------------------------------------- targets
-def is_run_dir(path: Path) -> bool:
-    return (path / "recipe.yaml").is_file() and (path / "rope.json").is_file()
-
-
-def load_run_recipe(run_dir: Path) -> Recipe:
-    return load_recipe(run_dir / "recipe.yaml")
-
-
-def eval_dtype() -> torch.dtype:
-    """bf16 on GPUs that support it (a 7B model at 128k does not fit otherwise), fp32 on CPU."""
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-
-
-def load_target(target: Path, *, baseline: bool = False, dtype: torch.dtype | None = None) -> Loaded:
-    """A run directory (base + RoPE + adapter, or a full fine-tune's model/), its base model (`baseline=True`), or
-    any model directory. The model is on the GPU when there is one."""
-    loaded = _load_target(Path(target), baseline, dtype or eval_dtype())
-    if torch.cuda.is_available():
-        loaded.model.to("cuda")
-    return loaded
-
-
-def _load_target(target: Path, baseline: bool, dtype: torch.dtype) -> Loaded:
-    if not target.is_dir():
-        raise LongextError(f"TARGET: no such directory: {str(target)!r}")
-    if is_run_dir(target):
-        recipe = load_run_recipe(target)
-        if baseline:
-            return _load_plain(Path(expand_path(recipe.model.path)), name="base", dtype=dtype, recipe=recipe)
-        return _load_run(target, recipe, dtype)
-    if baseline:
-        raise LongextError(f"--baseline: {str(target)!r} is not a run directory, so it has no base model to compare with")
-    return _load_plain(target, name=target.name, dtype=dtype)
-
-
-def _load_run(run_dir: Path, recipe: Recipe, dtype: torch.dtype) -> Loaded:
-    """Base + RoPE state + adapter; a full fine-tune's weights in the base's config with the RoPE state instead.
-    The method's inference patches (eval_setup) go onto either the same way."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    state = RopeState.from_json(json.loads((run_dir / "rope.json").read_text()))
-    full = recipe.train.full_finetune
-    adapter = run_dir / "adapter"
-    if full and not (run_dir / "model" / "config.json").is_file():
-        raise LongextError(
-            f"TARGET: {run_dir} has no trained weights yet (train it, or resume with `longext train --resume`)"
-        )
-    if not full and not (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").is_file():
-        raise LongextError(f"TARGET: {run_dir} has no finished adapter yet (train it, or resume with `longext train --resume`)")
-    config = load_model_config(recipe.model.path)
-    apply_rope_config(config, state)
-    model = AutoModelForCausalLM.from_pretrained(  # model/config.json is ignored: it may carry training-time patches
-        run_dir / "model" if full else expand_path(recipe.model.path), config=config, dtype=dtype,
-        attn_implementation=attn_implementation(recipe.model.attn_implementation),
-    )
-    if not full and (adapter / "adapter_config.json").is_file():
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
-    from longext.methods import eval_setup
-
-    return Loaded(
-        set_length=eval_setup(model, state),
-        model=model, tokenizer=load_tokenizer(expand_path(recipe.model.path)), name=recipe.name,
-        original_context=state.original_context, target_context=state.target_len, rope=state.parameters, recipe=recipe,
-    )
-
-
-def _load_plain(path: Path, name: str, dtype: torch.dtype, recipe: Recipe | None = None) -> Loaded:
-    from transformers import AutoModelForCausalLM
-
-    from longext.rope import original_context
-
-    config = load_model_config(str(path), "TARGET" if recipe is None else "model.path")
-    model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, attn_implementation="sdpa", trust_remote_code=_own_export(path)
-    ).eval()
-    written = (getattr(config, "longext", None) or {}).get("original_context")  # an export says what L0 was
-    L0 = original_context(config, recipe.model.original_context if recipe else written)
-    return Loaded(
-        model=model, tokenizer=load_tokenizer(str(path)), name=name, original_context=L0,
-        target_context=None if recipe else (getattr(config, "longext", None) or {}).get("target_len", config.max_position_embeddings),
-        rope=dict(config.rope_parameters or {}),
-        recipe=recipe,
-    )

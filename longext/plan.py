@@ -82,3 +82,15 @@ def describe_plan(recipe: Recipe) -> str:
         f"# run directory: {recipe.run_dir}",
     ]
     return "\n".join(parts)
+
+
+def plan_recipe(recipe: Recipe, gpus: int = 1, budget: int | None = None, device: str = "cuda", full: bool = False):
+    """`longext plan`: (Estimate, fixing switches or None) for a recipe, reading only the model config."""
+    from longext.memplan import Dims, estimate, fixing_switches, resolve_auto, setup_from_recipe
+
+    resolved = resolve(recipe)
+    dims = Dims.from_config(resolved.model_config)
+    setup = resolve_auto(dims, setup_from_recipe(resolved.recipe, gpus, device, full))
+    est = estimate(dims, setup, budget)
+    switches = fixing_switches(dims, setup, budget) if budget is not None else []
+    return est, switches

@@ -27,7 +27,7 @@ import torch
 from longext.errors import LongextError
 from longext.outputs import check_writable, share_folder, umask
 from longext.recipe import load_yaml
-from longext.recipe import Recipe, dump_recipe
+from longext.recipe import Recipe, dump_recipe, load_recipe
 
 # Fields a resumed run may change without invalidating its checkpoints.
 RESUMABLE_CHANGES = ("train.steps", "train.save_every", "train.log_every", "train.keep_checkpoints", "eval", "output", "description")
@@ -40,6 +40,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
     os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; the file should read like any other the user writes
     os.replace(tmp, path)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "recipe.yaml").is_file() and (path / "rope.json").is_file()
+
+
+def load_run_recipe(run_dir: Path) -> Recipe:
+    return load_recipe(run_dir / "recipe.yaml")
 
 
 def _holds_a_run(path: Path) -> bool:

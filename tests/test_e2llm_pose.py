@@ -31,7 +31,7 @@ def test_e2llm_run_records_its_scales_and_rule(e2llm_run):
 
 
 def test_eval_applies_the_inference_rule_per_length(e2llm_run):
-    from longext.models import load_target
+    from longext.targets import load_target
     from longext.rotary import ScaledRotary
 
     loaded = load_target(e2llm_run)
@@ -46,7 +46,7 @@ def test_export_writes_standard_pi_for_the_chosen_window(e2llm_run, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from longext.export import run_export
-    from longext.models import load_target
+    from longext.targets import load_target
 
     with pytest.raises(LongextError, match="--length: an E2-LLM run serves any window"):
         run_export(e2llm_run, tmp_path / "none")

@@ -133,7 +133,7 @@ def linear_run(tmp_path_factory, tiny_model_dir, corpus_dir):
 
 
 def test_eval_loads_the_trained_weights_with_the_rope_state(linear_run, corpus_dir, tmp_path):
-    from longext.models import load_target
+    from longext.targets import load_target
 
     loaded = load_target(linear_run, dtype=torch.float32)
     assert loaded.model.config.rope_parameters["rope_type"] == "linear" and loaded.target_context == 256
@@ -195,7 +195,7 @@ torch.save({"logits": logits, "refused": refused, "longgen": dict(model.config.l
 
 def test_longgen_full_run_exports_its_modeling_code(tmp_path, tiny_model_dir, corpus_dir):
     from longext.export import run_export
-    from longext.models import load_target
+    from longext.targets import load_target
 
     run = train(full_recipe(tmp_path, tiny_model_dir, corpus_dir, "lg", method=LONGGEN,
                             rope={"kind": "none", "theta": 5.0e4}, data={"seq_len": "auto"},
@@ -222,7 +222,7 @@ def test_e2llm_full_run_evaluates_with_its_rule_and_exports_one_window(tmp_path,
 
     from longext.errors import LongextError
     from longext.export import run_export
-    from longext.models import load_target
+    from longext.targets import load_target
     from longext.rotary import ScaledRotary
 
     run = train(full_recipe(tmp_path, tiny_model_dir, corpus_dir, "e2", method={"kind": "e2llm", "target_len": 512},

@@ -197,7 +197,7 @@ def test_run_records_its_bases_and_trains_at_the_target_length(harpe_run):
 
 def test_eval_loads_the_run_with_its_bases(harpe_run, corpus_dir):
     from longext.evaluate.perplexity import document_token_ids, perplexity_at_lengths
-    from longext.models import load_target
+    from longext.targets import load_target
     from longext.recipe import PerplexitySpec
     from longext.rotary import ScaledRotary
 
@@ -272,7 +272,7 @@ torch.save({"logits": logits, "sequences": gen.sequences, "steps": torch.stack(g
 
 def test_export_reloads_in_a_fresh_process_without_longext(harpe_run, tmp_path):
     from longext.export import run_export
-    from longext.models import load_target
+    from longext.targets import load_target
 
     out = tmp_path / "model"
     result = run_export(harpe_run, out)

@@ -206,7 +206,7 @@ def first_batch_loss(run_dir: Path, longgen: bool) -> float:
 
 
 def test_eval_loads_the_run_with_its_sparse_layout(longgen_run):
-    from longext.models import load_target
+    from longext.targets import load_target
 
     loaded = load_target(longgen_run, dtype=torch.float32)
     ids = tokens(200)  # longer than sink + window, so the sparse layer drops keys
@@ -251,7 +251,7 @@ torch.save({"logits": logits, "sequences": gen.sequences, "steps": torch.stack(g
 
 def test_export_reloads_in_a_fresh_process_and_generates_with_the_pruned_cache(longgen_run, tmp_path):
     from longext.export import run_export
-    from longext.models import load_target
+    from longext.targets import load_target
 
     out = tmp_path / "model"
     result = run_export(longgen_run, out)
@@ -295,7 +295,7 @@ def test_export_reloads_in_a_fresh_process_and_generates_with_the_pruned_cache(l
 
 # ------------------------------------------------------------------------------------------- bench
 def test_bench_cases_pair_each_measurement_with_an_all_full_twin():
-    from longext.bench.longgen import longgen_cases
+    from longext.bench.suites import longgen_cases
 
     quick, full = longgen_cases(quick=True), longgen_cases(quick=False)
     for cases in (quick, full):
@@ -313,7 +313,8 @@ def test_bench_cases_pair_each_measurement_with_an_all_full_twin():
 
 
 def test_bench_kv_bytes_after_prefill_follow_the_formula_on_the_toy_base():
-    from longext.bench.longgen import TOY_SPARSE, prefill_case
+    from longext.bench.longgen import prefill_case
+    from longext.bench.suites import TOY_SPARSE
 
     case = {"model": "toy", "length": 1024, "sparse": TOY_SPARSE, "repeats": 1}
     hybrid, full = (prefill_case({**case, "arm": arm}) for arm in ("longgen", "full"))

@@ -344,7 +344,7 @@ def test_analyze_ranks_the_planted_token_type_first_and_is_deterministic(tmp_pat
 
 def test_logit_change_selection_keeps_sentences_with_top_types(tmp_path, tiny_tokenizer):
     from longext.errors import LongextError
-    from longext.longrecipe.analysis import FORMAT, load_impactful
+    from longext.longrecipe.selection import FORMAT, load_impactful
 
     ranked = [{"id": i, "text": "", "count": 1, "delta": 10.0 - i, "mean": 0.0} for i in range(10)]
     path = tmp_path / "a.json"
@@ -385,7 +385,7 @@ def test_dry_run_shows_the_enlarged_base(tmp_path, tiny_model_dir, corpus_dir):
 
 
 def test_logit_change_mode_builds_samples_from_the_analysis_file(tmp_path, tiny_model_dir, tiny_tokenizer, corpus_dir):
-    from longext.longrecipe.analysis import FORMAT
+    from longext.longrecipe.selection import FORMAT
     from longext.longrecipe.data import build_longrecipe_data
     from longext.plan import resolve
 

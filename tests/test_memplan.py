@@ -175,7 +175,7 @@ def tiny_recipe(tmp_path, tiny_model_dir, corpus_dir):
 def test_plan_prints_the_terms_and_the_verdict(capsys, tiny_recipe):
     import re
 
-    from longext.memplan import plan_recipe
+    from longext.plan import plan_recipe
     from longext.recipe import load_recipe
 
     # the tiny model's estimate is ~1 GiB (the stated fixed overhead): 80 GB fits, 0.5 GiB does not
@@ -266,7 +266,8 @@ def test_the_benchmarks_page_compares_measured_peaks_with_the_plan():
 
 
 def test_train_refusal_names_the_switch_that_would_fit(capsys, tiny_recipe, monkeypatch):
-    from longext.memplan import device_budget, plan_recipe
+    from longext.memplan import device_budget
+    from longext.plan import plan_recipe
     from longext.recipe import load_recipe
 
     device = device_budget()[0]  # what train will plan for: cuda on a GPU machine, else cpu
@@ -466,7 +467,7 @@ def test_the_gradient_bucket_is_what_deepspeed_allocates_capped_at_the_trainable
     3,584 elements, not 5e8 (0.93 GiB in bf16), and the plan's term is that buffer on GPU and CPU alike. Full
     fine-tuning of a large model keeps DeepSpeed's 5e8."""
     from longext.engine import deepspeed_config, init_distributed, make_engine
-    from longext.memplan import REDUCE_BUCKET
+    from longext.engine import REDUCE_BUCKET
     from longext.recipe import TrainSpec
 
     init_distributed()

@@ -75,7 +75,8 @@ def stage_lengths(recipe, original: int | None) -> list[tuple[int, int]]:
 
 def load_case_model(case: dict, out_dir: Path):
     """(Loaded, training figures or {}) for the case: trains first when case["train"]."""
-    from longext.models import Loaded, build_model, load_target, load_tokenizer, quiet_libraries
+    from longext.models import build_model, load_tokenizer, quiet_libraries
+    from longext.targets import Loaded, load_target
     from longext.recipe import validate_recipe
 
     quiet_libraries()

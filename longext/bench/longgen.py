@@ -7,6 +7,8 @@ the same run, as ratios.
 - passkey cases (model cases of longext.bench.cases): a LongGen run and an all-full run of the toy base
   trained with the same recipe, steps and tokens, evaluated at the same lengths.
 
+The case lists are in longext.bench.suites (longgen_cases), like every suite's.
+
     python -m longext.bench.longgen '<case json>'
 prints one JSON line.
 """
@@ -22,62 +24,6 @@ import sys
 import time
 
 import torch
-
-# Sparse settings per model [choice]: the toy sees a budget of L0 (4 sinks + 124), 1/8 of its 1024 target;
-# SmolLM2 64 sinks + 960 = 1k, 1/16 of 16k (the paper keeps about 2k of 128k, 1/64; 1/16 gives its reported
-# 62 % KV saving with a third of the layers full). Both: the middle third of the layers full.
-TOY_SPARSE = {"type": "attn_sink", "sink_tokens": 4, "window": 124}
-SMOL_SPARSE = {"type": "attn_sink", "sink_tokens": 64, "window": 960}
-TOY_THETA = 2.0e5  # ABF for 128 -> 1024, both arms: 2 x the toy base (1e5; it was 20 x the first base)
-ARMS = ("longgen", "full")
-
-
-def longgen_cases(quick: bool) -> list[dict]:
-    from longext.bench.suites import SMOL_TARGET, TOY_DIR, TOY_TARGET, toy_checksum
-
-    checksum = toy_checksum(TOY_DIR)
-    cases = []
-    settings = [("toy", TOY_TARGET, TOY_SPARSE, 3 if quick else 10)]
-    if not quick:  # SmolLM2 at 16k: minutes per full-attention prefill and step on 2 cores
-        settings.append(("smollm2", SMOL_TARGET, SMOL_SPARSE, 1))
-    for model, length, sparse, repeats in settings:
-        for measure in ("prefill", "train"):
-            for arm in ARMS:
-                case = {"kind": "longgen", "name": f"longgen-{model}-{measure}-{arm}", "measure": measure,
-                        "model": model, "length": length, "arm": arm, "sparse": sparse, "repeats": repeats,
-                        "gradient_checkpointing": model == "smollm2", "tiled_loss": model == "smollm2"}
-                if model == "toy":
-                    case["toy_base"] = checksum
-                cases.append(case)
-    return cases + passkey_cases(quick, checksum)
-
-
-def passkey_cases(quick: bool, checksum: str) -> list[dict]:
-    """LongGen vs all-full on the toy base, same recipe except the method block (same optimizer and budget)."""
-    from longext.bench.suites import TOY_DIR, TOY_TARGET, toy_eval_settings, toy_finetune, toy_recipe
-
-    settings, train = toy_eval_settings(quick, quick_windows=4), toy_finetune(quick)
-    rope = {"kind": "none", "theta": TOY_THETA}
-    methods = {
-        "longgen": ("LongGen (1 of 4 layers full, sinks 4 + window 124), ABF 2e5, fine-tuned at 1024",
-                    {"kind": "longgen", "target_len": TOY_TARGET, "sparse": TOY_SPARSE}),
-        "full": ("all layers full, ABF 2e5, fine-tuned at 1024", {"kind": "standard", "target_len": TOY_TARGET}),
-    }
-    return [
-        {"kind": "model", "name": f"longgen-toy-passkey-{arm}", "label": label, "train": True, "arm": arm,
-         "toy_base": checksum, "eval": settings,
-         "recipe": _with_retrieval({**toy_recipe(f"longgen-toy-{arm}", rope, train, TOY_DIR), "method": method})}
-        for arm, (label, method) in methods.items()
-    ]
-
-
-def _with_retrieval(recipe: dict) -> dict:
-    """Both arms fine-tune on books plus passkey documents (bench/retrieval.py): on books alone every toy
-    fine-tune lost retrieval, which would make the passkey comparison 0 against 0."""
-    from longext.bench.suites import TOY_DIR, toy_train_texts
-
-    return {**recipe, "data": {**recipe["data"], "train": toy_train_texts(TOY_DIR)}}
-
 
 # ---------------------------------------------------------------------------------------- FLOPs
 def flop_ratios(config: dict, sparse: dict, full_layers: int, length: int, checkpointing: bool) -> dict:

@@ -1,6 +1,6 @@
 """`longext eval TARGET`: check the flags, load the model(s), measure, write the report.
 
-Flow: `cli.eval_cmd → EvalRequest.from_cli → run_eval → {models.load_target, perplexity, passkey, niah,
+Flow: `cli.eval_cmd → EvalRequest.from_cli → run_eval → {targets.load_target, perplexity, passkey, niah,
 report.write_report}`. The eval settings start from the run's recipe `eval:` section (or the
 defaults), then `--set` overrides, then the flags; every mistake is a one-line error naming the flag.
 """
@@ -171,7 +171,8 @@ def run_eval(request: EvalRequest) -> Path:
     from rich.console import Console
 
     from longext.evaluate.report import rich_table, write_report
-    from longext.models import load_target, quiet_libraries
+    from longext.models import quiet_libraries
+    from longext.targets import load_target
 
     quiet_libraries()
     documents = load_texts(request) if request.spec.perplexity.enabled else []

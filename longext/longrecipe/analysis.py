@@ -3,7 +3,7 @@ extended to long context (H') raises the logit of each true next token over the 
 
 For every position t of a few long windows, S(x_t | x_<t) is the final-layer logit of the true token; the change
 of a token type τ is Δ(τ) = Σ over occurrences of τ of [S_H'(x_t) - S_H(x_t)]. Types are ranked by Δ; the file
-`longext analyze` writes is read by `method.selection.mode: logit_change`, which keeps the sentences holding a
+`longext analyze` writes is read by `method.selection.mode: logit_change` (selection.load_impactful), which keeps the sentences holding a
 top-ranked type. (The paper then tallies part-of-speech tags of the top tokens and finds numerals; with no
 tagger offline we keep token types, which is the finer-grained form of the same signal.)
 """
@@ -11,14 +11,12 @@ tagger offline we keep token types, which is the finer-grained form of the same 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from longext.errors import LongextError
-
-FORMAT = "longext-logit-change/1"
+from longext.longrecipe.selection import FORMAT, is_analysis_file
 
 
 @torch.no_grad()
@@ -70,7 +68,8 @@ def run_analysis(base: Path, reference: Path, texts: list[str], length: int, sam
     from longext.data import load_documents, tokenize_documents
     from longext.longrecipe.selection import token_texts
     from longext.materials import resolve_texts
-    from longext.models import is_run_dir, load_target
+    from longext.rundir import is_run_dir
+    from longext.targets import load_target
     from longext.outputs import check_writable
     from longext.rundir import atomic_write_text
 
@@ -80,7 +79,7 @@ def run_analysis(base: Path, reference: Path, texts: list[str], length: int, sam
         if not is_run_dir(Path(path)) and not (Path(path) / "config.json").is_file():
             raise LongextError(f"{name}: {path} is neither a model directory (no config.json) nor a run directory")
     check_writable(out, "--out", folder=False)
-    if out.is_file() and not _is_analysis(out):
+    if out.is_file() and not is_analysis_file(out):
         raise LongextError(f"--out: {out} exists and is not a file written by `longext analyze`; choose another path")
     loaded = [load_target(Path(p)) for p in (base, reference)]
     sizes = [m.model.get_output_embeddings().weight.shape[0] for m in loaded]
@@ -100,31 +99,3 @@ def run_analysis(base: Path, reference: Path, texts: list[str], length: int, sam
     }
     atomic_write_text(out, json.dumps(report, indent=1) + "\n")
     return out
-
-
-def _is_analysis(path: Path) -> bool:
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(report, dict) and report.get("format") == FORMAT
-
-
-def load_impactful(path: str, top_fraction: float, tokenizer_size: int) -> set[int]:
-    """Ids of the top `top_fraction` of the ranked token types (at least one) of an analysis file."""
-    from longext.materials import expand_path
-
-    field = "method.selection.analysis"
-    try:
-        report = json.loads(Path(expand_path(path)).read_text())
-    except (OSError, ValueError) as err:
-        raise LongextError(f"{field}: cannot read {path}: {err}") from None
-    if not isinstance(report, dict) or report.get("format") != FORMAT:
-        raise LongextError(f"{field}: {path} is not a file written by `longext analyze` (format {FORMAT})")
-    if report["tokenizer_size"] != tokenizer_size:
-        raise LongextError(
-            f"{field}: {path} was made with a {report['tokenizer_size']}-token tokenizer, this model's has "
-            f"{tokenizer_size}"
-        )
-    ranked = report["ranking"]
-    return {r["id"] for r in ranked[: max(1, math.ceil(top_fraction * len(ranked)))]}

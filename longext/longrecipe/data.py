@@ -11,7 +11,9 @@ import torch
 
 from longext.data import Samples, TrainData, tokenize_documents, training_documents
 from longext.errors import LongextError
-from longext.longrecipe.selection import digit_ids, fill_samples, select_sentences, sentence_end_ids, split_sentences
+from longext.longrecipe.selection import (
+    digit_ids, fill_samples, load_impactful, select_sentences, sentence_end_ids, split_sentences,
+)
 from longext.longrecipe.selection import token_texts
 from longext.positions import longrecipe_positions
 
@@ -45,8 +47,6 @@ def impactful_ids(selection, texts: list[str]) -> set[int] | None:
     if selection.mode == "digits":
         return digit_ids(texts)
     if selection.mode == "logit_change":
-        from longext.longrecipe.analysis import load_impactful
-
         return load_impactful(selection.analysis, selection.top_fraction, len(texts))
     return None
 

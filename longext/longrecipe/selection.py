@@ -9,9 +9,16 @@ Decisions are drawn from a seeded generator, so the same recipe always selects t
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import torch
 
+from longext.errors import LongextError
+
 SENTENCE_END = (".", "?", "!")
+FORMAT = "longext-logit-change/1"  # the ranking file of `longext analyze` (longrecipe/analysis.py)
 
 
 def token_texts(tokenizer) -> list[str]:
@@ -68,3 +75,32 @@ def fill_samples(sentences: list[list[int]], seq_len: int) -> tuple[list[list[in
                 segments.append(segs)
                 row, segs = [], []
     return samples, segments
+
+
+def is_analysis_file(path: Path) -> bool:
+    """A file `longext analyze` wrote (its format tag), so --out may replace it."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("format") == FORMAT
+
+
+def load_impactful(path: str, top_fraction: float, tokenizer_size: int) -> set[int]:
+    """Ids of the top `top_fraction` of the ranked token types (at least one) of an analysis file."""
+    from longext.materials import expand_path
+
+    field = "method.selection.analysis"
+    try:
+        report = json.loads(Path(expand_path(path)).read_text())
+    except (OSError, ValueError) as err:
+        raise LongextError(f"{field}: cannot read {path}: {err}") from None
+    if not isinstance(report, dict) or report.get("format") != FORMAT:
+        raise LongextError(f"{field}: {path} is not a file written by `longext analyze` (format {FORMAT})")
+    if report["tokenizer_size"] != tokenizer_size:
+        raise LongextError(
+            f"{field}: {path} was made with a {report['tokenizer_size']}-token tokenizer, this model's has "
+            f"{tokenizer_size}"
+        )
+    ranked = report["ranking"]
+    return {r["id"] for r in ranked[: max(1, math.ceil(top_fraction * len(ranked)))]}

@@ -55,7 +55,7 @@ def merge_with_original(engine, run_dir: Path, weight_original: float, rank: int
     from safetensors.torch import load_file, save_file
 
     from longext.engine import gathered
-    from longext.models import load_run_recipe
+    from longext.rundir import load_run_recipe
 
     recipe = load_run_recipe(run_dir)
     if recipe.train.full_finetune:

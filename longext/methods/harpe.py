@@ -94,7 +94,7 @@ def write_harpe_code(folder, family: str, extra: dict) -> dict:
     if family not in modeling.EXPORT_CLASSES:
         have = ", ".join(modeling.EXPORT_CLASSES)
         raise LongextError(f"HARPE export: no modeling code for model type {family!r} (have {have})")
-    from longext.methods import remote_code_keys
+    from longext.methods.base import remote_code_keys
 
     keys = remote_code_keys(folder, modeling, *modeling.EXPORT_CLASSES[family])
     return {**keys, "head_rope_thetas": list(extra["bases"]), "head_rope_assign": extra["assign"]}

@@ -57,7 +57,7 @@ def method_plan(method, config):
     """Training: the hybrid layout on the model instance before LoRA is added."""
     import torch
 
-    from longext.methods import MethodPlan
+    from longext.methods.base import MethodPlan
 
     if method.kernel == "flex" and not torch.cuda.is_available():
         raise LongextError(
@@ -89,7 +89,7 @@ def write_longgen_code(folder, family: str, extra: dict) -> dict:
     modeling = _modeling()
     if family != "llama":
         raise LongextError(f"LongGen export: no modeling code for model type {family!r} (have llama)")
-    from longext.methods import remote_code_keys
+    from longext.methods.base import remote_code_keys
 
     keys = remote_code_keys(folder, modeling, modeling.LongGenLlamaConfig, modeling.LongGenLlamaForCausalLM)
     return {**keys, "longgen": dict(extra["longgen"])}

@@ -49,7 +49,7 @@ def method_plan(recipe):
     """Extension data (selected sentences, transformed positions), then the optional replay stage and merge."""
     from longext.longrecipe.data import build_longrecipe_data
     from longext.longrecipe.stages import build_replay_data, merge_with_original
-    from longext.methods import ExtraStage, MethodPlan
+    from longext.methods.base import ExtraStage, MethodPlan
 
     m = recipe.method
     replay = ExtraStage("replay", m.replay.steps, m.replay.lr, build_replay_data) if m.replay else None
