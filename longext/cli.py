@@ -86,9 +86,9 @@ def train(
 
 def _train(ctx: typer.Context, spec, dry_run: bool, resume: bool, nproc: int, hostfile: Optional[Path]) -> None:
     if dry_run:
-        from longext.plan import describe_plan
+        from longext.resolve import describe_resolved, resolve
 
-        _console().print(describe_plan(spec), markup=False)
+        _console().print(describe_resolved(resolve(spec)), markup=False)
         return
     if os.environ.get("WORLD_SIZE", "1") == "1":  # once, in the process the user started; a launch's ranks skip it
         if not hostfile:  # a hostfile's rank count is known only to the launcher; the ranks check it there
@@ -101,7 +101,7 @@ def _train(ctx: typer.Context, spec, dry_run: bool, resume: bool, nproc: int, ho
         _memory_check(spec, nproc)
     if nproc > 1 or hostfile:
         from longext.launch import relaunch
-        from longext.plan import resolve
+        from longext.resolve import resolve
         from longext.rundir import check_start
 
         # Every check a rank would make, made once here: one clear line instead of N ranks' tracebacks.
@@ -119,11 +119,11 @@ def _memory_check(spec, ranks: int) -> None:
     """`longext plan`'s estimate against this machine (GPU memory, or available RAM shared by the ranks)."""
     if spec.train.memory_check == "off":
         return
-    from longext.memplan import budget_problem, device_budget
-    from longext.plan import plan_recipe
+    from longext.plan import budget_problem, device_budget, plan_resolved
+    from longext.resolve import resolve
 
     device, budget = device_budget(ranks)
-    problem = budget_problem(*plan_recipe(spec, gpus=ranks, budget=budget, device=device))
+    problem = budget_problem(*plan_resolved(resolve(spec), gpus=ranks, budget=budget, device=device))
     if problem and spec.train.memory_check == "refuse":
         raise LongextError(problem)
     if problem:
@@ -144,8 +144,7 @@ def plan(
     """Per-device memory and step FLOPs of RECIPE from the model config alone (no weights); says whether it fits."""
     import json
 
-    from longext.memplan import parse_size, render_plan
-    from longext.plan import plan_recipe
+    from longext.plan import parse_size, plan_resolved, render_plan
     from longext.recipe import load_recipe, located
 
     problems = []
@@ -161,11 +160,13 @@ def plan(
         raise Problems(problems)
     spec = load_recipe(recipe, overrides or [])
     if budget is None:
-        from longext.memplan import default_budget
+        from longext.plan import default_budget
 
         budget = default_budget(cpu, gpus)
     try:
-        est, switches = plan_recipe(spec, gpus=gpus, budget=budget, device="cpu" if cpu else "cuda", full=full)
+        from longext.resolve import resolve
+
+        est, switches = plan_resolved(resolve(spec), gpus=gpus, budget=budget, device="cpu" if cpu else "cuda", full=full)
     except LongextError as err:
         raise located(recipe, err, overrides or []) from None
     if as_json:

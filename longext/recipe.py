@@ -700,7 +700,7 @@ def _longrecipe_checks(recipe: Recipe) -> list[tuple[str, str]]:
 
 def _longgen_checks(recipe: Recipe) -> list[tuple[str, str]]:
     """LongGen rules that need no model config; layer indices against the layer count are checked in
-    longext.methods.longgen.longgen_spec (plan.resolve, i.e. `train --dry-run` and the start of training)."""
+    longext.methods.longgen.longgen_spec (resolve.resolve, i.e. `train --dry-run` and the start of training)."""
     out, layers = [], recipe.method.layout.full_layers
     if layers != "auto":
         if any(i < 0 for i in layers):

@@ -156,7 +156,7 @@ def apply_sequence_parallel(model, lay: Layout, micro_batch_size: int) -> Layout
 
     config = model.config
     impl = config._attn_implementation
-    if impl not in ATTENTION_FOR_SP + METHOD_ATTENTION_FOR_SP:  # plan.resolve refuses eager earlier
+    if impl not in ATTENTION_FOR_SP + METHOD_ATTENTION_FOR_SP:  # resolve.resolve refuses eager earlier
         raise LongextError(f"model.attn_implementation: {impl} cannot run under sequence parallelism "
                            f"(allowed: {', '.join(ATTENTION_FOR_SP)})")
     shape = (lay.sp, micro_batch_size, config.num_attention_heads, config.num_key_value_heads,
@@ -285,7 +285,7 @@ def shard_batch(batch: dict, lay: Layout) -> dict:
     rope_scale) are kept whole. With sp == 1 the sequence is whole and only the shift is done."""
     labels = batch["labels"]
     length = labels.shape[1]
-    if length % lay.sp:  # plan.resolve refuses such lengths; a bug if it happens here
+    if length % lay.sp:  # resolve.resolve refuses such lengths; a bug if it happens here
         raise RuntimeError(f"sequence length {length} is not divisible by sequence_parallel {lay.sp}")
     n = length // lay.sp
     piece = slice(lay.sp_rank * n, (lay.sp_rank + 1) * n)

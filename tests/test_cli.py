@@ -379,7 +379,7 @@ def test_dry_run_prints_the_resolved_recipe_and_the_deepspeed_config(capsys, tmp
     deepspeed = json.loads(out.split("# DeepSpeed config", 1)[1].split("\n", 1)[1].split("\n# ", 1)[0])
     assert deepspeed["zero_optimization"]["stage"] == 2
     assert deepspeed["train_micro_batch_size_per_gpu"] == 1
-    # the reduce bucket is the LoRA's trainable count (memplan.reduce_bucket), which a training step would use
+    # the reduce bucket is the LoRA's trainable count (engine.reduce_bucket), which a training step would use
     assert 0 < deepspeed["zero_optimization"]["reduce_bucket_size"] < 1_000_000
     assert not run_dir.exists()  # a dry run writes nothing
 

@@ -107,7 +107,7 @@ def first_micro_batch(path, sampler) -> dict:
     from transformers import AutoTokenizer
 
     from longext.data import build_train_data
-    from longext.plan import resolve
+    from longext.resolve import resolve
 
     recipe = resolve(load_recipe(path)).recipe
     return build_train_data(recipe, AutoTokenizer.from_pretrained(recipe.model.path), sampler).micro_batch(0)

@@ -225,7 +225,7 @@ def test_first_logged_loss_is_the_stock_loss_with_the_groups_base(tmp_path, tiny
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from longext.data import build_train_data
-    from longext.plan import resolve
+    from longext.resolve import resolve
     from longext.train import run_training
 
     bases = [2.0e3, 2.0e5]

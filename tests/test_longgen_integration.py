@@ -190,7 +190,7 @@ def first_batch_loss(run_dir: Path, longgen: bool) -> float:
 
     from longext.data import build_train_data
     from longext.longgen.modeling_longext_longgen import LongGenSpec, apply_longgen
-    from longext.plan import resolve
+    from longext.resolve import resolve
     from longext.train import MODEL_INPUTS
 
     recipe = resolve(load_recipe(run_dir / "recipe.yaml")).recipe

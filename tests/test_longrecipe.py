@@ -137,7 +137,7 @@ def longrecipe_run(tmp_path_factory, tiny_model_dir, corpus_dir):
 def test_training_batches_carry_the_transformed_positions(tiny_model_dir, corpus_dir, tmp_path):
     from longext.longrecipe.data import build_longrecipe_data
     from longext.models import load_tokenizer
-    from longext.plan import resolve
+    from longext.resolve import resolve
 
     path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, method=LR, rope={"kind": "none"}, data={"seq_len": "auto"})
     recipe = resolve(load_recipe(path)).recipe
@@ -376,10 +376,10 @@ def test_resume_refuses_to_move_the_stage_boundary(staged_run):
 
 
 def test_dry_run_shows_the_enlarged_base(tmp_path, tiny_model_dir, corpus_dir):
-    from longext.plan import describe_plan
+    from longext.resolve import describe_resolved, resolve
 
     path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, method=STAGED, rope={"kind": "none"}, data={"seq_len": "auto"})
-    text = describe_plan(load_recipe(path))
+    text = describe_resolved(resolve(load_recipe(path)))
     assert f'"rope_theta": {static_ntk_base(10000.0, 4.0, 512, 128, 16)}' in text
     assert "seq_len: 154" in text and "lr: 0.0001" in text  # replay lr = train.lr / 10
 
@@ -387,7 +387,7 @@ def test_dry_run_shows_the_enlarged_base(tmp_path, tiny_model_dir, corpus_dir):
 def test_logit_change_mode_builds_samples_from_the_analysis_file(tmp_path, tiny_model_dir, tiny_tokenizer, corpus_dir):
     from longext.longrecipe.selection import FORMAT
     from longext.longrecipe.data import build_longrecipe_data
-    from longext.plan import resolve
+    from longext.resolve import resolve
 
     digits = sorted(digit_ids(token_texts(tiny_tokenizer)))
     ranked = [{"id": i, "text": "", "count": 1, "delta": 1.0, "mean": 1.0} for i in digits]

@@ -476,7 +476,7 @@ def test_fused_norm_model_gives_the_loss_and_lora_gradients_of_the_stock_model()
 def test_auto_switches_follow_the_per_rank_length(tmp_path, tiny_model_dir, corpus_dir):
     from helpers import write_recipe
 
-    from longext.plan import resolve
+    from longext.resolve import resolve
     from longext.recipe import load_recipe
     from longext.sp import AUTO_TILED_MLP_TOKENS, resolve_switches
 

@@ -194,7 +194,7 @@ def test_one_training_step_for_each_supported_family(tmp_path, corpus_dir, tiny_
     from transformers import AutoConfig, AutoTokenizer
 
     from longext.data import build_train_data
-    from longext.plan import resolve
+    from longext.resolve import resolve
 
     model_dir = tmp_path / arch
     # larger weights (as in test_e2llm_pose's peaked model): attention is peaked, so the RoPE moves the loss
@@ -319,7 +319,7 @@ def test_first_loss_with_two_padded_per_doc_rows_is_transformers_loss(tmp_path, 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from longext.data import build_train_data
-    from longext.plan import resolve
+    from longext.resolve import resolve
     from longext.train import MODEL_INPUTS
 
     corpus = tmp_path / "short"

@@ -202,7 +202,7 @@ if __name__ == "__main__":
 # ------------------------------------------------------------------------------------------ estimate
 def case_setup(case: dict):
     """The plan's Setup for a case: one CPU rank, fp32, sdpa, LoRA r8 on q/k/v/o (what `measure` runs)."""
-    from longext.memplan import Setup
+    from longext.plan import Setup
 
     return Setup(seq_len=case["seq_len"], device="cpu", precision="fp32", zero_stage=case["zero_stage"],
                  gradient_checkpointing=case["gradient_checkpointing"], tiled_loss=case.get("tiled_loss", False),
@@ -211,7 +211,7 @@ def case_setup(case: dict):
 
 
 def case_estimate(case: dict, model_config: dict):
-    """The plan's estimate for the case (memplan.Estimate); compare `total - fixed` with `measured_mb`."""
-    from longext.memplan import Dims, estimate
+    """The plan's estimate for the case (plan.Estimate); compare `total - fixed` with `measured_mb`."""
+    from longext.plan import Dims, estimate
 
     return estimate(Dims.from_config(model_config), case_setup(case))

@@ -440,7 +440,7 @@ def plot_suite(suite: str, doc: dict, folder: Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------- memory
 def memory_section(doc: dict) -> str:
     """Measured peak memory of a CPU training step against `longext plan`'s estimate for the same setup. The
-    estimate is computed here, with the current formulas (longext/memplan.py), from the case and its model config."""
+    estimate is computed here, with the current formulas (longext/plan/), from the case and its model config."""
     from longext.bench.memory import case_estimate
 
     lines = ["## Memory: `longext plan` against measured peak (CPU)", "", *_header(doc)]

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 from typing import Callable
 
-from longext.methods.base import MethodPlan
+from longext.methods.base import MethodSetup
 
 
-def plan_method(recipe, model_config=None) -> MethodPlan:
-    """The MethodPlan for a resolved recipe (L0, seq_len and g_max already filled in)."""
+def method_setup(recipe, model_config=None) -> MethodSetup:
+    """The MethodSetup for a resolved recipe (L0, seq_len and g_max already filled in)."""
     method = recipe.method
     match method.kind:
         case "standard":
-            return MethodPlan()
+            return MethodSetup()
         case "pose":
             from longext.methods.pose import pose_sampler
 
-            return MethodPlan(positions=pose_sampler(method.target_len, method.chunks), per_step=method.sample_scope == "step")
+            return MethodSetup(positions=pose_sampler(method.target_len, method.chunks), per_step=method.sample_scope == "step")
         case "e2llm":
             from longext.methods import e2llm
             from longext.rotary import apply_scaled_rotary
@@ -28,7 +28,7 @@ def plan_method(recipe, model_config=None) -> MethodPlan:
             sampler = e2llm.e2llm_sampler(
                 recipe.model.original_context, recipe.seq_len, method.g_max, method.scales, method.sink_tokens
             )
-            return MethodPlan(
+            return MethodSetup(
                 positions=sampler, apply=apply_scaled_rotary, before_forward=e2llm.before_forward,
                 per_step=method.sample_scope == "step",
             )
@@ -37,7 +37,7 @@ def plan_method(recipe, model_config=None) -> MethodPlan:
             from longext.models import load_model_config
 
             bases = head_bases(method, model_config or load_model_config(recipe.model.path))
-            return MethodPlan(apply=lambda model: apply_harpe(model, bases))
+            return MethodSetup(apply=lambda model: apply_harpe(model, bases))
         case "longrecipe":
             from longext.methods.longrecipe import method_plan
 

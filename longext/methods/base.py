@@ -1,4 +1,4 @@
-"""What a method hands the training loop (MethodPlan) and the helpers the method modules share."""
+"""What a method hands the training loop (MethodSetup) and the helpers the method modules share."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class ExtraStage:
 
 
 @dataclass(frozen=True)
-class MethodPlan:
+class MethodSetup:
     positions: PositionSampler = contiguous_positions
     apply: Callable = field(default=_no_patch)  # model -> None, before LoRA; changes this instance only
     before_forward: Callable = field(default=_no_hook)  # (model, batch) -> None, e.g. per-sample RoPE scale

@@ -57,7 +57,7 @@ def method_plan(method, config):
     """Training: the hybrid layout on the model instance before LoRA is added."""
     import torch
 
-    from longext.methods.base import MethodPlan
+    from longext.methods.base import MethodSetup
 
     if method.kernel == "flex" and not torch.cuda.is_available():
         raise LongextError(
@@ -65,7 +65,7 @@ def method_plan(method, config):
             "use auto or block here (got 'flex')"
         )
     spec = longgen_spec(method, config).to_dict()
-    return MethodPlan(apply=lambda model: apply_longgen_dict(model, spec))
+    return MethodSetup(apply=lambda model: apply_longgen_dict(model, spec))
 
 
 def apply_longgen_dict(model, spec: dict) -> None:

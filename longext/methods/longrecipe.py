@@ -49,7 +49,7 @@ def method_plan(recipe):
     """Extension data (selected sentences, transformed positions), then the optional replay stage and merge."""
     from longext.longrecipe.data import build_longrecipe_data
     from longext.longrecipe.stages import build_replay_data, merge_with_original
-    from longext.methods.base import ExtraStage, MethodPlan
+    from longext.methods.base import ExtraStage, MethodSetup
 
     m = recipe.method
     replay = ExtraStage("replay", m.replay.steps, m.replay.lr, build_replay_data) if m.replay else None
@@ -57,4 +57,4 @@ def method_plan(recipe):
     if m.merge:
         def merge(engine, run_dir, rank):
             merge_with_original(engine, run_dir, m.merge.weight_original, rank)
-    return MethodPlan(build_data=build_longrecipe_data, stage_name="extension", extra_stage=replay, finish=merge)
+    return MethodSetup(build_data=build_longrecipe_data, stage_name="extension", extra_stage=replay, finish=merge)

@@ -1,5 +1,5 @@
 """Resolve a recipe against the model's config.json (no weights): L0, RoPE state, `auto` values,
-the DeepSpeed config. Shared by `train --dry-run` and the start of every training run."""
+the DeepSpeed config. Shared by `train --dry-run`, `longext plan` and the start of every training run."""
 
 from __future__ import annotations
 
@@ -58,20 +58,19 @@ def resolve(recipe: Recipe) -> Resolved:
     return Resolved(resolved, state, config)
 
 
-def describe_plan(recipe: Recipe) -> str:
+def describe_resolved(resolved: Resolved) -> str:
     """What `train --dry-run` prints: the resolved recipe, the RoPE state and the DeepSpeed config."""
     from longext.engine import deepspeed_config
-    from longext.memplan import Dims, lora_params, setup_from_recipe
+    from longext.plan import Dims, lora_params, setup_from_recipe
 
-    resolved = resolve(recipe)
-    world = 1
+    recipe, world = resolved.recipe, 1
     # the trainable count sizes ZeRO's reduce bucket; from the config, as `longext plan` counts it
-    s = setup_from_recipe(resolved.recipe)
+    s = setup_from_recipe(recipe)
     dims = Dims.from_config(resolved.model_config)
     trainable = dims.params if s.full else lora_params(dims, s.lora_targets, s.lora_r, s.modules_to_save)
     parts = [
         "# resolved recipe",
-        dump_recipe(resolved.recipe).rstrip(),
+        dump_recipe(recipe).rstrip(),
         "",
         "# RoPE state written to the run directory and the exported config",
         json.dumps(resolved.rope.to_json(), indent=2),
@@ -82,15 +81,3 @@ def describe_plan(recipe: Recipe) -> str:
         f"# run directory: {recipe.run_dir}",
     ]
     return "\n".join(parts)
-
-
-def plan_recipe(recipe: Recipe, gpus: int = 1, budget: int | None = None, device: str = "cuda", full: bool = False):
-    """`longext plan`: (Estimate, fixing switches or None) for a recipe, reading only the model config."""
-    from longext.memplan import Dims, estimate, fixing_switches, resolve_auto, setup_from_recipe
-
-    resolved = resolve(recipe)
-    dims = Dims.from_config(resolved.model_config)
-    setup = resolve_auto(dims, setup_from_recipe(resolved.recipe, gpus, device, full))
-    est = estimate(dims, setup, budget)
-    switches = fixing_switches(dims, setup, budget) if budget is not None else []
-    return est, switches

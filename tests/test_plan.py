@@ -1,4 +1,4 @@
-"""`longext plan` (longext/memplan.py): its formulas against independent numbers (the real model's numel, peft's
+"""`longext plan` (longext/plan/): its formulas against independent numbers (the real model's numel, peft's
 trainable count, the bytes autograd really saves, DeepSpeed's own ZeRO-2 estimator), the directions every switch
 must move the estimate, the verdict and the fixing switches, and the CLI contract (`plan`, and `train` refusing
 before any weights load). CPU, seconds; nothing trains except the one `memory_check: warn` run."""
@@ -14,7 +14,7 @@ import torch
 
 from helpers import write_recipe
 from longext.cli import main
-from longext.memplan import (GiB, Dims, Setup, backward_moments, budget_problem, estimate, fixing_switches,
+from longext.plan import (GiB, Dims, Setup, backward_moments, budget_problem, estimate, fixing_switches,
                              layer_backward, lora_params, parse_size, step_flops)
 from longext.models import add_lora
 from longext.recipe import LoraSpec
@@ -175,7 +175,8 @@ def tiny_recipe(tmp_path, tiny_model_dir, corpus_dir):
 def test_plan_prints_the_terms_and_the_verdict(capsys, tiny_recipe):
     import re
 
-    from longext.plan import plan_recipe
+    from longext.plan import plan_resolved
+    from longext.resolve import resolve
     from longext.recipe import load_recipe
 
     # the tiny model's estimate is ~1 GiB (the stated fixed overhead): 80 GB fits, 0.5 GiB does not
@@ -186,7 +187,7 @@ def test_plan_prints_the_terms_and_the_verdict(capsys, tiny_recipe):
                 if len(cells := [c.strip() for c in line.split("│")[1:-1]]) >= 2}
         for name in ("weights", "trainable state", "kept activations", "fixed overhead", "total"):
             assert name in rows, out
-        est, _ = plan_recipe(load_recipe(tiny_recipe), gpus=2, budget=budget, device="cuda")
+        est, _ = plan_resolved(resolve(load_recipe(tiny_recipe)), gpus=2, budget=budget, device="cuda")
         total = f"{est.total / GiB:,.2f}"
         assert rows["total"] == total
         verdict = [line for line in out.splitlines() if line.startswith("total ")]
@@ -266,14 +267,15 @@ def test_the_benchmarks_page_compares_measured_peaks_with_the_plan():
 
 
 def test_train_refusal_names_the_switch_that_would_fit(capsys, tiny_recipe, monkeypatch):
-    from longext.memplan import device_budget
-    from longext.plan import plan_recipe
+    from longext.plan import device_budget
+    from longext.plan import plan_resolved
+    from longext.resolve import resolve
     from longext.recipe import load_recipe
 
     device = device_budget()[0]  # what train will plan for: cuda on a GPU machine, else cpu
     long = ["method.target_len=64k", "data.seq_len=64k"]
-    fixed, _ = plan_recipe(load_recipe(tiny_recipe, [*long, "train.gradient_checkpointing=true"]), device=device)
-    plain, _ = plan_recipe(load_recipe(tiny_recipe, long), device=device)
+    fixed, _ = plan_resolved(resolve(load_recipe(tiny_recipe, [*long, "train.gradient_checkpointing=true"])), device=device)
+    plain, _ = plan_resolved(resolve(load_recipe(tiny_recipe, long)), device=device)
     assert plain.total > 1.1 * fixed.total  # clearly over a budget the checkpointed run fits in
     monkeypatch.setenv("LONGEXT_MEMORY_BUDGET", str(fixed.total))
     code, _, err = run(capsys, "train", tiny_recipe, *(x for item in long for x in ("-s", item)))
@@ -385,7 +387,7 @@ def test_alsts_published_maxima_fit_80gb_with_the_fused_norm_alst_ran_them_with(
               checkpoint_offload=True, tiled_loss=True, tiled_mlp=True, **extra)
     stock, fused = (estimate(LLAMA3_8B, replace(s, fused_norm=f)).total for f in (False, True))
     assert fused < 0.75 * 80e9 < 80e9 < stock < 1.15 * 80e9
-    from longext.memplan import resolve_auto
+    from longext.plan import resolve_auto
 
     assert resolve_auto(LLAMA3_8B, replace(s, fused_norm="auto")).fused_norm is True
     assert resolve_auto(LLAMA3_8B, replace(s, seq_len=4096 * gpus, fused_norm="auto")).fused_norm is False
