@@ -25,8 +25,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +33,11 @@ import torch
 
 from longext import __version__
 from longext.errors import LongextError
-from longext.materials import expand_path
 from longext.models import load_model_config, quiet_libraries
 from longext.rundir import is_run_dir, load_run_recipe
 from longext.targets import load_target
 from longext.rope import RopeState, legacy_rope_keys
-from longext.outputs import check_writable, share_folder
+from longext.files import check_writable, expand_path, publish_folder, staging_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALLOWED_DTYPES = ("auto", "float32", "bfloat16")  # float16 only via auto, when the base model is float16
@@ -118,17 +115,12 @@ def run_export(run: Path, out: Path, force: bool = False, dtype: str = "auto", l
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # save_pretrained imports deepspeed, which warns without it
     merged = merge_run(run, state, dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    share_folder(tmp)
-    try:
+    with staging_folder(out) as tmp:
         write_export(merged, tmp, state)
         merged.model = None  # one model in memory at a time
         gc.collect()
         diff, artifact_diff = verify_export(tmp, state, merged)
         replaced = _publish(tmp, out, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(
         out_dir=out, max_abs_diff=diff, bound=result_bound(merged.dtype, merged.scale), merge_diff=merged.merge_diff,
         artifact_diff=artifact_diff, dtype=merged.dtype, logit_scale=merged.scale,
@@ -414,20 +406,10 @@ def reloaded_rope_parameters(params: dict | None) -> dict:
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> bool:
-    """Rename the verified temp dir to OUT; an old OUT is moved aside first and deleted last."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return False
-    replaced = any(out.iterdir())
+    """Rename the verified temp dir to OUT (an old OUT is deleted once the new one is in place); returns whether a
+    non-empty OUT was replaced."""
+    replaced = out.is_dir() and any(out.iterdir())
     if replaced and not force:  # created while we were working
         raise LongextError(f"--out: {out} exists; pass --force to replace it")
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-")) / "old"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        os.rename(old, out)
-        raise
-    finally:
-        shutil.rmtree(old.parent, ignore_errors=True)
+    publish_folder(tmp, out)
     return replaced

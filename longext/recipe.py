@@ -565,7 +565,7 @@ class Recipe(Section):
 
     @property
     def run_dir(self) -> Path:
-        from longext.materials import expand_path
+        from longext.files import expand_path
 
         return Path(expand_path(self.output.dir or f"runs/{self.name}"))
 

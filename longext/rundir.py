@@ -18,28 +18,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from longext.errors import LongextError
-from longext.outputs import check_writable, share_folder, umask
+from longext.files import check_writable, publish_folder, staging_folder, write_atomic, write_json
 from longext.recipe import load_yaml
 from longext.recipe import Recipe, dump_recipe, load_recipe
 
 # Fields a resumed run may change without invalidating its checkpoints.
 RESUMABLE_CHANGES = ("train.steps", "train.save_every", "train.log_every", "train.keep_checkpoints", "eval", "output", "description")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; the file should read like any other the user writes
-    os.replace(tmp, path)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -113,8 +103,8 @@ def _diff(a, b, prefix: str = "") -> list[str]:
 
 def write_start(run_dir: Path, recipe: Recipe, rope, start: int, total: int | None = None, stages: dict | None = None) -> None:
     """`total`: optimizer steps over all stages (default train.steps)."""
-    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
-    atomic_write_text(run_dir / "rope.json", json.dumps(rope.to_json(), indent=2) + "\n")
+    write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+    write_json(run_dir / "rope.json", rope.to_json())
     write_status(run_dir, "running", start, total or recipe.train.steps, 0, stages=stages)
 
 
@@ -135,7 +125,7 @@ def write_status(run_dir: Path, state: str, step: int, steps: int | None, rank: 
         status["reason"] = reason
     if stages:
         status["stages"] = stages
-    atomic_write_text(run_dir / "status.json", json.dumps(status, indent=2) + "\n")
+    write_json(run_dir / "status.json", status)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -195,12 +185,9 @@ def save_trained(engine, run_dir: Path, rank: int, full: bool = False) -> Path:
     final = run_dir / ("model" if full else "adapter")
     with gathered(engine, params):
         if rank == 0:
-            tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}."))
-            share_folder(tmp)
-            module.save_pretrained(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            with staging_folder(final) as tmp:
+                module.save_pretrained(tmp)
+                publish_folder(tmp, final)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return final

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from longext.errors import LongextError
-from longext.materials import expand_path
+from longext.files import expand_path
 from longext.models import attn_implementation, is_own_export, load_model_config, load_tokenizer
 from longext.recipe import Recipe
 from longext.rope import RopeState, apply_rope_config

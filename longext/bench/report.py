@@ -7,10 +7,12 @@ when the suite has not run); a suite without results keeps its section from `old
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
 from longext.bench.suites import SUITES
+from longext.files import write_atomic
 from longext.lengths import format_length
 
 TITLE = "# Benchmarks"
@@ -428,11 +430,10 @@ def plot_suite(suite: str, doc: dict, folder: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = folder / f"{suite}-{name}.png"
-        tmp = path.with_suffix(".tmp.png")
-        folder.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
-        tmp.replace(path)
+        write_atomic(path, png.getvalue())
         written.append(path)
     return written
 

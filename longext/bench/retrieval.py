@@ -12,7 +12,6 @@ materials cache and is rebuilt on demand, never committed.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -30,7 +29,8 @@ def ensure_retrieval_docs(texts: list[str], tokenizer_dir: Path) -> None:
     """Write every retrieval entry of a recipe's data.train that is not there yet (same name -> same bytes)."""
     import re
 
-    from longext.materials import book_files, expand_path
+    from longext.files import expand_path
+    from longext.materials import book_files
 
     for entry in texts:
         found = re.search(r"toy-retrieval-v(\d+)-(\d+)x(\d+)-(\d+)-s(\d+)\.jsonl$", entry)
@@ -46,6 +46,7 @@ def _write(path: Path, tokenizer_dir: Path, books: list[Path], docs: int, min_le
     from transformers import AutoTokenizer
 
     from longext.evaluate.passkey import filler_sentences, passkey_prompt, prompt_text
+    from longext.files import write_atomic
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     sentences = filler_sentences(" ".join(p.read_text()[:200_000] for p in books))
@@ -59,7 +60,4 @@ def _write(path: Path, tokenizer_dir: Path, books: list[Path], docs: int, min_le
         prompt = passkey_prompt(tokenizer, length - 4, key, depth, window)  # -4: room for the answer
         _, text = prompt_text(window, 0, prompt.sentences_before, prompt.sentences_after, key)
         lines.append(json.dumps({"text": f"{text} {key}."}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_atomic(path, "\n".join(lines) + "\n")

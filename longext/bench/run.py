@@ -22,6 +22,7 @@ from typing import Callable
 
 from longext.bench.suites import ALLOWED, SUITES, suite_cases
 from longext.errors import LongextError
+from longext.files import check_writable, write_atomic, write_json
 
 PACKAGE = Path(__file__).resolve().parents[1]
 # Rendering and orchestration do not change a case's numbers; suites.py changes show up in the case JSON.
@@ -51,20 +52,6 @@ def cached_result(path: Path, key: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return doc if doc.get("key") == key and doc.get("result") is not None else None
-
-
-def write_json(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=float) + "\n")
-    tmp.replace(path)
-
-
-def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------- cases
@@ -113,7 +100,7 @@ def run_cases(cases: list[dict], folder: Path, force: bool, source: str,
         # the machine may be shared: the 1-minute load average around the case says how much
         doc = {"key": key, "case": case, "result": result, "seconds": time.perf_counter() - began,
                "finished": _now(), "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-        write_json(path, doc)
+        write_json(path, doc, indent=1, default=float)
         log(f"[{i}/{len(cases)}] {case['name']}: done in {doc['seconds']:.0f}s")
         docs.append({**doc, "cached": False})
     return docs
@@ -132,7 +119,7 @@ def run_suite(suite: str, quick: bool, force: bool, out: Path, runner=execute, l
         doc.update(cases=case_docs, cached_cases=sum(d["cached"] for d in case_docs), complete=complete,
                    pending=[c["name"] for c in cases[len(case_docs):]],
                    wall_seconds=time.perf_counter() - began, finished=_now())
-        write_json(folder / "suite.json", doc)
+        write_json(folder / "suite.json", doc, indent=1, default=float)
 
     if suite == "toy":
         doc.update(toy_info())
@@ -189,7 +176,7 @@ def write_doc(out: Path, doc_path: Path) -> Path:
                 plot_suite(suite, doc, doc_path.parent / "bench")
             except ImportError:  # matplotlib is an extra; the tables do not need it
                 pass
-    write_text(doc_path, render(suites, old))
+    write_atomic(doc_path, render(suites, old))
     return doc_path
 
 
@@ -198,8 +185,6 @@ def run_bench(suite: str, quick: bool = False, force: bool = False, out: Path = 
     """Run `suite` (or all of them) and rewrite `doc`. Returns the doc path."""
     if suite not in ALLOWED:
         raise LongextError(f"SUITE: unknown benchmark suite {suite!r} (allowed: {', '.join(ALLOWED)})")
-    from longext.outputs import check_writable
-
     check_writable(Path(out), "--out")
     check_writable(Path(doc), "--doc", folder=False)
     for name in SUITES if suite == "all" else (suite,):

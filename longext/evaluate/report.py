@@ -20,10 +20,10 @@ import json
 import logging
 import os
 import platform
-import shutil
 from pathlib import Path
 
 from longext.errors import LongextError
+from longext.files import publish_folder, staging_folder
 from longext.lengths import format_length
 
 log = logging.getLogger(__name__)
@@ -302,21 +302,14 @@ def write_report(out_dir: Path, results: dict) -> Path:
     if not replaceable(out_dir):
         raise LongextError(f"--out: {out_dir} exists and is not a longext eval report; choose another directory")
     results = {**results, "machine": results.get("machine") or machine_info()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staging_folder(out_dir) as tmp:
         (tmp / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "eval.md").write_text(markdown(results))
         try:
             plot(results, tmp)
         except ImportError:  # matplotlib is an extra; the tables are still complete
             log.warning("matplotlib is not installed: no PNG plots")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _swap_in(tmp, out_dir)
+        publish_folder(tmp, out_dir)
     return out_dir
 
 
@@ -325,12 +318,3 @@ def replaceable(path: Path) -> bool:
     if not path.exists():
         return True
     return path.is_dir() and (not any(path.iterdir()) or (path / "eval.json").is_file())
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Rename tmp to out_dir; an older out_dir is moved aside first and deleted after."""
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)

@@ -155,7 +155,7 @@ def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[str, tuple[s
 
 def _check_out(out: Path) -> None:
     from longext.evaluate.report import replaceable
-    from longext.outputs import check_writable
+    from longext.files import check_writable
 
     if not replaceable(out):
         raise LongextError(f"--out: {out} exists and is not a longext eval report; choose another directory")

@@ -10,7 +10,6 @@ tagger offline we keep token types, which is the finer-grained form of the same 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -70,8 +69,7 @@ def run_analysis(base: Path, reference: Path, texts: list[str], length: int, sam
     from longext.materials import resolve_texts
     from longext.rundir import is_run_dir
     from longext.targets import load_target
-    from longext.outputs import check_writable
-    from longext.rundir import atomic_write_text
+    from longext.files import check_writable, write_json
 
     for name, path in (("BASE", base), ("REFERENCE", reference)):  # both, before any weights are loaded
         if not Path(path).is_dir():
@@ -97,5 +95,5 @@ def run_analysis(base: Path, reference: Path, texts: list[str], length: int, sam
         "length": length, "windows": len(windows), "tokens": int(count.sum()),
         "ranking": ranking(total, count, token_texts(tokenizer)),
     }
-    atomic_write_text(out, json.dumps(report, indent=1) + "\n")
+    write_json(out, report, indent=1)
     return out

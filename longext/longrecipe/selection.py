@@ -88,7 +88,7 @@ def is_analysis_file(path: Path) -> bool:
 
 def load_impactful(path: str, top_fraction: float, tokenizer_size: int) -> set[int]:
     """Ids of the top `top_fraction` of the ranked token types (at least one) of an analysis file."""
-    from longext.materials import expand_path
+    from longext.files import expand_path
 
     field = "method.selection.analysis"
     try:

@@ -11,15 +11,13 @@ unmerged model stays in model-tuned/.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from longext.data import TrainData, build_train_data
-from longext.outputs import share_folder
+from longext.files import expand_path, publish_folder, staging_folder
 
 WEIGHTS = "adapter_model.safetensors"
 LORA_UP = ("lora_B", "lora_embedding_B")
@@ -69,11 +67,10 @@ def merge_with_original(engine, run_dir: Path, weight_original: float, rank: int
             state = load_file(adapter / WEIGHTS)
             saved = {k: p.detach().cpu() for k, p in originals.items() if k in state}
             merged = merged_adapter_state(state, saved, weight_original)
-            tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".adapter-merged."))
-            share_folder(tmp)
-            shutil.copytree(adapter, tmp, dirs_exist_ok=True)
-            save_file(merged, str(tmp / WEIGHTS), metadata={"format": "pt"})
-            _swap_in(tmp, adapter, tuned)
+            with staging_folder(adapter) as tmp:
+                shutil.copytree(adapter, tmp, dirs_exist_ok=True)
+                save_file(merged, str(tmp / WEIGHTS), metadata={"format": "pt"})
+                publish_folder(tmp, adapter, previous=tuned)  # the tuned adapter stays in adapter-tuned/
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -85,28 +82,17 @@ def merge_full_with_original(run_dir: Path, base_path: str, weight_original: flo
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from longext.materials import expand_path
-
     if rank == 0:
         original = AutoModelForCausalLM.from_pretrained(expand_path(base_path), dtype=torch.float32).state_dict()
         model, tuned = run_dir / "model", run_dir / "model-tuned"
-        tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".model-merged."))
-        share_folder(tmp)
-        shutil.copytree(model, tmp, dirs_exist_ok=True)
-        for file in sorted(model.glob("*.safetensors")):
-            merged = {
-                key: (weight_original * original[key] + (1.0 - weight_original) * value.float()).to(value.dtype)
-                for key, value in load_file(file).items()
-            }
-            save_file(merged, str(tmp / file.name), metadata={"format": "pt"})
-        _swap_in(tmp, model, tuned)
+        with staging_folder(model) as tmp:
+            shutil.copytree(model, tmp, dirs_exist_ok=True)
+            for file in sorted(model.glob("*.safetensors")):
+                merged = {
+                    key: (weight_original * original[key] + (1.0 - weight_original) * value.float()).to(value.dtype)
+                    for key, value in load_file(file).items()
+                }
+                save_file(merged, str(tmp / file.name), metadata={"format": "pt"})
+            publish_folder(tmp, model, previous=tuned)  # the tuned model stays in model-tuned/
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _swap_in(merged: Path, final: Path, tuned: Path) -> None:
-    """The merged folder becomes `final`; what was there (the tuned weights) moves to `tuned`."""
-    if tuned.exists():
-        shutil.rmtree(tuned)
-    os.replace(final, tuned)
-    os.replace(merged, final)
