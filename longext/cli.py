@@ -249,7 +249,7 @@ def analyze(
 ) -> None:
     """LongRecipe's impactful-token analysis: rank token types by how much REFERENCE raises their logit over BASE."""
     from longext.lengths import parse_length
-    from longext.longrecipe.analysis import run_analysis
+    from longext.methods.longrecipe.analysis import run_analysis
 
     try:
         window = parse_length(length)

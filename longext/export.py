@@ -33,6 +33,7 @@ import torch
 
 from longext import __version__
 from longext.errors import LongextError
+from longext.methods import trained_method
 from longext.models import load_model_config, quiet_libraries
 from longext.rundir import is_run_dir, load_run_recipe
 from longext.targets import load_target
@@ -110,7 +111,8 @@ def run_export(run: Path, out: Path, force: bool = False, dtype: str = "auto", l
     the factor g its rule picks for that window); the exported config is then a standard one."""
     run, out = Path(run), Path(out)
     check_export_args(run, out, force, dtype)
-    state = serving_state(RopeState.from_json(json.loads((run / "rope.json").read_text())), length)
+    trained = RopeState.from_json(json.loads((run / "rope.json").read_text()))
+    state = trained_method(trained).serving_state(trained, length)  # E2-LLM: PI for the window asked for
     quiet_libraries()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # save_pretrained imports deepspeed, which warns without it
@@ -166,33 +168,6 @@ def check_trained(run: Path) -> None:
         raise LongextError(f"RUN: {adapter_config} is not valid JSON ({err}); resume training to rewrite it") from None
 
 
-def serving_state(state: RopeState, length: int | None) -> RopeState:
-    """The RoPE state to export: the trained one, or for E2-LLM the standard PI setting for `length`."""
-    import dataclasses
-
-    from longext.positions import e2llm_eval_scale
-
-    if state.extra.get("method") != "e2llm":
-        if length is not None and length != state.target_len:
-            raise LongextError(
-                f"--length: this run serves one window ({state.target_len}); --length applies to E2-LLM runs (got {length})"
-            )
-        return state
-    if length is None:
-        raise LongextError(
-            f"--length: an E2-LLM run serves any window up to about {state.target_len}; name the one to export, "
-            f"e.g. --length {state.target_len}"
-        )
-    g = e2llm_eval_scale(length, state.original_context, state.extra["eval_rule"])
-    params = {"rope_type": "linear", "factor": g, "rope_theta": state.parameters["rope_theta"]}
-    if g == 1.0:
-        params = {"rope_type": "default", "rope_theta": state.parameters["rope_theta"]}
-    return dataclasses.replace(
-        state, kind="linear", parameters=params, factor=g, target_len=length,
-        max_position_embeddings=max(length, state.original_context), extra={**state.extra, "served_length": length},
-    )
-
-
 def merge_run(run: Path, state: RopeState, dtype: str) -> Merged:
     """In-tool model (base + RoPE + adapter, float32) → reference logits → merged, checked, cast to the save dtype.
     A full fine-tune's in-tool model is already the model to write: no merge, merge_diff 0."""
@@ -201,7 +176,7 @@ def merge_run(run: Path, state: RopeState, dtype: str) -> Merged:
     recipe, in_tool = loaded.recipe, loaded.model
     full = recipe.train.full_finetune
     save_dtype = resolve_dtype(dtype, recipe.model.path)
-    if not is_longgen(state):  # LongGen's registered function already sends its full layers to SDPA
+    if not trained_method(state).own_attention:  # LongGen's registered function already sends full layers to SDPA
         (in_tool if full else in_tool.get_base_model()).set_attn_implementation("sdpa")  # as the reloaded side
     probes = build_probes(in_tool.config.vocab_size, state, sum(p.numel() for p in in_tool.parameters()))
     reference = probe_logits(in_tool, probes)
@@ -317,30 +292,17 @@ def write_export(merged: Merged, folder: Path, state: RopeState) -> None:
     config.update(export_config_keys(state))
     config["dtype"] = merged.dtype
     config["longext"] = merged.longext
-    if is_harpe(state):  # per-head bases: custom modeling code next to the weights, wired through auto_map
-        from longext.methods.harpe import write_harpe_code
-
-        config.update(write_harpe_code(folder, config["model_type"], state.extra))
-    if is_longgen(state):  # sparse layers: LongGen modeling code next to the weights, wired through auto_map
-        from longext.methods.longgen import write_longgen_code
-
-        config.update(write_longgen_code(folder, config["model_type"], state.extra))
+    method = trained_method(state)
+    if method.export_code:  # HARPE, LongGen: their modeling code next to the weights, wired through auto_map
+        config.update(method.export_code(folder, config["model_type"], state.extra))
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def is_harpe(state: RopeState) -> bool:
-    return state.extra.get("method") == "harpe"
-
-
-def is_longgen(state: RopeState) -> bool:
-    return state.extra.get("method") == "longgen"
 
 
 def export_config_keys(state: RopeState) -> dict:
     """Both key styles: `rope_parameters` for transformers 5, `rope_theta` + `rope_scaling` for the rest.
     max_position_embeddings stays L0 for dynamic (raising it switches the scaling off, design.md §4).
-    HARPE: no legacy keys (no older consumer can run per-head bases; a lone rope_theta would mislead)."""
-    if is_harpe(state):
+    A method may leave the legacy keys out (HARPE: no older consumer can run per-head bases)."""
+    if not trained_method(state).legacy_rope_keys:
         return {"rope_parameters": dict(state.parameters), "max_position_embeddings": state.max_position_embeddings}
     return {
         "rope_parameters": dict(state.parameters),
@@ -354,18 +316,12 @@ def verify_export(folder: Path, state: RopeState, merged: Merged) -> tuple[float
     """Reload `folder` with plain transformers in float32; (max |Δlogit| vs in-tool, vs merged) or LongextError."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    remote = is_harpe(state) or is_longgen(state)  # the modeling code written next to the weights
+    method = trained_method(state)
+    remote = method.export_code is not None  # the modeling code written next to the weights
     config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
-    if is_longgen(state) and dict(getattr(config, "longgen", None) or {}) != state.extra["longgen"]:
-        raise LongextError(
-            f"export check failed: the written config reloads with longgen={getattr(config, 'longgen', None)}; "
-            f"expected {state.extra['longgen']} (nothing was published)"
-        )
-    if is_harpe(state) and list(config.head_rope_thetas) != list(state.extra["bases"]):
-        raise LongextError(
-            f"export check failed: the written config reloads with head_rope_thetas={config.head_rope_thetas}; "
-            f"expected {state.extra['bases']} (nothing was published)"
-        )
+    problem = method.reload_check(config, state)
+    if problem:
+        raise LongextError(problem)
     got = reloaded_rope_parameters(config.rope_parameters)
     if got != state.parameters or config.max_position_embeddings != state.max_position_embeddings:
         raise LongextError(

@@ -121,17 +121,25 @@ ROPE_KINDS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
 
 
 # ---------------------------------------------------------------------------------------- method
-class StandardMethod(Section):
+class MethodSection(Section):
+    """What every method block answers: its default training length and its rules that span fields."""
+
+    def default_seq_len(self, original: int | None) -> int | None:
+        return self.target_len
+
+    def checks(self, recipe: "Recipe") -> list[tuple[str, str]]:
+        """Rules between this block and the rest of the recipe that need no model config: (field path, message)."""
+        return []
+
+
+class StandardMethod(MethodSection):
     """Plain fine-tuning with contiguous positions at data.seq_len, using the `rope` setting."""
 
     kind: Literal["standard"]
     target_len: Length = Field(description="L, the window the extended model must serve, in tokens.")
 
-    def default_seq_len(self, original: int | None) -> int | None:
-        return self.target_len
 
-
-class PoseMethod(Section):
+class PoseMethod(MethodSection):
     """PoSE (Zhu et al. 2023): train at a short window whose position ids skip ahead so they span target_len."""
 
     kind: Literal["pose"]
@@ -145,7 +153,7 @@ class PoseMethod(Section):
         return original  # R = L0: the paper trains at the original window
 
 
-class E2LLMMethod(Section):
+class E2LLMMethod(MethodSection):
     """E2-LLM (Liu et al. 2024): train at L0 with a random PI scale g and offset t per sample; serve any window
     up to about g_max * L0 with PI factor g chosen from the length at inference."""
 
@@ -168,6 +176,14 @@ class E2LLMMethod(Section):
 
     def resolved_g_max(self, original: int) -> int:
         return self.g_max if self.g_max != "auto" else max(1, -(-self.target_len // original))
+
+    def checks(self, recipe: "Recipe") -> list[tuple[str, str]]:
+        out = []
+        if recipe.rope.kind != "none":
+            out.append(("rope.kind", f"E2-LLM brings its own position interpolation; use rope.kind none (got {recipe.rope.kind!r})"))
+        if self.scales and any(g < 1 for g in self.scales):
+            out.append(("method.scales", f"every scale is >= 1 (got {self.scales})"))
+        return out
 
 
 class TableBases(Section):
@@ -214,7 +230,7 @@ class ExplicitBases(Section):
 HarpeBases = Annotated[Union[TableBases, UniformBases, PeakValleyBases, ExplicitBases], Field(discriminator="kind")]
 
 
-class HarpeMethod(Section):
+class HarpeMethod(MethodSection):
     """HARPE (Lian et al. 2024): a RoPE base per attention head (per key/value group with GQA), trained once,
     directly at target_len."""
 
@@ -232,6 +248,24 @@ class HarpeMethod(Section):
 
     def default_seq_len(self, original: int | None) -> int | None:
         return self.target_len  # single stage, directly at the target length
+
+    def checks(self, recipe: "Recipe") -> list[tuple[str, str]]:
+        """HARPE sets the bases itself; checks on the base set that need no model config."""
+        out, bases = [], self.bases
+        if recipe.rope.kind != "none":
+            out.append(("rope.kind", f"HARPE sets a RoPE base per head itself; use rope.kind none (got {recipe.rope.kind!r})"))
+        elif recipe.rope.theta is not None:
+            out.append(("rope.theta", f"HARPE sets a RoPE base per head in method.bases; remove it (got {recipe.rope.theta:g})"))
+        if bases.kind in ("uniform", "peak_valley") and not bases.b_min < bases.b_max:
+            out.append(("method.bases.b_max", f"must be above b_min {bases.b_min:g} (got {bases.b_max:g})"))
+        if bases.kind == "peak_valley" and bases.b_min < bases.b_max and bases.stride > bases.b_max - bases.b_min:
+            span = bases.b_max - bases.b_min
+            out.append(("method.bases.stride", f"must be at most b_max - b_min = {span:g} (got {bases.stride:g})"))
+        if bases.kind == "explicit" and any(not b > 0 for b in bases.values):
+            out.append(("method.bases.values", f"every base is > 0 (got {bases.values})"))
+        if bases.kind == "table" and bases.rescale is not None and not 0 < bases.rescale[0] < bases.rescale[1]:
+            out.append(("method.bases.rescale", f"expected [low, high] with 0 < low < high (got {list(bases.rescale)})"))
+        return out
 
 
 class LongRecipeSelection(Section):
@@ -283,7 +317,7 @@ class LongRecipeMerge(Section):
     weight_original: float = Field(0.5, ge=0, le=1, description="w (paper: 0.5).")
 
 
-class LongRecipeMethod(Section):
+class LongRecipeMethod(MethodSection):
     """LongRecipe (Hu et al. 2024): train on selected sentences at a fraction of target_len with position ids that
     span target_len, and an enlarged RoPE base computed once from the target length."""
 
@@ -302,6 +336,25 @@ class LongRecipeMethod(Section):
 
     def default_seq_len(self, original: int | None) -> int | None:
         return round(self.train_len_ratio * self.target_len)
+
+    def checks(self, recipe: "Recipe") -> list[tuple[str, str]]:
+        out = []
+        if recipe.rope.kind != "none":
+            out.append(("rope.kind", f"LongRecipe sets its own enlarged RoPE base (method.rope_factor, or rope.theta); "
+                                     f"use rope.kind none (got {recipe.rope.kind!r})"))
+        if isinstance(self.rope_factor, float) and self.rope_factor < 1.0:
+            out.append(("method.rope_factor", f"must be >= 1 (got {self.rope_factor})"))
+        if self.selection.mode == "logit_change" and self.selection.analysis is None:
+            out.append(("method.selection.analysis", "logit_change selection needs the file of `longext analyze` (got null)"))
+        if self.positions.gap_mode == "bounded" and self.positions.max_gap is None:
+            out.append(("method.positions.max_gap", "bounded gap mode needs max_gap (got null)"))
+        if self.replay and self.replay.seq_len != "auto" and self.replay.seq_len > self.target_len:
+            out.append(("method.replay.seq_len", f"must not exceed method.target_len {self.target_len} "
+                                                 f"(got {self.replay.seq_len})"))
+        if recipe.data.packing != "concat":
+            out.append(("data.packing", f"LongRecipe fills every sample with whole selected sentences; use concat "
+                                        f"(got {recipe.data.packing!r})"))
+        return out
 
 
 def _layer_indices(value: Any) -> Any:
@@ -349,7 +402,7 @@ class LongGenSparse(Section):
     )
 
 
-class LongGenMethod(Section):
+class LongGenMethod(MethodSection):
     """LongGen (Ge et al. 2024): about a third of the layers keep full attention, the rest use a static sparse pattern,
     and the hybrid is fine-tuned directly at target_len (one stage; the extension itself comes from `rope`,
     methods.md §6.3 suggests rope.kind none with theta 5e6 for Llama-2 4k -> 128k)."""
@@ -369,6 +422,17 @@ class LongGenMethod(Section):
 
     def default_seq_len(self, original: int | None) -> int | None:
         return self.target_len  # trained in its deployment architecture at the target length
+
+    def checks(self, recipe: "Recipe") -> list[tuple[str, str]]:
+        """LongGen rules that need no model config; layer indices against the layer count are checked in
+        longext.methods.longgen.longgen_spec (resolve.resolve, i.e. `train --dry-run` and the start of training)."""
+        out, layers = [], self.layout.full_layers
+        if layers != "auto":
+            if any(i < 0 for i in layers):
+                out.append(("method.layout.full_layers", f"layer indices are 0-based and >= 0 (got {layers})"))
+            if len(set(layers)) != len(layers):
+                out.append(("method.layout.full_layers", f"each layer at most once (got {layers})"))
+        return out
 
 
 MethodSpec = Annotated[
@@ -643,70 +707,10 @@ def cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
     factor = getattr(recipe.rope, "factor", None)
     if isinstance(factor, float) and factor < 1.0:
         out.append(("rope.factor", f"must be >= 1 (got {factor})"))
-    if recipe.method.kind == "e2llm" and recipe.rope.kind != "none":
-        out.append(("rope.kind", f"E2-LLM brings its own position interpolation; use rope.kind none (got {recipe.rope.kind!r})"))
-    if recipe.method.kind == "harpe":
-        out += _harpe_checks(recipe)
-    if recipe.method.kind == "longrecipe":
-        out += _longrecipe_checks(recipe)
-    if recipe.method.kind == "longgen":
-        out += _longgen_checks(recipe)
-    if getattr(recipe.method, "scales", None) and any(g < 1 for g in recipe.method.scales):
-        out.append(("method.scales", f"every scale is >= 1 (got {recipe.method.scales})"))
+    out += recipe.method.checks(recipe)
     for i, depth in enumerate(recipe.eval.passkey.depths):
         if not 0.0 <= depth <= 1.0:
             out.append((f"eval.passkey.depths.{i}", f"a depth is between 0 and 1 (got {depth})"))
-    return out
-
-
-def _harpe_checks(recipe: Recipe) -> list[tuple[str, str]]:
-    """HARPE sets the bases itself; checks on the base set that need no model config."""
-    out, bases = [], recipe.method.bases
-    if recipe.rope.kind != "none":
-        out.append(("rope.kind", f"HARPE sets a RoPE base per head itself; use rope.kind none (got {recipe.rope.kind!r})"))
-    elif recipe.rope.theta is not None:
-        out.append(("rope.theta", f"HARPE sets a RoPE base per head in method.bases; remove it (got {recipe.rope.theta:g})"))
-    if bases.kind in ("uniform", "peak_valley") and not bases.b_min < bases.b_max:
-        out.append(("method.bases.b_max", f"must be above b_min {bases.b_min:g} (got {bases.b_max:g})"))
-    if bases.kind == "peak_valley" and bases.b_min < bases.b_max and bases.stride > bases.b_max - bases.b_min:
-        span = bases.b_max - bases.b_min
-        out.append(("method.bases.stride", f"must be at most b_max - b_min = {span:g} (got {bases.stride:g})"))
-    if bases.kind == "explicit" and any(not b > 0 for b in bases.values):
-        out.append(("method.bases.values", f"every base is > 0 (got {bases.values})"))
-    if bases.kind == "table" and bases.rescale is not None and not 0 < bases.rescale[0] < bases.rescale[1]:
-        out.append(("method.bases.rescale", f"expected [low, high] with 0 < low < high (got {list(bases.rescale)})"))
-    return out
-
-
-def _longrecipe_checks(recipe: Recipe) -> list[tuple[str, str]]:
-    out, method = [], recipe.method
-    if recipe.rope.kind != "none":
-        out.append(("rope.kind", f"LongRecipe sets its own enlarged RoPE base (method.rope_factor, or rope.theta); "
-                                 f"use rope.kind none (got {recipe.rope.kind!r})"))
-    if isinstance(method.rope_factor, float) and method.rope_factor < 1.0:
-        out.append(("method.rope_factor", f"must be >= 1 (got {method.rope_factor})"))
-    if method.selection.mode == "logit_change" and method.selection.analysis is None:
-        out.append(("method.selection.analysis", "logit_change selection needs the file of `longext analyze` (got null)"))
-    if method.positions.gap_mode == "bounded" and method.positions.max_gap is None:
-        out.append(("method.positions.max_gap", "bounded gap mode needs max_gap (got null)"))
-    if method.replay and method.replay.seq_len != "auto" and method.replay.seq_len > method.target_len:
-        out.append(("method.replay.seq_len", f"must not exceed method.target_len {method.target_len} "
-                                             f"(got {method.replay.seq_len})"))
-    if recipe.data.packing != "concat":
-        out.append(("data.packing", f"LongRecipe fills every sample with whole selected sentences; use concat "
-                                    f"(got {recipe.data.packing!r})"))
-    return out
-
-
-def _longgen_checks(recipe: Recipe) -> list[tuple[str, str]]:
-    """LongGen rules that need no model config; layer indices against the layer count are checked in
-    longext.methods.longgen.longgen_spec (resolve.resolve, i.e. `train --dry-run` and the start of training)."""
-    out, layers = [], recipe.method.layout.full_layers
-    if layers != "auto":
-        if any(i < 0 for i in layers):
-            out.append(("method.layout.full_layers", f"layer indices are 0-based and >= 0 (got {layers})"))
-        if len(set(layers)) != len(layers):
-            out.append(("method.layout.full_layers", f"each layer at most once (got {layers})"))
     return out
 
 

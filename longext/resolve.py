@@ -21,40 +21,31 @@ def resolve(recipe: Recipe) -> Resolved:
 
     from longext.engine import resolve_precision
     from longext.errors import LongextError
-    from longext.methods import rope_extra
+    from longext.methods import method_for
     from longext.models import load_model_config
-    from longext.rope import rope_state
+    from longext.rope import original_context, rope_state
+    from longext.sp import check_parallel, resolve_switches
 
     config = load_model_config(recipe.model.path)
+    method = method_for(recipe.method.kind)
+    L0 = original_context(config, recipe.model.original_context)
+    recipe = method.resolve(recipe, config, L0)  # the method's own `auto`s: LongRecipe's enlarged base, E2-LLM's g_max
     state = rope_state(recipe, config)
-    L0 = state.original_context
-    if recipe.method.kind == "longrecipe":  # the method computes its enlarged base from L0 (methods.md §4.1.5)
-        from longext.methods.longrecipe import resolve_method
-
-        method, rope = resolve_method(recipe, config, L0)
-        recipe = recipe.model_copy(update={"method": method, "rope": rope})
-        state = rope_state(recipe, config)
     rope = recipe.rope
     if getattr(rope, "factor", None) == "auto":
         rope = rope.model_copy(update={"factor": state.factor})
     seq_len = recipe.data.seq_len if recipe.data.seq_len != "auto" else recipe.method.default_seq_len(L0)
     if seq_len > recipe.method.target_len:
         raise LongextError(f"data.seq_len: {seq_len} is longer than method.target_len {recipe.method.target_len}")
-    method = recipe.method
-    if getattr(method, "g_max", None) == "auto":
-        method = method.model_copy(update={"g_max": method.resolved_g_max(L0)})
     resolved = recipe.model_copy(update={
         "rope": rope,
-        "method": method,
         "data": recipe.data.model_copy(update={"seq_len": seq_len}),
         "model": recipe.model.model_copy(update={"original_context": L0}),
         "train": recipe.train.model_copy(update={"precision": resolve_precision(recipe.train.precision)}),
     })
-    from longext.sp import check_parallel, resolve_switches
-
-    check_parallel(resolved, config)  # heads, lengths and kernel against train.sequence_parallel, before any weights
+    check_parallel(resolved, config, method)  # heads, lengths and kernel against train.sequence_parallel, no weights
     resolved = resolved.model_copy(update={"train": resolve_switches(resolved.train, seq_len, config.vocab_size)})
-    state = dataclasses.replace(state, extra=rope_extra(resolved))
+    state = dataclasses.replace(state, extra=method.state(resolved, config))
     return Resolved(resolved, state, config)
 
 

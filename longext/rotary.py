@@ -9,7 +9,7 @@ exactly. With a scale g it feeds `position_ids / g` — fractions, never rounded
 
 With per-head bases (HARPE, `apply_scaled_rotary(model, bases=...)`) it returns cos/sin of shape
 [b, n, s, d], one set per key/value head, instead of the stock [b, s, d]; the attention modules must
-then be the HARPE ones (`longext.harpe.modeling_longext_harpe.swap_harpe_attention`), which rotate
+then be the HARPE ones (`longext.methods.harpe.modeling_longext_harpe.swap_harpe_attention`), which rotate
 each head with its group's set.
 """
 
@@ -38,7 +38,7 @@ class ScaledRotary(nn.Module):
                 scale = scale.to(position_ids.device, torch.float32).reshape(-1, 1)  # [b, 1] over [b, s]
             position_ids = position_ids.to(torch.float32) / scale
         if self.head_bases is not None:
-            from longext.harpe.modeling_longext_harpe import harpe_cos_sin, harpe_inv_freq
+            from longext.methods.harpe.modeling_longext_harpe import harpe_cos_sin, harpe_inv_freq
 
             # [n, d/2] recomputed per forward (negligible): no buffer for a dtype cast or a device move to round
             dim = 2 * self.inner.inv_freq.shape[-1]

@@ -60,8 +60,9 @@ class Layout:
 
 
 # ------------------------------------------------------------------------------------- validation
-def parallel_problems(recipe, config) -> list[str]:
-    """One line per way the recipe's sequence parallelism cannot work with this model config (no weights)."""
+def parallel_problems(recipe, config, method) -> list[str]:
+    """One line per way the recipe's sequence parallelism cannot work with this model config (no weights);
+    `method` (longext.methods.base.Method) names its training lengths and its own limits."""
     sp, out = recipe.train.sequence_parallel, []
     if sp == 1:
         return out
@@ -75,15 +76,11 @@ def parallel_problems(recipe, config) -> list[str]:
     elif kv % sp and sp % kv:
         out.append(f"train.sequence_parallel: {sp} and the model's {kv} key/value heads must divide one another "
                    f"(allowed: {fits})")
-    for field, length in _training_lengths(recipe):
-        if length % sp:
+    for field, length in method.training_lengths(recipe):
+        if isinstance(length, int) and length % sp:
             out.append(f"{field}: {length} tokens do not split evenly over train.sequence_parallel {sp} ranks "
                        f"(use a multiple of {sp}, e.g. {length - length % sp or sp})")
-    sparse = getattr(getattr(recipe.method, "sparse", None), "type", None)
-    if sparse == "block_sparse" and not recipe.method.sparse.homo_head:
-        out.append(f"method.sparse.homo_head: false (a pattern shifted per head) cannot run under "
-                   f"train.sequence_parallel {sp}: each rank holds heads/{sp} of the heads and would shift them as "
-                   f"heads 0..; use homo_head true or sequence_parallel 1")
+    out += method.parallel_problems(recipe, sp)
     impl = recipe.model.attn_implementation
     if impl not in ("auto", *ATTENTION_FOR_SP):
         out.append(f"model.attn_implementation: {impl} cannot run under train.sequence_parallel {sp} "
@@ -103,22 +100,13 @@ def world_problems(sp: int, world: int, launcher: str = "--nproc") -> list[str]:
     return []
 
 
-def check_parallel(recipe, config, world: int | None = None) -> None:
+def check_parallel(recipe, config, method, world: int | None = None) -> None:
     """Raise one error line per problem (exit 2) before any weights load."""
-    problems = parallel_problems(recipe, config)
+    problems = parallel_problems(recipe, config, method)
     if world is not None:
         problems += world_problems(recipe.train.sequence_parallel, world)
     if problems:
         raise Problems(problems)
-
-
-def _training_lengths(recipe) -> list[tuple[str, int]]:
-    out = [("data.seq_len", recipe.data.seq_len)]
-    replay = getattr(recipe.method, "replay", None)
-    if replay is not None and isinstance(replay.seq_len, int):
-        out.append(("method.replay.seq_len", replay.seq_len))
-    return [(f, n) for f, n in out if isinstance(n, int)]
-
 
 
 def auto_savers(tokens_per_rank: int, sequence_parallel: int, vocab: int) -> dict[str, bool]:

@@ -61,7 +61,7 @@ def _load_target(target: Path, baseline: bool, dtype: torch.dtype) -> Loaded:
 
 def _load_run(run_dir: Path, recipe: Recipe, dtype: torch.dtype) -> Loaded:
     """Base + RoPE state + adapter; a full fine-tune's weights in the base's config with the RoPE state instead.
-    The method's inference patches (eval_setup) go onto either the same way."""
+    The method's inference patches (its eval_hook) go onto either the same way."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -83,10 +83,10 @@ def _load_run(run_dir: Path, recipe: Recipe, dtype: torch.dtype) -> Loaded:
     if not full and (adapter / "adapter_config.json").is_file():
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
-    from longext.methods import eval_setup
+    from longext.methods import trained_method
 
     return Loaded(
-        set_length=eval_setup(model, state),
+        set_length=trained_method(state).eval_hook(model, state),
         model=model, tokenizer=load_tokenizer(expand_path(recipe.model.path)), name=recipe.name,
         original_context=state.original_context, target_context=state.target_len, rope=state.parameters, recipe=recipe,
     )

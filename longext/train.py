@@ -13,7 +13,7 @@ from longext import rundir
 from longext.data import build_train_data
 from longext.engine import init_distributed, lr_lambda, make_engine, release_zero3_linear
 from longext.errors import TrainingStopped
-from longext.methods import method_setup
+from longext.methods import method_for
 from longext.metrics import MetricsLog, StepProgress
 from longext.models import add_lora, apply_full_finetune, build_model, load_tokenizer, quiet_libraries
 from longext.resolve import resolve
@@ -43,7 +43,7 @@ def _run_training(recipe: Recipe, resume: bool) -> Path:
     lay = layout(rank, world, recipe.train.sequence_parallel)  # sp ranks share a sample: world / sp data groups
     torch.manual_seed(recipe.train.seed)
 
-    method = method_setup(recipe, resolved.model_config)
+    method = method_for(recipe.method.kind).setup(recipe, resolved.rope)
     t = recipe.train
     group = t.micro_batch_size * t.grad_accum * lay.dp if method.per_step else 1
     tokenizer = load_tokenizer(recipe.model.path)

@@ -12,8 +12,8 @@ from transformers import AutoConfig, LlamaConfig
 from conftest import build_tiny_model
 from helpers import losses, run_fresh, write_recipe
 from longext.errors import LongextError, RecipeError
-from longext.harpe import bases as hb
-from longext.harpe.modeling_longext_harpe import HARPE_ATTENTION, apply_harpe_rotary
+from longext.methods.harpe import bases as hb
+from longext.methods.harpe.modeling_longext_harpe import HARPE_ATTENTION, apply_harpe_rotary
 from longext.methods.harpe import apply_harpe, head_bases
 from longext.recipe import HarpeMethod, load_recipe
 

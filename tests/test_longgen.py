@@ -12,8 +12,8 @@ from transformers import DynamicCache
 
 from conftest import build_tiny_model
 from helpers import run_fresh
-from longext.longgen import modeling_longext_longgen as lg
-from longext.longgen.modeling_longext_longgen import (
+from longext.methods.longgen import modeling_longext_longgen as lg
+from longext.methods.longgen.modeling_longext_longgen import (
     LongGenCache,
     LongGenLlamaConfig,
     LongGenLlamaForCausalLM,

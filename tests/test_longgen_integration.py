@@ -148,7 +148,7 @@ def hand_built(run_dir: Path, longgen: bool):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from longext.longgen.modeling_longext_longgen import LongGenSpec, apply_longgen
+    from longext.methods.longgen.modeling_longext_longgen import LongGenSpec, apply_longgen
 
     recipe = load_recipe(run_dir / "recipe.yaml")
     model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32, attn_implementation="sdpa",
@@ -189,7 +189,7 @@ def first_batch_loss(run_dir: Path, longgen: bool) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from longext.data import build_train_data
-    from longext.longgen.modeling_longext_longgen import LongGenSpec, apply_longgen
+    from longext.methods.longgen.modeling_longext_longgen import LongGenSpec, apply_longgen
     from longext.resolve import resolve
     from longext.train import MODEL_INPUTS
 

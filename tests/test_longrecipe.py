@@ -9,8 +9,8 @@ import torch
 
 from helpers import losses, write_recipe
 from longext.errors import RecipeError
-from longext.longrecipe.selection import digit_ids, fill_samples, select_sentences, sentence_end_ids, split_sentences
-from longext.longrecipe.selection import token_texts
+from longext.methods.longrecipe.selection import digit_ids, fill_samples, select_sentences, sentence_end_ids, split_sentences
+from longext.methods.longrecipe.selection import token_texts
 from longext.methods.longrecipe import static_ntk_base
 from longext.positions import longrecipe_positions
 from longext.recipe import load_recipe
@@ -135,7 +135,7 @@ def longrecipe_run(tmp_path_factory, tiny_model_dir, corpus_dir):
 
 
 def test_training_batches_carry_the_transformed_positions(tiny_model_dir, corpus_dir, tmp_path):
-    from longext.longrecipe.data import build_longrecipe_data
+    from longext.methods.longrecipe.data import build_longrecipe_data
     from longext.models import load_tokenizer
     from longext.resolve import resolve
 
@@ -177,7 +177,7 @@ def test_merge_equals_the_weighted_average_of_the_two_state_dicts(tmp_path, tiny
     from safetensors.torch import load_file, save_file
 
     from conftest import build_tiny_model
-    from longext.longrecipe.stages import WEIGHTS, merged_adapter_state
+    from longext.methods.longrecipe.stages import WEIGHTS, merged_adapter_state
 
     vocab, w = len(tiny_tokenizer), 0.3
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
@@ -244,7 +244,7 @@ def test_three_stages_in_one_job(staged_run):
 
 
 def test_replay_batches_are_contiguous_short_samples(staged_run):
-    from longext.longrecipe.stages import build_replay_data
+    from longext.methods.longrecipe.stages import build_replay_data
     from longext.models import load_tokenizer
 
     recipe = load_recipe(staged_run / "recipe.yaml")
@@ -260,7 +260,7 @@ def test_a_run_killed_in_any_stage_resumes_to_the_same_result(staged_run, tmp_pa
 
     from safetensors.torch import load_file
 
-    import longext.longrecipe.stages as stages
+    import longext.methods.longrecipe.stages as stages
     import longext.train as train_module
     from longext.errors import TrainingStopped
 
@@ -308,7 +308,7 @@ def _planted_reference(tmp_path, tiny_model_dir, tiny_tokenizer, corpus_dir, pla
     positions that predict it: only that type's true-token logit changes, and its summed change is > 0."""
     from transformers import AutoModelForCausalLM
 
-    from longext.longrecipe.analysis import sample_windows
+    from longext.methods.longrecipe.analysis import sample_windows
 
     ids = tiny_tokenizer((corpus_dir / "doc0.txt").read_text(), add_special_tokens=False)["input_ids"]
     windows = sample_windows([ids], tiny_tokenizer.eos_token_id, 96, 3)
@@ -344,7 +344,7 @@ def test_analyze_ranks_the_planted_token_type_first_and_is_deterministic(tmp_pat
 
 def test_logit_change_selection_keeps_sentences_with_top_types(tmp_path, tiny_tokenizer):
     from longext.errors import LongextError
-    from longext.longrecipe.selection import FORMAT, load_impactful
+    from longext.methods.longrecipe.selection import FORMAT, load_impactful
 
     ranked = [{"id": i, "text": "", "count": 1, "delta": 10.0 - i, "mean": 0.0} for i in range(10)]
     path = tmp_path / "a.json"
@@ -385,8 +385,8 @@ def test_dry_run_shows_the_enlarged_base(tmp_path, tiny_model_dir, corpus_dir):
 
 
 def test_logit_change_mode_builds_samples_from_the_analysis_file(tmp_path, tiny_model_dir, tiny_tokenizer, corpus_dir):
-    from longext.longrecipe.selection import FORMAT
-    from longext.longrecipe.data import build_longrecipe_data
+    from longext.methods.longrecipe.selection import FORMAT
+    from longext.methods.longrecipe.data import build_longrecipe_data
     from longext.resolve import resolve
 
     digits = sorted(digit_ids(token_texts(tiny_tokenizer)))

@@ -101,7 +101,7 @@ def _model(kind: str, tiled_mlp: bool, fused_norm: bool = False):
     if kind == "e2llm":
         apply_scaled_rotary(model)
     if kind in LONGGEN:
-        from longext.longgen.modeling_longext_longgen import LongGenSpec, apply_longgen
+        from longext.methods.longgen.modeling_longext_longgen import LongGenSpec, apply_longgen
 
         apply_longgen(model, LongGenSpec(**LONGGEN[kind]))
     if kind == "full":

@@ -78,7 +78,7 @@ def _spec(model, sparse: dict):
 
 
 def _prepare(case: dict):
-    from longext.longgen.modeling_longext_longgen import apply_longgen
+    from longext.methods.longgen.modeling_longext_longgen import apply_longgen
     from longext.models import quiet_libraries
 
     quiet_libraries()
@@ -95,7 +95,7 @@ def _ids(vocab: int, length: int) -> torch.Tensor:
 
 def prefill_case(case: dict) -> dict:
     """Median prefill seconds of `length` tokens (no_grad, batch 1) and the cache's KV bytes after it."""
-    from longext.longgen import modeling_longext_longgen as lg
+    from longext.methods.longgen import modeling_longext_longgen as lg
 
     model, spec = _prepare(case)
     model.eval()
@@ -123,7 +123,7 @@ def new_cache(model, spec, arm: str):
     """LongGenCache for the hybrid (sparse layers keep only what they can still read), DynamicCache otherwise."""
     from transformers import DynamicCache
 
-    from longext.longgen import modeling_longext_longgen as lg
+    from longext.methods.longgen import modeling_longext_longgen as lg
 
     if arm == "longgen":
         return lg.LongGenCache(config=model.config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from longext.methods.base import Method, MethodSetup
 from longext.positions import pose_positions
 
 
@@ -16,3 +17,15 @@ def pose_sampler(target_len: int, chunks: int):
         return pose_positions(seq_len, target_len, chunks, gen), {}
 
     return sample
+
+
+def pose_state(recipe, config) -> dict:
+    return {"method": "pose", "chunks": recipe.method.chunks}
+
+
+def pose_setup(recipe, state) -> MethodSetup:
+    method = recipe.method
+    return MethodSetup(positions=pose_sampler(method.target_len, method.chunks), per_step=method.sample_scope == "step")
+
+
+METHOD = Method(kind="pose", state=pose_state, setup=pose_setup)

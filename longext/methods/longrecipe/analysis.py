@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from longext.errors import LongextError
-from longext.longrecipe.selection import FORMAT, is_analysis_file
+from longext.methods.longrecipe.selection import FORMAT, is_analysis_file
 
 
 @torch.no_grad()
@@ -65,7 +65,7 @@ def sample_windows(token_docs: list[list[int]], eos_id: int, length: int, n: int
 def run_analysis(base: Path, reference: Path, texts: list[str], length: int, samples: int, out: Path) -> Path:
     """Load both models (model directories, exported models or run directories), score, write the JSON."""
     from longext.data import load_documents, tokenize_documents
-    from longext.longrecipe.selection import token_texts
+    from longext.methods.longrecipe.selection import token_texts
     from longext.materials import resolve_texts
     from longext.rundir import is_run_dir
     from longext.targets import load_target

@@ -4,17 +4,18 @@ fine-tuned directly at the target length.
 The recipe's `method` block is resolved against the model config once (`longgen_spec`: the auto layout
 becomes explicit layer indices, out-of-range indices are refused) and stored in rope.json; training,
 evaluation and export read the spec from there, so the three always use the same layout. Everything that
-touches the model lives in `longext/longgen/modeling_longext_longgen.py`, the self-contained file that
+touches the model lives in `modeling_longext_longgen.py` beside this file, the self-contained one that
 export copies next to the weights.
 """
 
 from __future__ import annotations
 
 from longext.errors import LongextError
+from longext.methods.base import Method, MethodSetup, remote_code_keys
 
 
 def _modeling():
-    from longext.longgen import modeling_longext_longgen
+    from longext.methods.longgen import modeling_longext_longgen  # torch + transformers: only when used
 
     return modeling_longext_longgen
 
@@ -47,24 +48,22 @@ def longgen_spec(method, config):
     )
 
 
-def rope_extra(method, config) -> dict:
-    """What rope.json keeps: the resolved spec (explicit layers), so eval and export never re-resolve it."""
-    spec = longgen_spec(method, config)
+def longgen_state(recipe, config) -> dict:
+    """What rope.json keeps: the resolved spec (explicit layers), so training, eval and export never re-resolve it."""
+    spec = longgen_spec(recipe.method, config)
     return {"method": "longgen", "longgen": spec.to_dict(), "num_layers": config.num_hidden_layers}
 
 
-def method_plan(method, config):
-    """Training: the hybrid layout on the model instance before LoRA is added."""
+def longgen_setup(recipe, state) -> MethodSetup:
+    """Training: the run's hybrid layout (rope.json) on the model instance before LoRA is added."""
     import torch
 
-    from longext.methods.base import MethodSetup
-
-    if method.kernel == "flex" and not torch.cuda.is_available():
+    if recipe.method.kernel == "flex" and not torch.cuda.is_available():
         raise LongextError(
             "method.kernel: flex trains on CUDA only (FlexAttention has no backward on CPU in this torch); "
             "use auto or block here (got 'flex')"
         )
-    spec = longgen_spec(method, config).to_dict()
+    spec = state.extra["longgen"]
     return MethodSetup(apply=lambda model: apply_longgen_dict(model, spec))
 
 
@@ -74,9 +73,9 @@ def apply_longgen_dict(model, spec: dict) -> None:
     modeling.apply_longgen(model, modeling.LongGenSpec.from_dict(spec))
 
 
-def eval_hook(model, extra: dict):
+def eval_hook(model, state):
     """Install the run's layout for inference; the window length changes nothing."""
-    apply_longgen_dict(model, extra["longgen"])
+    apply_longgen_dict(model, state.extra["longgen"])
     return lambda length: None
 
 
@@ -89,7 +88,30 @@ def write_longgen_code(folder, family: str, extra: dict) -> dict:
     modeling = _modeling()
     if family != "llama":
         raise LongextError(f"LongGen export: no modeling code for model type {family!r} (have llama)")
-    from longext.methods.base import remote_code_keys
-
     keys = remote_code_keys(folder, modeling, modeling.LongGenLlamaConfig, modeling.LongGenLlamaForCausalLM)
     return {**keys, "longgen": dict(extra["longgen"])}
+
+
+def reload_check(config, state) -> str | None:
+    """The exported config reloads with the run's layout."""
+    if dict(getattr(config, "longgen", None) or {}) != state.extra["longgen"]:
+        return (f"export check failed: the written config reloads with longgen={getattr(config, 'longgen', None)}; "
+                f"expected {state.extra['longgen']} (nothing was published)")
+    return None
+
+
+def parallel_problems(recipe, sp: int) -> list[str]:
+    """block_sparse shifted per head cannot be split over the heads of sequence-parallel ranks."""
+    sparse = recipe.method.sparse
+    if sparse.type == "block_sparse" and not sparse.homo_head:
+        return [f"method.sparse.homo_head: false (a pattern shifted per head) cannot run under "
+                f"train.sequence_parallel {sp}: each rank holds heads/{sp} of the heads and would shift them as "
+                f"heads 0..; use homo_head true or sequence_parallel 1"]
+    return []
+
+
+# The loaded run sends its full layers to SDPA through its own registered attention function (own_attention).
+METHOD = Method(
+    kind="longgen", state=longgen_state, parallel_problems=parallel_problems, setup=longgen_setup,
+    eval_hook=eval_hook, export_code=write_longgen_code, reload_check=reload_check, own_attention=True,
+)

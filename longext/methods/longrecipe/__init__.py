@@ -1,14 +1,17 @@
 """LongRecipe (Hu et al. 2024, methods.md §4): selected sentences at train_len_ratio·L with position ids that span
-L (data: longext.longrecipe.data), and an enlarged RoPE base computed once from L.
+L (data.py: sentences from selection.py, positions from longext.positions), an enlarged RoPE base computed once from
+L, and the replay and merge stages (stages.py). analysis.py is `longext analyze`, which writes the token ranking
+the logit_change selection reads.
 
 The base is the method's, not a rope kind: it is the dynamic-NTK rule of transformers evaluated once at the
-target length and then frozen, b' = b (s L/L0 - (s - 1))^(d/(d-2)) (methods.md §4.1.5). `resolve_method` writes it
+target length and then frozen, b' = b (s L/L0 - (s - 1))^(d/(d-2)) (methods.md §4.1.5). `resolve_longrecipe` writes it
 into the resolved recipe as rope.theta (rope.kind none), so rope.json and the exported config carry it as a
 plain rope_theta and inference needs nothing else.
 """
 
 from __future__ import annotations
 
+from longext.methods.base import ExtraStage, Method, MethodSetup
 from longext.rope import config_theta, head_dim
 
 
@@ -22,9 +25,9 @@ def resolved_factor(method, original: int) -> float:
     return float(method.rope_factor) if method.rope_factor != "auto" else float(max(1, round(method.target_len / original)))
 
 
-def resolve_method(recipe, config, original: int):
-    """(method, rope) with every `auto` of the method filled in and rope.theta set to the enlarged base (an
-    explicit rope.theta is kept as the base)."""
+def resolve_longrecipe(recipe, config, original: int):
+    """The recipe with every `auto` of the method filled in and rope.theta set to the enlarged base (an explicit
+    rope.theta is kept as the base)."""
     method = recipe.method.model_copy(update={"rope_factor": resolved_factor(recipe.method, original)})
     if method.replay is not None:
         r = method.replay
@@ -33,23 +36,29 @@ def resolve_method(recipe, config, original: int):
             "data": r.data if r.data is not None else list(recipe.data.train),
             "seq_len": r.seq_len if r.seq_len != "auto" else original,
         })})
-    if recipe.rope.theta is not None:
-        return method, recipe.rope
-    theta = config_theta(config)
-    base = static_ntk_base(theta, method.rope_factor, method.target_len, original, head_dim(config))
-    return method, recipe.rope.model_copy(update={"theta": base})
+    rope = recipe.rope
+    if rope.theta is None:
+        base = static_ntk_base(config_theta(config), method.rope_factor, method.target_len, original, head_dim(config))
+        rope = rope.model_copy(update={"theta": base})
+    return recipe.model_copy(update={"method": method, "rope": rope})
 
 
-def rope_extra(recipe) -> dict:
+def longrecipe_state(recipe, config) -> dict:
     m = recipe.method
     return {"method": "longrecipe", "rope_factor": m.rope_factor, "rope_theta": recipe.rope.theta}
 
 
-def method_plan(recipe):
+def training_lengths(recipe) -> list[tuple[str, int]]:
+    """The extension samples, and the replay stage's."""
+    replay = recipe.method.replay
+    out = [("data.seq_len", recipe.data.seq_len)]
+    return out + [("method.replay.seq_len", replay.seq_len)] if replay is not None else out
+
+
+def longrecipe_setup(recipe, state) -> MethodSetup:
     """Extension data (selected sentences, transformed positions), then the optional replay stage and merge."""
-    from longext.longrecipe.data import build_longrecipe_data
-    from longext.longrecipe.stages import build_replay_data, merge_with_original
-    from longext.methods.base import ExtraStage, MethodSetup
+    from longext.methods.longrecipe.data import build_longrecipe_data
+    from longext.methods.longrecipe.stages import build_replay_data, merge_with_original
 
     m = recipe.method
     replay = ExtraStage("replay", m.replay.steps, m.replay.lr, build_replay_data) if m.replay else None
@@ -58,3 +67,9 @@ def method_plan(recipe):
         def merge(engine, run_dir, rank):
             merge_with_original(engine, run_dir, m.merge.weight_original, rank)
     return MethodSetup(build_data=build_longrecipe_data, stage_name="extension", extra_stage=replay, finish=merge)
+
+
+METHOD = Method(
+    kind="longrecipe", resolve=resolve_longrecipe, state=longrecipe_state, training_lengths=training_lengths,
+    setup=longrecipe_setup,
+)

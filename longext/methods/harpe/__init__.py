@@ -3,7 +3,9 @@
 The bases are resolved against the model config once (`head_bases`) and stored in rope.json; training,
 evaluation and export read them from there. On the model, two per-instance swaps: the ScaledRotary
 (longext/rotary.py) returns one cos/sin set per key/value head, and each layer's attention becomes the
-HARPE subclass of its family, which rotates every head with its group's set.
+HARPE subclass of its family, which rotates every head with its group's set. The search (`bases.py`) and the
+modeling code shared by training, evaluation and the exported model (`modeling_longext_harpe.py`, torch +
+transformers only, copied next to exported weights) live beside this file.
 
 GQA: query heads that share a key/value head share its base (`per_kv_group`, methods.md §5.5), so there
 are num_key_value_heads bases; `per_head` (one base per query head) is accepted only when there is one
@@ -13,7 +15,8 @@ key/value head per query head, where the two are the same and the paper applies 
 from __future__ import annotations
 
 from longext.errors import LongextError
-from longext.harpe import bases as harpe_bases
+from longext.methods.base import Method, MethodSetup, remote_code_keys
+from longext.methods.harpe import bases as harpe_bases
 
 
 def head_bases(method, config) -> list[float]:
@@ -55,8 +58,9 @@ def head_bases(method, config) -> list[float]:
     return harpe_bases.ordered(values, spec.order)
 
 
-def rope_extra(method, config) -> dict:
-    """What rope.json keeps: the resolved bases, so eval and export never re-run a search."""
+def harpe_state(recipe, config) -> dict:
+    """What rope.json keeps: the resolved bases, so training, eval and export never re-run a search."""
+    method = recipe.method
     return {
         "method": "harpe", "bases": head_bases(method, config), "assign": method.assign,
         "strategy": method.bases.kind, "reconstructed": method.bases.kind == "peak_valley",
@@ -66,7 +70,7 @@ def rope_extra(method, config) -> dict:
 def apply_harpe(model, bases: list[float]) -> None:
     """Per-head bases on this model instance: the ScaledRotary returns [b, n, s, d] cos/sin and every
     layer's attention rotates each head with its kv group's set. Parameter names are unchanged."""
-    from longext.harpe.modeling_longext_harpe import swap_harpe_attention
+    from longext.methods.harpe.modeling_longext_harpe import swap_harpe_attention
     from longext.rotary import apply_scaled_rotary
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -77,9 +81,15 @@ def apply_harpe(model, bases: list[float]) -> None:
     swap_harpe_attention(base.get_decoder())
 
 
-def eval_hook(model, bases: list[float]):
+def harpe_setup(recipe, state) -> MethodSetup:
+    """Training: the run's bases (rope.json) on the model instance before LoRA is added."""
+    bases = state.extra["bases"]
+    return MethodSetup(apply=lambda model: apply_harpe(model, bases))
+
+
+def eval_hook(model, state):
     """Install the run's bases for inference; the window length changes nothing."""
-    apply_harpe(model, bases)
+    apply_harpe(model, state.extra["bases"])
     return lambda length: None
 
 
@@ -89,12 +99,25 @@ def write_harpe_code(folder, family: str, extra: dict) -> dict:
     The model_type and architecture are HARPE's own, so plain transformers without trust_remote_code
     refuses the folder instead of loading it with one base for every head.
     """
-    from longext.harpe import modeling_longext_harpe as modeling
+    from longext.methods.harpe import modeling_longext_harpe as modeling
 
     if family not in modeling.EXPORT_CLASSES:
         have = ", ".join(modeling.EXPORT_CLASSES)
         raise LongextError(f"HARPE export: no modeling code for model type {family!r} (have {have})")
-    from longext.methods.base import remote_code_keys
-
     keys = remote_code_keys(folder, modeling, *modeling.EXPORT_CLASSES[family])
     return {**keys, "head_rope_thetas": list(extra["bases"]), "head_rope_assign": extra["assign"]}
+
+
+def reload_check(config, state) -> str | None:
+    """The exported config reloads with the run's bases."""
+    if list(config.head_rope_thetas) != list(state.extra["bases"]):
+        return (f"export check failed: the written config reloads with head_rope_thetas={config.head_rope_thetas}; "
+                f"expected {state.extra['bases']} (nothing was published)")
+    return None
+
+
+# No legacy rope keys in the export: no older consumer can run per-head bases, and a lone rope_theta would mislead.
+METHOD = Method(
+    kind="harpe", state=harpe_state, setup=harpe_setup, eval_hook=eval_hook, export_code=write_harpe_code,
+    reload_check=reload_check, legacy_rope_keys=False,
+)

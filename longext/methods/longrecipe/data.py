@@ -11,10 +11,10 @@ import torch
 
 from longext.data import Samples, TrainData, tokenize_documents, training_documents
 from longext.errors import LongextError
-from longext.longrecipe.selection import (
+from longext.methods.longrecipe.selection import (
     digit_ids, fill_samples, load_impactful, select_sentences, sentence_end_ids, split_sentences,
 )
-from longext.longrecipe.selection import token_texts
+from longext.methods.longrecipe.selection import token_texts
 from longext.positions import longrecipe_positions
 
 

@@ -1,1 +1,0 @@
-"""LongRecipe (Hu et al. 2024, methods.md §4): sentence selection and the data it feeds the position transform."""
