@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from longext.errors import LongextError, Problems
 from longext.lengths import parse_length
-from longext.recipe import EvalSpec, _apply_override, _to_issue, load_recipe
+from longext.recipe import EvalSpec, apply_override, load_recipe, to_issue
 
 MAX_LADDER = 8
 MODES = ("fixed", "sliding")
@@ -124,7 +124,7 @@ def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[str, tuple[s
     lines = []
     for item in overrides:
         item = item.strip().removeprefix("eval.")
-        issue = _apply_override(raw, item)
+        issue = apply_override(raw, item)
         if issue:
             where = "--set" if issue.field == "--set" else f"--set eval.{issue.field}"
             lines.append(f"{where}: {issue.message}")
@@ -143,7 +143,7 @@ def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[str, tuple[s
         spec = EvalSpec.model_validate(raw)
     except ValidationError as err:
         wrapped = {"eval": raw}  # so field paths, 'did you mean' hints and lengths read as in a recipe
-        issues = [_to_issue({**e, "loc": ("eval", *e["loc"])}, wrapped, None, set()) for e in err.errors()]
+        issues = [to_issue({**e, "loc": ("eval", *e["loc"])}, wrapped, None, set()) for e in err.errors()]
         raise Problems([f"{given[issue.field]}: {issue.message}" if issue.field in given
                         else f"--set {issue.field}: {issue.message}" for issue in issues]) from None
     bad = [(part, i, d) for part in ("passkey", "niah") for i, d in enumerate(getattr(spec, part).depths)
