@@ -90,44 +90,20 @@ def _train(ctx: typer.Context, spec, dry_run: bool, resume: bool, nproc: int, ho
 
         _console().print(describe_resolved(resolve(spec)), markup=False)
         return
-    if os.environ.get("WORLD_SIZE", "1") == "1":  # once, in the process the user started; a launch's ranks skip it
-        if not hostfile:  # a hostfile's rank count is known only to the launcher; the ranks check it there
-            from longext.errors import Problems
-            from longext.sp import world_problems
+    from longext.launch import preflight
 
-            problems = world_problems(spec.train.sequence_parallel, nproc)
-            if problems:
-                raise Problems(problems)
-        _memory_check(spec, nproc)
+    resolved, warnings = preflight(spec, nproc, hostfile, resume)
+    for line in warnings:
+        _console(stderr=True).print(line, markup=False, soft_wrap=True)
     if nproc > 1 or hostfile:
         from longext.launch import relaunch
-        from longext.resolve import resolve
-        from longext.rundir import check_start
-
-        # Every check a rank would make, made once here: one clear line instead of N ranks' tracebacks.
-        check_start(spec.run_dir, resolve(spec).recipe, resume)
 
         argv = ctx.find_root().obj  # what main() was given; None from the console script
         raise typer.Exit(relaunch(argv if argv is not None else sys.argv[1:], nproc=nproc, hostfile=hostfile))
     from longext.train import run_training
 
-    run_dir = run_training(spec, resume=resume)
+    run_dir = run_training(spec, resume=resume, resolved=resolved)
     _console().print(f"run directory: {run_dir}")
-
-
-def _memory_check(spec, ranks: int) -> None:
-    """`longext plan`'s estimate against this machine (GPU memory, or available RAM shared by the ranks)."""
-    if spec.train.memory_check == "off":
-        return
-    from longext.plan import budget_problem, device_budget, plan_resolved
-    from longext.resolve import resolve
-
-    device, budget = device_budget(ranks)
-    problem = budget_problem(*plan_resolved(resolve(spec), gpus=ranks, budget=budget, device=device))
-    if problem and spec.train.memory_check == "refuse":
-        raise LongextError(problem)
-    if problem:
-        _console(stderr=True).print(f"warning: {problem}", markup=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -225,14 +201,9 @@ def export(
     transformers loads, RoPE state intact."""
     from longext.export import run_export
 
-    window = None
-    if length is not None:
-        from longext.lengths import parse_length
+    from longext.lengths import length_flag
 
-        try:
-            window = parse_length(length)
-        except ValueError as err:
-            raise LongextError(f"--length: {err} (got {length!r})") from None
+    window = length_flag("--length", length) if length is not None else None
     result = run_export(run, out, force=force, dtype=dtype, length=window)
     _console().print(f"exported to {result.out_dir}  (max |Δlogit| vs in-tool model: {result.max_abs_diff:.2e})")
 
@@ -248,14 +219,10 @@ def analyze(
     samples: Annotated[int, typer.Option("--samples", min=1, help="Windows spread evenly over the texts.")] = 4,
 ) -> None:
     """LongRecipe's impactful-token analysis: rank token types by how much REFERENCE raises their logit over BASE."""
-    from longext.lengths import parse_length
+    from longext.lengths import length_flag
     from longext.methods.longrecipe.analysis import run_analysis
 
-    try:
-        window = parse_length(length)
-    except ValueError as err:
-        raise LongextError(f"--length: {err} (got {length!r})") from None
-    path = run_analysis(base, reference, texts or ["books"], window, samples, out)
+    path = run_analysis(base, reference, texts or ["books"], length_flag("--length", length), samples, out)
     _console().print(f"token ranking written to {path}  (use it as method.selection.analysis)")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from longext.errors import LongextError
+
 _UNITS = {"": 1, "k": 1024, "m": 1024 * 1024}
 _PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([km]?)\s*", re.IGNORECASE)
 ALLOWED = "a positive whole number of tokens like 4096, 4k, 128k or 1m"
@@ -38,3 +40,11 @@ def format_length(tokens: int) -> str:
         if tokens % unit == 0:
             return f"{tokens // unit}{suffix}"
     return str(tokens)
+
+
+def length_flag(flag: str, value: object) -> int:
+    """Tokens from a flag's value like 16k. Raises LongextError naming the flag (one line, exit code 2)."""
+    try:
+        return parse_length(value)
+    except ValueError as err:
+        raise LongextError(f"{flag}: {err} (got {value!r})") from None

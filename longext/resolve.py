@@ -24,7 +24,8 @@ def resolve(recipe: Recipe) -> Resolved:
     from longext.methods import method_for
     from longext.models import load_model_config
     from longext.rope import original_context, rope_state
-    from longext.sp import check_parallel, resolve_switches
+    from longext.savers import resolve_switches
+    from longext.sp import check_parallel
 
     config = load_model_config(recipe.model.path)
     method = method_for(recipe.method.kind)

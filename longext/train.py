@@ -16,27 +16,27 @@ from longext.errors import TrainingStopped
 from longext.methods import method_for
 from longext.metrics import MetricsLog, StepProgress
 from longext.models import add_lora, apply_full_finetune, build_model, load_tokenizer, quiet_libraries
-from longext.resolve import resolve
+from longext.resolve import Resolved, resolve
 from longext.recipe import Recipe
-from longext.sp import (
-    activation_offload, apply_fused_norm, apply_sequence_parallel, apply_tiled_mlp, layout, micro_batch_loss,
-    shard_batch,
-)
+from longext.savers import activation_offload, apply_fused_norm, apply_tiled_mlp
+from longext.sp import apply_sequence_parallel, layout, micro_batch_loss, shard_batch
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
-def run_training(recipe: Recipe, resume: bool = False) -> Path:
+def run_training(recipe: Recipe, resume: bool = False, resolved: Resolved | None = None) -> Path:
+    """Train `recipe` into its run directory. `resolved`: the recipe already resolved in this process (the CLI's
+    pre-flight does it), else it is resolved here, from config.json only: it fails fast, before any weights load."""
     try:
-        return _run_training(recipe, resume)
+        return _run_training(recipe, resume, resolved)
     finally:
         release_zero3_linear()
 
 
-def _run_training(recipe: Recipe, resume: bool) -> Path:
+def _run_training(recipe: Recipe, resume: bool, resolved: Resolved | None) -> Path:
     quiet_libraries()
     run_dir = recipe.run_dir
-    resolved = resolve(recipe)  # reads config.json only: fails fast, before any weights load
+    resolved = resolved or resolve(recipe)
     recipe = resolved.recipe  # every `auto` filled in from here on
     rundir.check_start(run_dir, recipe, resume)
     rank, world = init_distributed()

@@ -211,7 +211,7 @@ def test_stage_tokens_and_compute_follow_the_formula(tmp_path):
     """A two-stage run (LongRecipe: extension then replay at a shorter length): tokens are split by the stage's
     length, and the compute is sum(tokens x (N + layers * length * d)), the report's per-token cost."""
     from longext.bench.cases import train_figures
-    from longext.bench.report import train_compute
+    from longext.bench.report_models import train_compute
 
     records = [{"step": s, "loss": 1.0, "tokens": 300 if s <= 3 else 100, "tokens_per_s": 10.0, "step_seconds": 1.0}
                for s in range(1, 6)]
@@ -276,3 +276,24 @@ def test_a_reduced_run_stays_on_the_page_next_to_a_full_run(tmp_path):
     # a quick run alone is the suite's only section
     alone = report.render({"smollm2": quick})
     assert "<!-- suite:smollm2-quick -->" not in alone and "(reduced run)" in alone
+
+
+def test_a_fresh_case_process_gets_no_launcher_variables_and_its_failure_is_reported(tmp_path, monkeypatch):
+    import os
+
+    from longext.bench.fresh import run_fresh
+
+    (tmp_path / "probe_case.py").write_text(
+        "import os\nfrom longext.bench.fresh import main\n"
+        "def measure(case, folder):\n"
+        "    if case.get('fail'):\n        raise SystemExit('the case broke')\n"
+        "    return {'twice': 2 * case['n'], 'rank': os.environ.get('RANK'), 'extra': os.environ.get('EXTRA')}\n"
+        "if __name__ == '__main__':\n    main(measure)\n"
+    )
+    monkeypatch.setenv("RANK", "3")
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    result, seconds = run_fresh("probe_case", {"name": "p", "n": 21}, tmp_path / "p", 120, {"PYTHONPATH": path, "EXTRA": "x"})
+    assert result == {"twice": 42, "rank": None, "extra": "x"} and seconds > 0
+    assert not (tmp_path / "p" / "result.tmp.json").exists()
+    with pytest.raises(RuntimeError, match=r"(?s)benchmark case q failed \(log: .*case.log\):.*the case broke"):
+        run_fresh("probe_case", {"name": "q", "fail": True}, tmp_path / "q", 120, {"PYTHONPATH": path}, log=True)

@@ -14,7 +14,8 @@ import yaml
 
 from longext.cli import main
 from longext.errors import LongextError
-from longext.export import FP32_RTOL, LOW_PRECISION_RTOL, build_probes, run_export
+from longext.export import run_export
+from longext.export_check import FP32_RTOL, LOW_PRECISION_RTOL, build_probes
 from longext.rope import RopeState
 
 L0, TARGET = 128, 256  # the tiny model's window (conftest) and the recipes' method.target_len
@@ -143,7 +144,7 @@ def test_probes_see_the_rope_setting(exported, kind, tmp_path):
     check's bound: the parity check would catch a config that lost the scaling (or the new theta)."""
     from transformers import AutoModelForCausalLM
 
-    from longext.export import probe_logits
+    from longext.export_check import probe_logits
 
     run, result = exported(kind)
     stripped = tmp_path / "stripped"

@@ -154,7 +154,8 @@ def test_eval_loads_the_trained_weights_with_the_rope_state(linear_run, corpus_d
 def test_export_writes_the_trained_weights_and_passes_every_check(linear_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from longext.export import FP32_RTOL, run_export
+    from longext.export import run_export
+    from longext.export_check import FP32_RTOL
 
     result = run_export(linear_run, tmp_path / "model")
     assert result.dtype == "float32" and result.merge_diff == 0.0

@@ -14,7 +14,7 @@ import pytest
 from longext import materials
 from longext.errors import LongextError
 from longext.materials import book_files, clean_text, plain_play, prepare, resolve_texts
-from longext.rser import read_rds, unserialize
+from longext.materials.rdata import read_rds, unserialize
 
 # ---------------------------------------------------------------------------------------- rser
 
@@ -265,7 +265,7 @@ COMPRESSORS = {"gzip": gzip.compress, "bzip2": _bzip2, "xz": _xz, "none": lambda
 @pytest.mark.parametrize("compression", list(COMPRESSORS))
 def test_read_rda_returns_each_saved_object_by_name(tmp_path, compression):
     # save(books, note, file = "x.rda"): "RDX3\n", then one stream holding a pairlist tagged with the names
-    from longext.rser import read_rda
+    from longext.materials.rdata import read_rda
 
     path = tmp_path / "x.rda"
     saved = _obj("pairlist", {"books": BOOKS_FRAME, "note": NOTE})
@@ -286,7 +286,7 @@ def test_read_rda_returns_each_saved_object_by_name(tmp_path, compression):
 
 
 def test_read_rda_rejects_a_file_without_the_rdx_header(tmp_path):
-    from longext.rser import read_rda
+    from longext.materials.rdata import read_rda
 
     path = tmp_path / "x.rds"
     path.write_bytes(gzip.compress(_stream(NOTE)))
@@ -325,7 +325,7 @@ AUSTEN = {  # janeaustenr-like: one character vector per book, a line per elemen
 def test_read_lazyload_returns_each_variable_of_the_database(tmp_path, compressed):
     # makeLazyLoadDB: every object serialized (XDR) and compressed into Rdata.rdb, one record after another; Rdata.rdx
     # is saveRDS(list(variables = <name: c(offset, length)>, references = list(), compressed = ...)) (gzip)
-    from longext.rser import read_lazyload
+    from longext.materials.rdata import read_lazyload
 
     blob, keys, kinds = b"", {}, set()
     for name, node in AUSTEN.items():

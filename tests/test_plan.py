@@ -435,7 +435,7 @@ def test_one_layers_backward_equals_the_live_tensors_of_a_real_checkpointed_laye
     backward has run equal the attention moment (CPU kernel: no flash workspace)."""
     from torch.utils.checkpoint import checkpoint
 
-    from longext.sp import apply_fused_norm, apply_tiled_mlp
+    from longext.savers import apply_fused_norm, apply_tiled_mlp
 
     model = add_lora(build_tiny_model("llama", hidden_size=256, intermediate_size=704, num_hidden_layers=1,
                                       vocab_size=64, max_position_embeddings=T), LoraSpec(r=8, targets=list(targets)))
@@ -443,7 +443,7 @@ def test_one_layers_backward_equals_the_live_tensors_of_a_real_checkpointed_laye
     if tiled:
         apply_tiled_mlp(model)
     if fused:  # row chunks of 256 tokens: 8 per norm backward
-        monkeypatch.setattr("longext.sp.NORM_CHUNK_ELEMENTS", 256 * 256)
+        monkeypatch.setattr("longext.savers.NORM_CHUNK_ELEMENTS", 256 * 256)
         apply_fused_norm(model)
     model.to(dtype)
     base = model.get_base_model().model

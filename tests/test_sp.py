@@ -91,7 +91,7 @@ def _model(kind: str, tiled_mlp: bool, fused_norm: bool = False):
     from longext.models import add_lora, apply_full_finetune
     from longext.recipe import LoraSpec
     from longext.rotary import apply_scaled_rotary
-    from longext.sp import apply_fused_norm, apply_tiled_mlp
+    from longext.savers import apply_fused_norm, apply_tiled_mlp
 
     # larger weights than the default init: attention is peaked, so a position off by a shard shows in the loss
     model = build_tiny_model("llama", vocab_size=400, initializer_range=0.2)
@@ -378,7 +378,7 @@ def test_tiled_mlp_equals_the_plain_mlp(tiny_tokenizer):
 
     from longext.models import add_lora
     from longext.recipe import LoraSpec
-    from longext.sp import apply_tiled_mlp
+    from longext.savers import apply_tiled_mlp
 
     ids = torch.randint(0, 400, (1, 256), generator=torch.Generator().manual_seed(4))
     out = []
@@ -412,9 +412,9 @@ def test_fused_norm_equals_transformers_rmsnorm(family, dtype, monkeypatch):
 
     import torch
 
-    from longext import sp
+    from longext import savers
 
-    monkeypatch.setattr(sp, "NORM_CHUNK_ELEMENTS", 7 * 48)
+    monkeypatch.setattr(savers, "NORM_CHUNK_ELEMENTS", 7 * 48)
     dt = getattr(torch, dtype)
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     norm = getattr(module, f"{family.capitalize()}RMSNorm")(48, eps=1e-5).to(dt)
@@ -425,7 +425,7 @@ def test_fused_norm_equals_transformers_rmsnorm(family, dtype, monkeypatch):
     grads = []
     for fused in (False, True):
         if fused:
-            sp.apply_fused_norm(norm)
+            savers.apply_fused_norm(norm)
         xi = x.clone().requires_grad_()
         norm.weight.grad = None
         y = norm(xi)
@@ -447,7 +447,7 @@ def test_fused_norm_model_gives_the_loss_and_lora_gradients_of_the_stock_model()
 
     from longext.models import add_lora
     from longext.recipe import LoraSpec
-    from longext.sp import apply_fused_norm
+    from longext.savers import apply_fused_norm
 
     ids = torch.randint(0, 400, (1, 128), generator=torch.Generator().manual_seed(5))
     out = []
@@ -478,7 +478,7 @@ def test_auto_switches_follow_the_per_rank_length(tmp_path, tiny_model_dir, corp
 
     from longext.resolve import resolve
     from longext.recipe import load_recipe
-    from longext.sp import AUTO_TILED_MLP_TOKENS, resolve_switches
+    from longext.savers import AUTO_TILED_MLP_TOKENS, resolve_switches
 
     path = write_recipe(tmp_path, tiny_model_dir, corpus_dir)
     plain = resolve(load_recipe(path)).recipe.train

@@ -13,21 +13,20 @@ is what is benchmarked). A training-free row builds the base model with the reci
 (`models.build_model`), exactly what a fine-tuned row starts from. Every case runs in its own
 process (`run_model_case`), so its peak memory is its own and no distributed state leaks.
 
-    python -m longext.bench.cases '<case json>' RESULT.json
+    python -m longext.bench.cases '<case json>' RESULT.json     (bench/fresh.py)
 """
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from longext.bench.fresh import main, run_fresh
 
 
 def peak_rss_mb() -> float:
@@ -138,22 +137,8 @@ def model_case(case: dict, out_dir: Path) -> dict:
 
 def run_model_case(case: dict, out_dir: Path, timeout: int = 6 * 3600) -> dict:
     """model_case in a fresh process (its log goes to out_dir/case.log); returns its result."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result_file = out_dir / "result.tmp.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    with open(out_dir / "case.log", "w") as log:
-        done = subprocess.run([sys.executable, "-m", "longext.bench.cases", json.dumps(case), str(result_file)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    if done.returncode != 0:
-        tail = (out_dir / "case.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"benchmark case {case['name']} failed (log: {out_dir / 'case.log'}):\n{tail}")
-    result = json.loads(result_file.read_text())
-    result_file.unlink()
-    return result
+    return run_fresh("longext.bench.cases", case, out_dir, timeout, log=True)[0]
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    _case, _file = json.loads(sys.argv[1]), Path(sys.argv[2])
-    _file.write_text(json.dumps(model_case(_case, _file.parent), default=float))
+    main(model_case)

@@ -9,21 +9,20 @@ the same run, as ratios.
 
 The case lists are in longext.bench.suites (longgen_cases), like every suite's.
 
-    python -m longext.bench.longgen '<case json>'
-prints one JSON line.
+    python -m longext.bench.longgen '<case json>' OUT.json
 """
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 import torch
+
+from longext.bench.fresh import main, run_fresh, timed
 
 # ---------------------------------------------------------------------------------------- FLOPs
 def flop_ratios(config: dict, sparse: dict, full_layers: int, length: int, checkpointing: bool) -> dict:
@@ -158,34 +157,22 @@ def train_case(case: dict) -> dict:
         engine.backward(loss)
         engine.step()
 
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        began = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - began)
+    times = timed(step, steps)  # after one warm-up step
     return {"step_seconds": statistics.median(times), "all_seconds": times}
 
 
-def run_case(case: dict, timeout: int = 4 * 3600) -> dict:
+def run_case(case: dict, folder: Path, timeout: int = 4 * 3600) -> dict:
     """One efficiency measurement in a fresh process (its peak memory is its own); adds wall time."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    began = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "longext.bench.longgen", json.dumps(case)],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark case {case['name']} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**result, "wall_seconds": time.perf_counter() - began}
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    result, seconds = run_fresh("longext.bench.longgen", case, folder, timeout, env)
+    return {**result, "wall_seconds": seconds}
 
 
-def _main(case: dict) -> dict:
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+def measure(case: dict, folder: Path) -> dict:
     result = prefill_case(case) if case["measure"] == "prefill" else train_case(case)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
 
 if __name__ == "__main__":
-    print(json.dumps(_main(json.loads(sys.argv[1])), default=float))
+    main(measure)

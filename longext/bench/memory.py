@@ -35,17 +35,16 @@ plan's formulas describe. Both kinds are in the table.
 RSS counts only touched pages, so a buffer DeepSpeed allocates with `torch.empty` and fills in part
 (ZeRO-2's 5e8-element gradient bucket) counts only the part written; the plan's CPU estimate says the same.
 
-    python -m longext.bench.memory '<case json>'     prints one JSON line
+    python -m longext.bench.memory '<case json>' OUT.json
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
-import os
-import subprocess
-import sys
 import time
+from pathlib import Path
+
+from longext.bench.fresh import main, run_fresh
 
 MB = 2**20
 LIVE_PEAK_MMAP_THRESHOLD = 65536
@@ -134,11 +133,11 @@ def measure(case: dict) -> dict:
                       gradient_checkpointing=case["gradient_checkpointing"], memory_check="off")
     model = add_lora(model, lora, train.gradient_checkpointing)
     if case.get("tiled_mlp"):
-        from longext.sp import apply_tiled_mlp
+        from longext.savers import apply_tiled_mlp
 
         apply_tiled_mlp(model)
     if case.get("fused_norm"):
-        from longext.sp import apply_fused_norm
+        from longext.savers import apply_fused_norm
 
         apply_fused_norm(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -177,26 +176,18 @@ def _loss(engine, batch: dict, tiled: bool):
     return micro_batch_loss(engine, shard_batch(batch, Layout()), Layout(), True)[0]
 
 
-def run_case(case: dict, timeout: int = 3600) -> dict:
+def run_case(case: dict, folder: Path, timeout: int = 3600) -> dict:
     """`measure(case)` in a fresh process (its own peak, no leftover distributed state)."""
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env = {}
     if case.get("live_peak"):
         # glibc then serves every block >= 64 KiB with its own mmap and unmaps it on free: RSS follows the live
         # tensors, without the heap's retention of freed blocks (the default raises this threshold as it goes)
         env["MALLOC_MMAP_THRESHOLD_"] = str(LIVE_PEAK_MMAP_THRESHOLD)
-    done = subprocess.run([sys.executable, "-m", "longext.bench.memory", json.dumps(case)],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory case {case['name']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_fresh("longext.bench.memory", case, folder, timeout, env)[0]
 
 
 if __name__ == "__main__":
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    print(json.dumps(measure(json.loads(sys.argv[1])), default=str))
+    main(lambda case, folder: measure(case), default=str)
 
 
 # ------------------------------------------------------------------------------------------ estimate

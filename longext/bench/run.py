@@ -60,16 +60,15 @@ def execute(case: dict, case_dir: Path) -> dict:
     if case["kind"] == "throughput":
         from longext.bench.throughput import run_case
 
-        case_dir.mkdir(parents=True, exist_ok=True)
-        return run_case({k: v for k, v in case.items() if k not in ("kind", "name")})
+        return run_case({k: v for k, v in case.items() if k not in ("kind", "name")}, case_dir)
     if case["kind"] == "memory":  # peak memory against the plan (longext/bench/memory.py)
         from longext.bench.memory import run_case as run_memory_case
 
-        return run_memory_case(case)
+        return run_memory_case(case, case_dir)
     if case["kind"] == "longgen":  # LongGen efficiency measurements (longext/bench/longgen.py)
         from longext.bench.longgen import run_case as run_longgen_case
 
-        return run_longgen_case(case)
+        return run_longgen_case(case, case_dir)
     from longext.bench.cases import run_model_case
     from longext.bench.retrieval import ensure_retrieval_docs
     from longext.bench.suites import TOY_DIR
@@ -197,7 +196,7 @@ def run_bench(suite: str, quick: bool = False, force: bool = False, out: Path = 
 
 # ----------------------------------------------------------------------------------------- machine
 def machine() -> dict:
-    from longext.evaluate.report import _cpu_name
+    from longext.evaluate.report import cpu_name
 
     flags = set()
     try:
@@ -211,7 +210,7 @@ def machine() -> dict:
         ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
     except (ValueError, OSError):
         ram = None
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "ram_gb": ram,
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "ram_gb": ram,
             "flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")},
             "load_start": round(os.getloadavg()[0], 2)}
 

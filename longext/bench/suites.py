@@ -310,7 +310,7 @@ def memory_cases(quick: bool) -> list[dict]:
         cases.append({"kind": "memory", "name": "mem-tiny-4k-z2-tiled", "model": "tiny", "seq_len": 4096,
                       "zero_stage": 2, "gradient_checkpointing": False, "steps": 1, "tiled_loss": True,
                       "tiled_mlp": True})
-        # the fused RMSNorm (longext.sp.RMSNormFunction): its own saved tensors and row-chunked backward
+        # the fused RMSNorm (longext.savers.RMSNormFunction): its own saved tensors and row-chunked backward
         cases += [{"kind": "memory", "name": f"mem-{m}-4k-z2-gc-fused", "model": m, "seq_len": 4096, "zero_stage": 2,
                    "gradient_checkpointing": True, "steps": 1, "fused_norm": True} for m in ("tiny", "smollm2")]
         # the same steps with RSS following the live tensors (no glibc retention): the formulas alone

@@ -2,21 +2,19 @@
 seconds per length. Each measurement runs in its own process, so peak memory (max RSS) is its own
 and no engine state leaks between cases.
 
-    python -m longext.bench.throughput '{"case": "train", "path": "engine", "model": "tiny", "seq_len": 2048}'
-prints one JSON line.
+    python -m longext.bench.throughput '{"case": "train", "path": "engine", "model": "tiny", "seq_len": 2048}' OUT.json
 """
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 import torch
+
+from longext.bench.fresh import main, run_fresh, timed
 
 TINY = dict(vocab_size=49152, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
@@ -44,16 +42,6 @@ def _batch(vocab: int, seq_len: int) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
             "position_ids": torch.arange(seq_len)[None]}
-
-
-def _timed(step, steps: int) -> list[float]:
-    step()  # warm-up: allocator, first-call kernels
-    times = []
-    for _ in range(steps):
-        began = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - began)
-    return times
 
 
 def train_case(path: str, model_name: str, seq_len: int, steps: int, precision: str = "auto") -> dict:
@@ -92,7 +80,7 @@ def train_case(path: str, model_name: str, seq_len: int, steps: int, precision: 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    times = _timed(step, steps)
+    times = timed(step, steps)
     median = statistics.median(times)
     return {"step_seconds": median, "tokens_per_s": seq_len / median, "steps": steps, "all_seconds": times,
             "precision": precision}
@@ -113,22 +101,13 @@ def eval_case(model_name: str, length: int, scored: int = 512) -> dict:
     return {"seconds": seconds, "tokens_per_s": length / seconds}
 
 
-def run_case(case: dict, timeout: int = 3600) -> dict:
+def run_case(case: dict, folder: Path, timeout: int = 3600) -> dict:
     """One measurement in a fresh process; adds peak_rss_mb and the wall time including start-up."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    began = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "longext.bench.throughput", json.dumps(case)],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark case {case} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**case, **result, "wall_seconds": time.perf_counter() - began}
+    result, seconds = run_fresh("longext.bench.throughput", case, folder, timeout)
+    return {**case, **result, "wall_seconds": seconds}
 
 
-def _main(case: dict) -> dict:
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+def measure(case: dict, folder: Path) -> dict:
     if case["case"] == "train":
         result = train_case(case["path"], case["model"], case["seq_len"], case.get("steps", 3), case.get("precision", "auto"))
     else:
@@ -138,4 +117,4 @@ def _main(case: dict) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_main(json.loads(sys.argv[1]))))
+    main(measure)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from longext.errors import LongextError
-from longext.evaluate.passkey import EXTRA_TOKENS, Trial, _fit, answer_is_correct, filler_sentences, run_trials
+from longext.evaluate.passkey import (
+    EXTRA_TOKENS, Trial, answer_is_correct, filler_sentences, largest_fitting, run_trials,
+)
 from longext.lengths import format_length
 from longext.recipe import NiahSpec
 
@@ -111,7 +113,7 @@ def niah_prompt(tokenizer, length: int, needles: list[Needle], query: Needle,
                            f"({len(needles)} needle{'s' if len(needles) != 1 else ''})")
     cycle = len(build(len(sentences))[1]) - bare
     per = max(cycle / len(sentences), 1e-9)  # tokens per filler sentence, on average
-    n = _fit(lambda k: len(build(k)[1]), int((length - bare) / per), length, per)
+    n = largest_fitting(lambda k: len(build(k)[1]), int((length - bare) / per), length, per)
     head, ids = build(n)
     ordered = tuple(sorted(needles, key=lambda x: (round(x.depth * n), needles.index(x))))
     return NiahPrompt(ids, ordered, query, len(tokenizer(head)["input_ids"]))

@@ -75,14 +75,14 @@ def passkey_prompt(tokenizer, length: int, key: str, depth: float,
     cycle = len(build(len(sentences))[1]) - bare
     per = max(cycle / len(sentences), 1e-9)  # tokens per filler sentence, on average
     n = int((length - bare) / per)
-    n = _fit(lambda k: len(build(k)[1]), n, length, per)
+    n = largest_fitting(lambda k: len(build(k)[1]), n, length, per)
     head, ids = build(n)
     before = round(depth * n)
     needle_at = len(tokenizer(head)["input_ids"])
     return PasskeyPrompt(ids, key, depth, needle_at, before, n - before)
 
 
-def _fit(count: Callable[[int], int], n: int, length: int, per: float) -> int:
+def largest_fitting(count: Callable[[int], int], n: int, length: int, per: float) -> int:
     """Largest k with count(k) <= length, from the estimate n; count grows with k by ~`per` a step."""
     tokens = count(n)
     for _ in range(64):

@@ -18,7 +18,7 @@ from typing import Sequence
 from pydantic import ValidationError
 
 from longext.errors import LongextError, Problems
-from longext.lengths import parse_length
+from longext.lengths import length_flag
 from longext.recipe import EvalSpec, apply_override, load_recipe, to_issue
 
 MAX_LADDER = 8
@@ -82,14 +82,6 @@ class EvalRequest:
     def ladder(self, original_context: int | None) -> list[int]:
         """The lengths to test: the explicit list, else `ladder_lengths(longest, L0)`."""
         return list(self.lengths) if self.lengths else ladder_lengths(self.longest, original_context)
-
-
-def length_flag(flag: str, value: object) -> int:
-    """Tokens from a flag value like 16k. Raises LongextError naming the flag."""
-    try:
-        return parse_length(value)
-    except ValueError as err:
-        raise LongextError(f"{flag}: {err} (got {value!r})") from None
 
 
 def lengths_flag(value: str) -> list[int]:

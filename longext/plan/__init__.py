@@ -19,7 +19,7 @@ Every term is a formula in the model's dimensions (docs/scaling.md writes them o
   holds all of it; in CPU RAM only the written part (the gradients) is resident.
 - activations kept for backward, per layer and token, in bytes (sdpa / flash kernels, LoRA on the recipe's targets):
       4d + 4d                 the two RMSNorm inputs (the norm upcasts to fp32 and keeps that); with fused_norm
-                              (longext.sp.RMSNormFunction) each keeps its input as is and one fp32 scale: a*d + 4
+                              (longext.savers.RMSNormFunction) each keeps its input as is and one fp32 scale: a*d + 4
       a(q + 2 G'h) + a q + 4H rotated q, k, v, the attention output and its log-sum-exp (q = H h; G' = max(G, sp):
                               Ulysses repeats the kv heads when sp > G)
       3a*i                    MLP: gate (for SiLU), SiLU(gate) and up (for the product)

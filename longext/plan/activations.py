@@ -64,7 +64,7 @@ NORM_IN, POST_NORM_IN, DOWN_IN = "input norm: fp32 input", "post-attention norm:
 
 def _norm_input(name: str, s: Setup, d: int) -> tuple[str, int, str]:
     """What an RMSNorm saves per token: transformers' module its fp32 copy of the input (in fp32 the input
-    itself); the fused norm (longext.sp.RMSNormFunction) the input in its own dtype and one fp32 scale."""
+    itself); the fused norm (longext.savers.RMSNormFunction) the input in its own dtype and one fp32 scale."""
     if s.fused_norm:
         return name, element_bytes(s) * d + 4, "a d + 4"
     return name, 4 * d, "4d"
@@ -180,7 +180,7 @@ def backward_moments(dims: Dims, s: Setup) -> dict[str, list[Term]]:
     # [T, d] tensors at its peak (its output's gradient in fp32 and four temporaries of the pow/mean/rsqrt chain)
     # in fp32 the norm takes its input as is, so the layer output's gradient is accumulated into one of the five
     if s.fused_norm:  # RMSNormFunction: the input gradient in the activation dtype and fp32 row-chunk temporaries
-        from longext.sp import NORM_CHUNK_ELEMENTS
+        from longext.savers import NORM_CHUNK_ELEMENTS
 
         rows = min(T, max(1, NORM_CHUNK_ELEMENTS // d))
         grads_norm = per_token([("gradient of the layer output", a * d, "a d"),

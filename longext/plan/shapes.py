@@ -143,7 +143,7 @@ def setup_from_recipe(recipe, gpus: int = 1, device: str = "cuda", full: bool = 
 
 def resolve_auto(dims: Dims, s: Setup) -> Setup:
     """tiled_loss / tiled_mlp / fused_norm `auto` decided by the training code's rule (longext.sp) for this setup."""
-    from longext.sp import auto_savers
+    from longext.savers import auto_savers
 
     rules = auto_savers(s.micro_batch * s.seq_len // s.sequence_parallel, s.sequence_parallel, dims.vocab)
     return replace(s, **{k: v for k, v in rules.items() if getattr(s, k) == "auto"})
@@ -199,6 +199,6 @@ def kernel_kv_heads(dims: Dims, s: Setup) -> int:
 def mlp_tile_count(dims: Dims, s: Setup) -> int:
     """TiledMLP's shard count (longext.sp: about hidden_size tokens of each sample's local sequence per shard; a
     shard holds those tokens of every sample of the micro-batch); 1 = the MLP runs untiled."""
-    from longext.sp import mlp_tiles
+    from longext.savers import mlp_tiles
 
     return mlp_tiles(s.seq_len // s.sequence_parallel, dims.hidden) if s.tiled_mlp else 1
