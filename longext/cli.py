@@ -79,30 +79,24 @@ def train(
     extra = [f"output.dir={out}"] if out else []
     spec = load_recipe(recipe, [*(overrides or []), *extra])
     try:
-        _train(ctx, spec, dry_run, resume, nproc, hostfile)
+        if dry_run:
+            from longext.resolve import describe_resolved, resolve
+
+            _console().print(describe_resolved(resolve(spec)), markup=False)
+            return
+        from longext.launch import preflight, relaunch
+
+        resolved, warnings = preflight(spec, nproc, hostfile, resume)  # once, before any launch or weights
+        for line in warnings:
+            _console(stderr=True).print(line, markup=False, soft_wrap=True)
+        if nproc > 1 or hostfile:
+            argv = ctx.find_root().obj  # what main() was given; None from the console script
+            raise typer.Exit(relaunch(argv if argv is not None else sys.argv[1:], nproc=nproc, hostfile=hostfile))
+        from longext.train import run_training
+
+        run_dir = run_training(spec, resume=resume, resolved=resolved)
     except LongextError as err:
         raise located(recipe, err, overrides or []) from None  # --out is not a --set: no tag
-
-
-def _train(ctx: typer.Context, spec, dry_run: bool, resume: bool, nproc: int, hostfile: Optional[Path]) -> None:
-    if dry_run:
-        from longext.resolve import describe_resolved, resolve
-
-        _console().print(describe_resolved(resolve(spec)), markup=False)
-        return
-    from longext.launch import preflight
-
-    resolved, warnings = preflight(spec, nproc, hostfile, resume)
-    for line in warnings:
-        _console(stderr=True).print(line, markup=False, soft_wrap=True)
-    if nproc > 1 or hostfile:
-        from longext.launch import relaunch
-
-        argv = ctx.find_root().obj  # what main() was given; None from the console script
-        raise typer.Exit(relaunch(argv if argv is not None else sys.argv[1:], nproc=nproc, hostfile=hostfile))
-    from longext.train import run_training
-
-    run_dir = run_training(spec, resume=resume, resolved=resolved)
     _console().print(f"run directory: {run_dir}")
 
 

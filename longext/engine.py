@@ -86,10 +86,14 @@ def _adam_params(train: TrainSpec) -> dict:
     return {"lr": train.lr, "betas": list(train.betas), "eps": train.eps, "weight_decay": train.weight_decay}
 
 
-def lr_lambda(train: TrainSpec):
-    """Multiplier of train.lr at optimizer step `step`: linear warmup, then constant/cosine/linear decay."""
+def lr_lambda(train: TrainSpec, then_lr: float | None = None):
+    """Multiplier of train.lr at optimizer step `step`: linear warmup, then constant/cosine/linear decay over
+    train.steps; with `then_lr` (a second stage in the same engine, LongRecipe's replay), that constant rate from
+    step train.steps on (a multiplier of train.lr, like every LambdaLR factor)."""
 
     def factor(step: int) -> float:
+        if then_lr is not None and step >= train.steps:
+            return then_lr / train.lr
         if step < train.warmup_steps:
             return (step + 1) / (train.warmup_steps + 1)
         if train.schedule == "constant":
@@ -129,9 +133,10 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def make_engine(model, train: TrainSpec, world_size: int, mpu=None):
+def make_engine(model, train: TrainSpec, world_size: int, mpu=None, then_lr: float | None = None):
     """deepspeed.initialize over the trainable parameters; returns the engine. With sequence parallelism,
-    `world_size` is the data-parallel degree (ranks / sequence_parallel) and `mpu` DeepSpeed's SP groups."""
+    `world_size` is the data-parallel degree (ranks / sequence_parallel) and `mpu` DeepSpeed's SP groups.
+    `then_lr`: the constant rate of a second stage after train.steps (lr_lambda)."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -139,7 +144,7 @@ def make_engine(model, train: TrainSpec, world_size: int, mpu=None):
     optimizer = None
     if "optimizer" not in config:
         optimizer = torch.optim.AdamW(params, **_adam_params(train))
-    schedule = lr_lambda(train)
+    schedule = lr_lambda(train, then_lr)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=params,

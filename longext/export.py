@@ -146,7 +146,8 @@ def merge_run(run: Path, state: RopeState, dtype: str) -> Merged:
     loaded.set_length(state.target_len)  # E2-LLM: the PI scale for the served window
     recipe, in_tool = loaded.recipe, loaded.model
     full = recipe.train.full_finetune
-    save_dtype = resolve_dtype(dtype, recipe.model.path)
+    base = expand_path(recipe.model.path)
+    save_dtype = resolve_dtype(dtype, base)
     if not trained_method(state).own_attention:  # LongGen's registered function already sends full layers to SDPA
         (in_tool if full else in_tool.get_base_model()).set_attn_implementation("sdpa")  # as the reloaded side
     probes = build_probes(in_tool.config.vocab_size, state, sum(p.numel() for p in in_tool.parameters()))
@@ -171,11 +172,12 @@ def merge_run(run: Path, state: RopeState, dtype: str) -> Merged:
         "version": __version__, "run": recipe.name, "method": recipe.method.kind, "rope_kind": state.kind,
         "original_context": state.original_context, "target_len": state.target_len,
     }
-    return Merged(model, save_dtype, probes, reference, saved, merge_diff, scale, expand_path(recipe.model.path), info)
+    return Merged(model, save_dtype, probes, reference, saved, merge_diff, scale, base, info)
 
 
 def resolve_dtype(dtype: str, base_path: str) -> str:
-    """`auto` = the base model's saved dtype (config.dtype / torch_dtype), float32 when unknown."""
+    """`auto` = the saved dtype (config.dtype / torch_dtype) of the base model at `base_path` (expanded), float32
+    when unknown."""
     if dtype != "auto":
         return dtype
     config = load_model_config(base_path)

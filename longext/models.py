@@ -7,16 +7,15 @@ work on this model instance only.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from longext.errors import LongextError
-from longext.files import expand_path
-from longext.recipe import LoraSpec, Recipe
-from longext.rope import RopeState, apply_rope_config, rope_state
+from longext.recipe import LoraSpec
+from longext.rope import apply_rope_config
 
 # Families whose attention uses transformers' standard rotary embedding + `apply_rotary_pos_emb`.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -37,10 +36,11 @@ def quiet_libraries() -> None:
 
 
 def load_model_config(path: str, field_name: str = "model.path"):
-    """AutoConfig for a local directory or a hub name; one-line errors for the usual failures."""
+    """AutoConfig for a local directory (a recipe's path expanded once by its caller: resolve, targets) or a hub
+    name; one-line errors for the usual failures."""
     from transformers import AutoConfig
 
-    path = expand_path(path)
+    path = str(path)
     local = Path(path)
     if local.exists():
         if not (local / "config.json").is_file():
@@ -49,11 +49,12 @@ def load_model_config(path: str, field_name: str = "model.path"):
         raise LongextError(
             f"{field_name}: no such model directory: {path!r} (for the offline SmolLM2 run `longext models prepare smollm2`)"
         )
+    own = is_own_export(local)
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=is_own_export(local))
+        config = AutoConfig.from_pretrained(path, trust_remote_code=own)
     except (OSError, ValueError) as err:
         raise LongextError(f"{field_name}: cannot load a model config from {path!r}: {str(err).splitlines()[0]}") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES and not is_own_export(local):
+    if config.model_type not in SUPPORTED_MODEL_TYPES and not own:
         raise LongextError(
             f"{field_name}: model type {config.model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
@@ -89,24 +90,23 @@ def attn_implementation(requested: str) -> str:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(expand_path(path))
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def build_model(recipe: Recipe, dtype: torch.dtype = torch.float32) -> tuple[Any, RopeState]:
-    """Base model with the recipe's RoPE state in its config (weights loaded once, at the end)."""
+def build_model(resolved, dtype: torch.dtype = torch.float32):
+    """The base model of a resolved recipe (longext.resolve.Resolved) with its RoPE state in the config it was
+    resolved against (weights loaded once, at the end)."""
     from transformers import AutoModelForCausalLM
 
-    config = load_model_config(recipe.model.path)
-    state = rope_state(recipe, config)
-    apply_rope_config(config, state)
-    model = AutoModelForCausalLM.from_pretrained(
-        expand_path(recipe.model.path), config=config, dtype=dtype,
-        attn_implementation=attn_implementation(recipe.model.attn_implementation),
+    config = copy.deepcopy(resolved.model_config)  # the resolved config stays as config.json says
+    apply_rope_config(config, resolved.rope)
+    return AutoModelForCausalLM.from_pretrained(
+        resolved.model_dir, config=config, dtype=dtype,
+        attn_implementation=attn_implementation(resolved.recipe.model.attn_implementation),
     )
-    return model, state
 
 
 def add_lora(model, spec: LoraSpec, gradient_checkpointing: bool = False):

@@ -11,9 +11,13 @@ from longext.recipe import Recipe, dump_recipe
 
 @dataclass(frozen=True)
 class Resolved:
+    """A recipe against its model, computed once per process (`resolve`) and handed to everything that needs it:
+    the memory check, build_model, the method's hooks, the run directory."""
+
     recipe: Recipe  # every `auto` replaced by its value
-    rope: "RopeState"  # noqa: F821
-    model_config: object
+    rope: "RopeState"  # noqa: F821  (the RoPE state, with the method's state in rope.extra)
+    model_config: object  # the model's transformers config, as config.json says
+    model_dir: str  # model.path with `~` and `$LONGEXT_CACHE` expanded
 
 
 def resolve(recipe: Recipe) -> Resolved:
@@ -21,13 +25,15 @@ def resolve(recipe: Recipe) -> Resolved:
 
     from longext.engine import resolve_precision
     from longext.errors import LongextError
+    from longext.files import expand_path
     from longext.methods import method_for
     from longext.models import load_model_config
     from longext.rope import original_context, rope_state
     from longext.savers import resolve_switches
     from longext.sp import check_parallel
 
-    config = load_model_config(recipe.model.path)
+    model_dir = expand_path(recipe.model.path)
+    config = load_model_config(model_dir)
     method = method_for(recipe.method.kind)
     L0 = original_context(config, recipe.model.original_context)
     recipe = method.resolve(recipe, config, L0)  # the method's own `auto`s: LongRecipe's enlarged base, E2-LLM's g_max
@@ -47,7 +53,7 @@ def resolve(recipe: Recipe) -> Resolved:
     check_parallel(resolved, config, method)  # heads, lengths and kernel against train.sequence_parallel, no weights
     resolved = resolved.model_copy(update={"train": resolve_switches(resolved.train, seq_len, config.vocab_size)})
     state = dataclasses.replace(state, extra=method.state(resolved, config))
-    return Resolved(resolved, state, config)
+    return Resolved(resolved, state, config, model_dir)
 
 
 def describe_resolved(resolved: Resolved) -> str:

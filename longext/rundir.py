@@ -101,13 +101,6 @@ def _diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def write_start(run_dir: Path, recipe: Recipe, rope, start: int, total: int | None = None, stages: dict | None = None) -> None:
-    """`total`: optimizer steps over all stages (default train.steps)."""
-    write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
-    write_json(run_dir / "rope.json", rope.to_json())
-    write_status(run_dir, "running", start, total or recipe.train.steps, 0, stages=stages)
-
-
 def read_status(run_dir: Path) -> dict:
     try:
         return json.loads((run_dir / "status.json").read_text())
@@ -115,20 +108,6 @@ def read_status(run_dir: Path) -> dict:
         return {}
 
 
-def write_status(run_dir: Path, state: str, step: int, steps: int | None, rank: int, reason: str | None = None,
-                 stages: dict | None = None) -> None:
-    """status.json; `stages` (multi-stage methods) maps each stage to done | running | pending."""
-    if rank != 0:
-        return
-    status = {"state": state, "step": step, "steps": steps, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if reason:
-        status["reason"] = reason
-    if stages:
-        status["stages"] = stages
-    write_json(run_dir / "status.json", status)
-
-
-# ---------------------------------------------------------------------------------- checkpoints
 def latest_checkpoint(run_dir: Path) -> Path | None:
     latest = run_dir / "checkpoints" / "latest"
     if not latest.is_file():
@@ -137,29 +116,77 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, keep: int) -> None:
-    """Trainable weights, optimizer, scheduler, RNG and the data position. DeepSpeed updates
-    `latest` only after the tag folder is complete, so a crash mid-save keeps the previous one."""
-    ckpt = run_dir / "checkpoints"
-    client_state = {"step": step, "torch_rng": torch.get_rng_state()}
-    engine.save_checkpoint(str(ckpt), tag=f"step-{step:06d}", client_state=client_state, exclude_frozen_parameters=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    if _rank() == 0:
-        tags = sorted(p for p in ckpt.glob("step-*") if p.is_dir())
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+class Run:
+    """A run directory while it trains: status.json (written by rank 0, from here only), the checkpoints, and what
+    training produced. `stages(step, finished)` says which stages of a multi-stage method are done (None for one)."""
 
+    def __init__(self, run_dir: Path, rank: int, total: int, stages=lambda step, finished=False: None):
+        self.dir, self.rank, self.total, self.stages = Path(run_dir), rank, total, stages
 
-def load_checkpoint(engine, run_dir: Path) -> int:
-    """Restore the newest checkpoint; returns the optimizer step to continue from."""
-    path = latest_checkpoint(run_dir)
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
-    if client_state is None:
-        raise LongextError(f"--resume: checkpoint {path} could not be read (it may be from another DeepSpeed layout)")
-    torch.set_rng_state(client_state["torch_rng"])
-    _lr_from_schedule(engine.lr_scheduler)
-    return int(client_state["step"])
+    def start(self, recipe: Recipe, rope, step: int) -> None:
+        """The resolved recipe and the RoPE state the trained model needs, then status running (rank 0)."""
+        if self.rank == 0:
+            write_atomic(self.dir / "recipe.yaml", dump_recipe(recipe))
+            write_json(self.dir / "rope.json", rope.to_json())
+        self.status("running", step)
+
+    def status(self, state: str, step: int, finished: bool = False) -> None:
+        """running | interrupted | finished at optimizer step `step` of all stages."""
+        self._write_status(state, step, self.total, stages=self.stages(step, finished))
+
+    def fail(self, step: int, reason: str) -> None:
+        self._write_status("failed", step, None, reason=reason)
+
+    def _write_status(self, state: str, step: int, steps: int | None, reason: str | None = None,
+                      stages: dict | None = None) -> None:
+        if self.rank != 0:
+            return
+        status = {"state": state, "step": step, "steps": steps, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if reason:
+            status["reason"] = reason
+        if stages:
+            status["stages"] = stages  # each stage: done | running | pending
+        write_json(self.dir / "status.json", status)
+
+    def save_checkpoint(self, engine, step: int, keep: int) -> None:
+        """Trainable weights, optimizer, scheduler, RNG and the data position. DeepSpeed updates
+        `latest` only after the tag folder is complete, so a crash mid-save keeps the previous one."""
+        ckpt = self.dir / "checkpoints"
+        client_state = {"step": step, "torch_rng": torch.get_rng_state()}
+        engine.save_checkpoint(str(ckpt), tag=f"step-{step:06d}", client_state=client_state, exclude_frozen_parameters=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if self.rank == 0:
+            tags = sorted(p for p in ckpt.glob("step-*") if p.is_dir())
+            for old in tags[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, engine) -> int:
+        """Restore the newest checkpoint; returns the optimizer step to continue from."""
+        path = latest_checkpoint(self.dir)
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+        if client_state is None:
+            raise LongextError(f"--resume: checkpoint {path} could not be read (it may be from another DeepSpeed layout)")
+        torch.set_rng_state(client_state["torch_rng"])
+        _lr_from_schedule(engine.lr_scheduler)
+        return int(client_state["step"])
+
+    def save_trained(self, engine, full: bool = False) -> Path:
+        """What training produced, gathered from ZeRO-3 partitions and written atomically: the peft adapter to
+        adapter/, or for a full fine-tune (`full`) the whole model to model/ (config + safetensors)."""
+        from longext.engine import gathered
+
+        module = engine.module
+        params = [p for p in module.parameters() if full or p.requires_grad]
+        final = self.dir / ("model" if full else "adapter")
+        with gathered(engine, params):
+            if self.rank == 0:
+                with staging_folder(final) as tmp:
+                    module.save_pretrained(tmp)
+                    publish_folder(tmp, final)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return final
 
 
 def _lr_from_schedule(scheduler) -> None:
@@ -173,21 +200,3 @@ def _lr_from_schedule(scheduler) -> None:
     for group, base, factor in zip(groups, scheduler.base_lrs, lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in groups]
-
-
-def save_trained(engine, run_dir: Path, rank: int, full: bool = False) -> Path:
-    """What training produced, gathered from ZeRO-3 partitions and written atomically: the peft adapter to
-    run_dir/adapter, or for a full fine-tune (`full`) the whole model to run_dir/model (config + safetensors)."""
-    from longext.engine import gathered
-
-    module = engine.module
-    params = [p for p in module.parameters() if full or p.requires_grad]
-    final = run_dir / ("model" if full else "adapter")
-    with gathered(engine, params):
-        if rank == 0:
-            with staging_folder(final) as tmp:
-                module.save_pretrained(tmp)
-                publish_folder(tmp, final)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return final

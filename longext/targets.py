@@ -74,10 +74,11 @@ def _load_run(run_dir: Path, recipe: Recipe, dtype: torch.dtype) -> Loaded:
         )
     if not full and not (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").is_file():
         raise LongextError(f"TARGET: {run_dir} has no finished adapter yet (train it, or resume with `longext train --resume`)")
-    config = load_model_config(recipe.model.path)
+    base = expand_path(recipe.model.path)
+    config = load_model_config(base)
     apply_rope_config(config, state)
     model = AutoModelForCausalLM.from_pretrained(  # model/config.json is ignored: it may carry training-time patches
-        run_dir / "model" if full else expand_path(recipe.model.path), config=config, dtype=dtype,
+        run_dir / "model" if full else base, config=config, dtype=dtype,
         attn_implementation=attn_implementation(recipe.model.attn_implementation),
     )
     if not full and (adapter / "adapter_config.json").is_file():
@@ -87,7 +88,7 @@ def _load_run(run_dir: Path, recipe: Recipe, dtype: torch.dtype) -> Loaded:
 
     return Loaded(
         set_length=trained_method(state).eval_hook(model, state),
-        model=model, tokenizer=load_tokenizer(expand_path(recipe.model.path)), name=recipe.name,
+        model=model, tokenizer=load_tokenizer(base), name=recipe.name,
         original_context=state.original_context, target_context=state.target_len, rope=state.parameters, recipe=recipe,
     )
 

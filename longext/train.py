@@ -1,5 +1,5 @@
-"""`longext train`: recipe in, run directory out. The loop is on one screen; the steps around it
-(run directory, checkpoints, metrics) are named helpers below it."""
+"""`longext train`: recipe in, run directory out. The loop is on one screen; the set-up above it reads top to
+bottom, and what happens around it (status, checkpoints, the stages of multi-stage methods) is named below it."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from pathlib import Path
 
 import torch
 
-from longext import rundir
 from longext.data import build_train_data
-from longext.engine import init_distributed, lr_lambda, make_engine, release_zero3_linear
+from longext.engine import init_distributed, make_engine, release_zero3_linear
 from longext.errors import TrainingStopped
 from longext.methods import method_for
 from longext.metrics import MetricsLog, StepProgress
 from longext.models import add_lora, apply_full_finetune, build_model, load_tokenizer, quiet_libraries
-from longext.resolve import Resolved, resolve
 from longext.recipe import Recipe
+from longext.resolve import Resolved, resolve
+from longext.rundir import Run, check_start, latest_checkpoint
 from longext.savers import activation_offload, apply_fused_norm, apply_tiled_mlp
 from longext.sp import apply_sequence_parallel, layout, micro_batch_loss, shard_batch
 
@@ -27,55 +27,39 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 def run_training(recipe: Recipe, resume: bool = False, resolved: Resolved | None = None) -> Path:
     """Train `recipe` into its run directory. `resolved`: the recipe already resolved in this process (the CLI's
     pre-flight does it), else it is resolved here, from config.json only: it fails fast, before any weights load."""
+    quiet_libraries()
     try:
-        return _run_training(recipe, resume, resolved)
+        return _run_training(resolved or resolve(recipe), resume)
     finally:
         release_zero3_linear()
 
 
-def _run_training(recipe: Recipe, resume: bool, resolved: Resolved | None) -> Path:
-    quiet_libraries()
-    run_dir = recipe.run_dir
-    resolved = resolved or resolve(recipe)
-    recipe = resolved.recipe  # every `auto` filled in from here on
-    rundir.check_start(run_dir, recipe, resume)
+def _run_training(resolved: Resolved, resume: bool) -> Path:
+    recipe, t = resolved.recipe, resolved.recipe.train  # every `auto` filled in
+    check_start(recipe.run_dir, recipe, resume)
     rank, world = init_distributed()
-    lay = layout(rank, world, recipe.train.sequence_parallel)  # sp ranks share a sample: world / sp data groups
-    torch.manual_seed(recipe.train.seed)
+    lay = layout(rank, world, t.sequence_parallel)  # sp ranks share a sample: world / sp data groups
+    torch.manual_seed(t.seed)
 
     method = method_for(recipe.method.kind).setup(recipe, resolved.rope)
-    t = recipe.train
+    tokenizer = load_tokenizer(resolved.model_dir)
     group = t.micro_batch_size * t.grad_accum * lay.dp if method.per_step else 1
-    tokenizer = load_tokenizer(recipe.model.path)
-    if method.build_data is not None:
-        data = method.build_data(recipe, tokenizer)
-    else:
-        data = build_train_data(recipe, tokenizer, method.positions, group)
-    model, _ = build_model(recipe)
-    method.apply(model)  # before LoRA: peft wraps the patched modules
-    if t.full_finetune:
-        apply_full_finetune(model, t.gradient_checkpointing)
-    else:
-        model = add_lora(model, recipe.lora, t.gradient_checkpointing)
-    lay = apply_sequence_parallel(model, lay, t.micro_batch_size)
-    if t.tiled_mlp:
-        apply_tiled_mlp(model)
-    if t.fused_norm:
-        apply_fused_norm(model)
-    engine = make_engine(model, recipe.train, lay.dp, lay.mpu)
-    stages = _Stages(method, t.steps, data, tokenizer, recipe, engine)
-    total = stages.total
-
-    start = rundir.load_checkpoint(engine, run_dir) if resume else 0
-    if rank == 0:
-        rundir.write_start(run_dir, recipe, resolved.rope, start, total, stages.status(start))
-    log = MetricsLog(run_dir, enabled=rank == 0, resume_from=start)
-    progress = StepProgress(recipe.model_copy(update={"train": t.model_copy(update={"steps": total})}), lay.dp,
+    data = method.build_data(recipe, tokenizer) if method.build_data else build_train_data(
+        recipe, tokenizer, method.positions, group)
+    model, lay = trainable_model(resolved, method, lay)
+    extra = method.extra_stage
+    engine = make_engine(model, t, lay.dp, lay.mpu, then_lr=extra.lr if extra else None)
+    stages = _Stages(method, t.steps, data, extra.build_data(recipe, tokenizer) if extra else None)
+    run = Run(recipe.run_dir, rank, stages.total, stages.status)
+    start = run.load_checkpoint(engine) if resume else 0
+    run.start(recipe, resolved.rope, start)
+    log = MetricsLog(run.dir, enabled=rank == 0, resume_from=start)
+    progress = StepProgress(recipe.model_copy(update={"train": t.model_copy(update={"steps": stages.total})}), lay.dp,
                             enabled=rank == 0, start=start)
     stop = _StopFlag()
 
     engine.train()
-    for step in range(start, total):
+    for step in range(start, stages.total):
         began, loss_sum, tokens = time.perf_counter(), torch.zeros(()), 0
         lr = float(engine.get_lr()[0])  # the rate this step's update uses (the scheduler moves on after it)
         stage_data, first = stages.data_at(step)
@@ -84,7 +68,7 @@ def _run_training(recipe: Recipe, resume: bool, resolved: Resolved | None) -> Pa
             method.before_forward(engine.module, batch)
             loss, logged = _forward(engine, batch, lay, t)
             if not _all_finite(loss):
-                _stop_nonfinite(run_dir, step, loss, rank)
+                _stop_nonfinite(run, step, loss)
             engine.backward(loss)
             engine.step()  # the optimizer steps at the accumulation boundary only
             loss_sum += logged
@@ -93,42 +77,61 @@ def _run_training(recipe: Recipe, resume: bool, resolved: Resolved | None) -> Pa
         progress.update(record)
         stage_end = stages.is_boundary(step + 1)
         if _due(step + 1, t.save_every) or stop.requested() or stage_end:
-            rundir.save_checkpoint(engine, run_dir, step + 1, t.keep_checkpoints)
+            run.save_checkpoint(engine, step + 1, t.keep_checkpoints)
         if stage_end:
-            rundir.write_status(run_dir, "running", step + 1, total, rank, stages=stages.status(step + 1))
+            run.status("running", step + 1)
         if stop.requested():
             progress.close()
-            rundir.write_status(run_dir, "interrupted", step + 1, total, rank, stages=stages.status(step + 1))
+            run.status("interrupted", step + 1)
             raise TrainingStopped(
-                f"interrupted by {stop.name} at step {step + 1}/{total}; checkpoint saved in {run_dir}/checkpoints; "
+                f"interrupted by {stop.name} at step {step + 1}/{stages.total}; checkpoint saved in {run.dir}/checkpoints; "
                 f"continue with `longext train <recipe> --resume`",
                 exit_code=128 + stop.signum,
             )
 
     progress.close()
-    if start < total and not _due(total, t.save_every):
-        rundir.save_checkpoint(engine, run_dir, total, t.keep_checkpoints)
-    rundir.save_trained(engine, run_dir, rank, full=t.full_finetune)
-    if method.finish is not None:
-        rundir.write_status(run_dir, "running", total, total, rank, stages=stages.status(total))
-        method.finish(engine, run_dir, rank)
-    rundir.write_status(run_dir, "finished", total, total, rank, stages=stages.status(total, finished=True))
+    _finish(run, engine, method, t, start)
     log.close()
-    return run_dir
+    return run.dir
+
+
+def trainable_model(resolved: Resolved, method, lay):
+    """(model, layout): the base model with the resolved RoPE state, the method's patches (before LoRA: peft wraps
+    the patched modules), LoRA or every weight trainable, Ulysses attention and the memory savers."""
+    t = resolved.recipe.train
+    model = build_model(resolved)
+    method.apply(model)
+    if t.full_finetune:
+        apply_full_finetune(model, t.gradient_checkpointing)
+    else:
+        model = add_lora(model, resolved.recipe.lora, t.gradient_checkpointing)
+    lay = apply_sequence_parallel(model, lay, t.micro_batch_size)
+    if t.tiled_mlp:
+        apply_tiled_mlp(model)
+    if t.fused_norm:
+        apply_fused_norm(model)
+    return model, lay
+
+
+def _finish(run: Run, engine, method, t, start: int) -> None:
+    """The last checkpoint, the trained weights, the method's finish step (LongRecipe's merge), status finished."""
+    if start < run.total and not _due(run.total, t.save_every):
+        run.save_checkpoint(engine, run.total, t.keep_checkpoints)
+    run.save_trained(engine, full=t.full_finetune)
+    if method.finish is not None:
+        run.status("running", run.total)
+        method.finish(engine, run.dir, run.rank)
+    run.status("finished", run.total, finished=True)
 
 
 class _Stages:
     """The main stage, then the method's extra stage (LongRecipe's replay) in the same engine, and its finish step
-    (a merge). Which stage a step belongs to follows from the step alone, so --resume continues in the right one."""
+    (a merge). Which stage a step belongs to follows from the step alone, so --resume continues in the right one.
+    The learning rate of each stage is the engine's schedule (engine.lr_lambda)."""
 
-    def __init__(self, method, steps: int, data, tokenizer, recipe: Recipe, engine):
-        self.method, self.steps, self.data = method, steps, data
-        extra = method.extra_stage
-        self.total = steps + (extra.steps if extra else 0)
-        self.extra_data = extra.build_data(recipe, tokenizer) if extra else None
-        if extra:  # the main schedule, then a constant lr (a multiplier of train.lr, like every LambdaLR factor)
-            main, ratio = lr_lambda(recipe.train), extra.lr / recipe.train.lr
-            engine.lr_scheduler.lr_lambdas = [lambda step: main(step) if step < steps else ratio]
+    def __init__(self, method, steps: int, data, extra_data):
+        self.method, self.steps, self.data, self.extra_data = method, steps, data, extra_data
+        self.total = steps + (method.extra_stage.steps if method.extra_stage else 0)
 
     def data_at(self, step: int):
         """(TrainData, first step of its stage) for optimizer step `step` (0-based)."""
@@ -179,9 +182,9 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
     return float(value.item())
 
 
-def _stop_nonfinite(run_dir: Path, step: int, loss: torch.Tensor, rank: int) -> None:
-    last = rundir.latest_checkpoint(run_dir)
-    rundir.write_status(run_dir, "failed", step, None, rank, reason=f"non-finite loss {loss.item()}")
+def _stop_nonfinite(run: Run, step: int, loss: torch.Tensor) -> None:
+    last = latest_checkpoint(run.dir)
+    run.fail(step, reason=f"non-finite loss {loss.item()}")
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
     raise TrainingStopped(
         f"non-finite loss ({loss.item()}) at step {step + 1}; training stopped and {kept} "
@@ -213,4 +216,3 @@ class _StopFlag:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         self.signum = int(flag.item())
         return self.signum != 0
-

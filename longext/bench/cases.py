@@ -8,9 +8,9 @@ A model case is a JSON-able dict:
               "passkey_lengths": [...], "trials": 20, "depths": [...], "filler_chars": 60000, "seed": 0,
               "texts": [optional .txt files; default the eval books]}}
 
-Training goes through `longext.train.run_training` and loading through `longext.models` (the tool
+Training goes through `longext.train.run_training` and loading through `longext.targets` (the tool
 is what is benchmarked). A training-free row builds the base model with the recipe's RoPE setting
-(`models.build_model`), exactly what a fine-tuned row starts from. Every case runs in its own
+(`resolve.resolve`, then `models.build_model`), exactly what a fine-tuned row starts from. Every case runs in its own
 process (`run_model_case`), so its peak memory is its own and no distributed state leaks.
 
     python -m longext.bench.cases '<case json>' RESULT.json     (bench/fresh.py)
@@ -75,8 +75,9 @@ def stage_lengths(recipe, original: int | None) -> list[tuple[int, int]]:
 def load_case_model(case: dict, out_dir: Path):
     """(Loaded, training figures or {}) for the case: trains first when case["train"]."""
     from longext.models import build_model, load_tokenizer, quiet_libraries
-    from longext.targets import Loaded, load_target
     from longext.recipe import validate_recipe
+    from longext.resolve import resolve
+    from longext.targets import Loaded, load_target
 
     quiet_libraries()
     raw = dict(case["recipe"])
@@ -91,8 +92,9 @@ def load_case_model(case: dict, out_dir: Path):
         loaded = load_target(run_dir)
         figures.update(train_figures(run_dir, stage_lengths(recipe, loaded.original_context)))
         return loaded, figures
-    model, rope = build_model(recipe)
-    loaded = Loaded(model=model.eval(), tokenizer=load_tokenizer(recipe.model.path), name=case["name"],
+    resolved = resolve(recipe)
+    rope = resolved.rope
+    loaded = Loaded(model=build_model(resolved).eval(), tokenizer=load_tokenizer(resolved.model_dir), name=case["name"],
                     original_context=rope.original_context, target_context=rope.target_len, rope=rope.parameters)
     return loaded, {}
 

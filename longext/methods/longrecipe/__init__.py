@@ -65,7 +65,7 @@ def longrecipe_setup(recipe, state) -> MethodSetup:
     merge = None
     if m.merge:
         def merge(engine, run_dir, rank):
-            merge_with_original(engine, run_dir, m.merge.weight_original, rank)
+            merge_with_original(engine, run_dir, recipe, rank)
     return MethodSetup(build_data=build_longrecipe_data, stage_name="extension", extra_stage=replay, finish=merge)
 
 

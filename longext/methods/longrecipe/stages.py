@@ -47,17 +47,17 @@ def merged_adapter_state(state: dict[str, torch.Tensor], originals: dict[str, to
     return out
 
 
-def merge_with_original(engine, run_dir: Path, weight_original: float, rank: int) -> None:
-    """Rewrite run_dir/adapter as the merge with the original model; the tuned adapter moves to adapter-tuned/.
-    A full fine-tune merges run_dir/model instead (merge_full_with_original)."""
+def merge_with_original(engine, run_dir: Path, recipe, rank: int) -> None:
+    """Rewrite run_dir/adapter as the merge with the original model (weight recipe.method.merge.weight_original);
+    the tuned adapter moves to adapter-tuned/. A full fine-tune merges run_dir/model instead
+    (merge_full_with_original)."""
     from safetensors.torch import load_file, save_file
 
     from longext.engine import gathered
-    from longext.rundir import load_run_recipe
 
-    recipe = load_run_recipe(run_dir)
+    weight_original = recipe.method.merge.weight_original
     if recipe.train.full_finetune:
-        return merge_full_with_original(run_dir, recipe.model.path, weight_original, rank)
+        return merge_full_with_original(run_dir, expand_path(recipe.model.path), weight_original, rank)
     originals = {
         name.replace(".original_module", ""): p for name, p in engine.module.named_parameters() if ".original_module." in name
     }
@@ -75,7 +75,7 @@ def merge_with_original(engine, run_dir: Path, weight_original: float, rank: int
         torch.distributed.barrier()
 
 
-def merge_full_with_original(run_dir: Path, base_path: str, weight_original: float, rank: int) -> None:
+def merge_full_with_original(run_dir: Path, base_dir: str, weight_original: float, rank: int) -> None:
     """Rewrite run_dir/model (every weight trained) as w·θ_original + (1 - w)·θ_tuned, tensor by tensor, computed in
     float32 and saved in the tuned tensor's dtype; the tuned model moves to model-tuned/. Both sides come from
     save_pretrained/from_pretrained of the same architecture, so their tensor names agree."""
@@ -83,7 +83,7 @@ def merge_full_with_original(run_dir: Path, base_path: str, weight_original: flo
     from transformers import AutoModelForCausalLM
 
     if rank == 0:
-        original = AutoModelForCausalLM.from_pretrained(expand_path(base_path), dtype=torch.float32).state_dict()
+        original = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).state_dict()
         model, tuned = run_dir / "model", run_dir / "model-tuned"
         with staging_folder(model) as tmp:
             shutil.copytree(model, tmp, dirs_exist_ok=True)
