@@ -34,7 +34,8 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q
 
-# Benchmarks (docs/bench.md): cached per case under bench-runs/, page in docs/benchmarks.md.
+# Benchmarks (docs/bench.md): one result per case committed under bench/results/ (a current one is not re-run),
+# logs and run folders under bench-runs/, page in docs/benchmarks.md.
 # Long jobs: run them niced on a shared machine, e.g. `nice -n 19 make bench`.
 bench: materials
 	$(BIN)/longext bench all

@@ -225,14 +225,17 @@ def analyze(
 def bench(
     suite: Annotated[str, typer.Argument(help="throughput | toy | smollm2 | longgen | memory | all", show_default=False)] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="Reduced version that finishes in a few minutes.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Re-run cases even when a cached result matches.")] = False,
-    out: Annotated[Path, typer.Option("--out", help="Folder for benchmark runs and raw results.")] = Path("bench-runs"),
+    force: Annotated[bool, typer.Option("--force", help="Re-run cases even when their stored result is current.")] = False,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the cases' run directories and logs (not committed).")] = Path("bench-runs"),
     doc: Annotated[Path, typer.Option("--doc", help="Markdown file the tables are written to.")] = Path("docs/benchmarks.md"),
+    results: Annotated[Path, typer.Option("--results", help="Folder of the result JSONs, one per case, committed with the code.")] = Path("bench/results"),
 ) -> None:
-    """Run a benchmark suite (cached), then rewrite the benchmarks page with tables and plots."""
+    """Run a benchmark suite's cases whose stored result is not current (the code they run changed, or their
+    settings), then rewrite the benchmarks page with tables and plots."""
     from longext.bench.run import run_bench
 
-    _console().print(f"benchmarks written to {run_bench(suite, quick=quick, force=force, out=out, doc=doc)}")
+    page = run_bench(suite, quick=quick, force=force, out=out, doc=doc, results=results)
+    _console().print(f"benchmarks written to {page}")
 
 
 # --------------------------------------------------------------------------------------- recipes

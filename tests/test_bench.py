@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,58 +20,100 @@ def fake_case(name: str, **extra) -> dict:
 
 
 class CountingRunner:
-    def __init__(self):
-        self.calls = []
+    """Measures nothing: counts calls and reports that each case ran `files` of the package at `root`."""
 
-    def __call__(self, case: dict, folder: Path) -> dict:
+    def __init__(self, root: Path, files=("longext/train.py",)):
+        self.calls, self.root, self.files = [], root, files
+
+    def __call__(self, case: dict, folder: Path):
+        from longext.bench.fresh import Measured
+        from longext.bench.results import file_hashes
+
         self.calls.append(case["name"])
-        return {"value": len(self.calls)}
+        return Measured({"value": len(self.calls)}, 0.1, file_hashes(self.files, self.root))
+
+
+def fake_package(root: Path) -> Path:
+    for rel, text in {"longext/train.py": "x = 1\n", "longext/other.py": "y = 1\n"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
 
 
 # ------------------------------------------------------------------------------------------ cache
-def test_a_finished_case_is_reused_until_its_settings_or_the_source_change(tmp_path):
-    runner, cases = CountingRunner(), [fake_case("a", lr=1e-3), fake_case("b")]
-    first = run.run_cases(cases, tmp_path, force=False, source="src1", runner=runner, log=lambda _: None)
-    assert runner.calls == ["a", "b"] and not any(d["cached"] for d in first)
+def test_a_stored_case_is_reused_until_its_settings_or_the_code_it_ran_change(tmp_path):
+    root = fake_package(tmp_path / "src")
+    runner, cases = CountingRunner(root), [fake_case("a", lr=1e-3), fake_case("b")]
 
-    again = run.run_cases(cases, tmp_path, force=False, source="src1", runner=runner, log=lambda _: None)
+    def run_all(cases, force=False):
+        return run.run_cases(cases, tmp_path / "results", tmp_path / "runs", force, runner, lambda _: None, root=root)
+
+    first = run_all(cases)
+    assert runner.calls == ["a", "b"] and not any(d["cached"] for d in first)
+    stored = json.loads((tmp_path / "results" / "a.json").read_text())
+    assert list(stored["code"]["files"]) == ["longext/train.py"] and stored["case"] == cases[0]
+    assert {"commit", "dirty", "machine", "versions", "key"} <= set(stored)
+
+    again = run_all(cases)
     assert runner.calls == ["a", "b"] and all(d["cached"] for d in again)
     assert [d["result"] for d in again] == [d["result"] for d in first]
 
     changed = [fake_case("a", lr=2e-3), fake_case("b")]  # a recipe field changed: only that case re-runs
-    run.run_cases(changed, tmp_path, force=False, source="src1", runner=runner, log=lambda _: None)
+    run_all(changed)
     assert runner.calls == ["a", "b", "a"]
 
-    run.run_cases(changed, tmp_path, force=False, source="src2", runner=runner, log=lambda _: None)
-    assert runner.calls == ["a", "b", "a", "a", "b"]  # new source hash: everything re-runs
+    (root / "longext" / "other.py").write_text("y = 2\n")  # code no case ran: nothing re-runs
+    run_all(changed)
+    assert runner.calls == ["a", "b", "a"]
 
-    run.run_cases(changed, tmp_path, force=True, source="src2", runner=runner, log=lambda _: None)
+    (root / "longext" / "train.py").write_text("x = 2\n")  # code both ran: both re-run
+    run_all(changed)
+    assert runner.calls == ["a", "b", "a", "a", "b"]
+
+    run_all(changed, force=True)
     assert runner.calls[-2:] == ["a", "b"]
 
 
+def test_a_moved_module_makes_the_cases_that_ran_it_stale(tmp_path):
+    from longext.bench.results import code_changed, file_hashes
+
+    root = fake_package(tmp_path)
+    doc = {"code": {"files": file_hashes(["longext/train.py"], root)}}
+    assert not code_changed(doc, root)
+    (root / "longext" / "train.py").rename(root / "longext" / "training.py")
+    assert code_changed(doc, root) and code_changed({}, root)
+
+
+def test_a_case_process_reports_the_longext_files_it_imported(tmp_path):
+    import os
+
+    from longext.bench.fresh import run_fresh
+
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    (tmp_path / "lengths_case.py").write_text(
+        "from longext.bench.fresh import main\n"
+        "def measure(case, folder):\n    from longext.lengths import parse_length\n"
+        "    return {'tokens': parse_length(case['length'])}\n"
+        "if __name__ == '__main__':\n    main(measure)\n"
+    )
+    measured = run_fresh("lengths_case", {"name": "l", "length": "4k"}, tmp_path / "l", 120, {"PYTHONPATH": path})
+    assert measured.result == {"tokens": 4096}
+    assert {"longext/lengths.py", "longext/bench/fresh.py", "longext/errors.py"} <= set(measured.code)
+    assert not {"longext/train.py", "longext/bench/run.py", "longext/bench/results.py"} & set(measured.code)
+
+
 def test_a_failed_case_leaves_no_result_and_runs_again(tmp_path):
+    root = fake_package(tmp_path / "src")
+
     def failing(case, folder):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        run.run_cases([fake_case("a")], tmp_path, False, "s", failing, log=lambda _: None)
-    assert not (tmp_path / "cases" / "a" / "result.json").exists()
-    runner = CountingRunner()
-    run.run_cases([fake_case("a")], tmp_path, False, "s", runner, log=lambda _: None)
+        run.run_cases([fake_case("a")], tmp_path / "results", tmp_path / "runs", False, failing, lambda _: None, root=root)
+    assert not (tmp_path / "results" / "a.json").exists()
+    runner = CountingRunner(root)
+    run.run_cases([fake_case("a")], tmp_path / "results", tmp_path / "runs", False, runner, lambda _: None, root=root)
     assert runner.calls == ["a"]
-
-
-def test_source_hash_follows_dependencies_but_not_the_renderer(tmp_path):
-    pkg = tmp_path / "longext"
-    (pkg / "bench").mkdir(parents=True)
-    (pkg / "train.py").write_text("x = 1\n")
-    (pkg / "bench" / "report.py").write_text("y = 1\n")
-    before = run.source_hash(pkg)
-    (pkg / "bench" / "report.py").write_text("y = 2\n")
-    assert run.source_hash(pkg) == before
-    (pkg / "train.py").write_text("x = 2\n")
-    assert run.source_hash(pkg) != before
-    assert run.case_key({"a": 1}, "s") != run.case_key({"a": 2}, "s") != run.case_key({"a": 2}, "t")
 
 
 def test_unknown_suite_is_a_one_line_error_listing_the_allowed_ones(tmp_path):
@@ -117,6 +160,20 @@ def suite_doc(cases: list[tuple[str, str, dict]], **extra) -> dict:
             "cases": [{"case": {"name": n, "label": label, **({"repeat_of": n[:-7]} if n.endswith("-repeat") else {})},
                        "result": r, "cached": False} for n, label, r in cases],
             **extra}
+
+
+def store(results: Path, folder: str, doc: dict, stale: tuple[str, ...] = ()) -> None:
+    """A suite document as `longext bench` stores it: one JSON per case (measured at the code as it is, except the
+    `stale` ones) and the suite's summary."""
+    from longext.bench.results import file_hashes
+    from longext.files import write_json
+
+    code = file_hashes(["longext/errors.py"])
+    for c in doc["cases"]:
+        files = {"longext/errors.py": "0" * 64} if c["case"]["name"] in stale else code
+        write_json(results / folder / f"{c['case']['name']}.json", {**c, "code": {"files": files}, "commit": "abc1234"})
+    summary = {k: v for k, v in doc.items() if k != "cases"}
+    write_json(results / folder / "suite.json", {**summary, "order": [c["case"]["name"] for c in doc["cases"]]})
 
 
 def test_the_page_is_rendered_from_results_only():
@@ -170,8 +227,8 @@ def test_write_doc_is_atomic_and_writes_plots(tmp_path):
     pytest.importorskip("matplotlib")
     doc = suite_doc([("toy-base", "no extension", model_result({128: 10.0, 256: 12.0}, {128: (1, 2), 256: (0, 2)}))],
                     toy_base={"gate": {}}, suite="toy")
-    run.write_json(tmp_path / "out" / "toy" / "suite.json", doc)
-    page = run.write_doc(tmp_path / "out", tmp_path / "docs" / "benchmarks.md")
+    store(tmp_path / "results", "toy", doc)
+    page = run.write_doc(tmp_path / "results", tmp_path / "docs" / "benchmarks.md")
     assert "| no extension | 10.00 | 12.00 |" in page.read_text()
     assert sorted(p.name for p in (tmp_path / "docs" / "bench").iterdir()) == ["toy-passkey.png", "toy-ppl.png"]
     assert not list(tmp_path.rglob("*.tmp"))
@@ -256,21 +313,31 @@ def test_every_method_row_of_the_suites_is_a_valid_recipe():
     assert all("eval" not in c["recipe"] for c in smol.values())
 
 
+def test_rows_measured_at_code_that_changed_since_are_marked_stale(tmp_path):
+    doc = suite_doc([("toy-base", "no extension", model_result({128: 10.0}, {})),
+                     ("toy-pi", "PI x8", model_result({128: 11.0}, {}))], toy_base={"gate": {}}, suite="toy")
+    store(tmp_path, "toy", doc, stale=("toy-pi",))
+    text = report.render(run.load_suites(tmp_path))
+    assert "| no extension | 10.00 |" in text and "| PI x8 *stale* | 11.00 |" in text
+    assert "**Stale rows**" in text and "`longext bench toy` re-runs only them): toy-pi." in text
+    assert "Measured at commit abc1234 (2 cases)." in text
+
+
 def test_a_reduced_run_stays_on_the_page_next_to_a_full_run(tmp_path):
     """SmolLM2's quick run is shown beside the full one when both exist (the full run may not have reached rows
     the quick one has), rendered from its JSON, or kept from the previous page when its JSON is gone."""
     full = suite_doc([("smollm2-base", "no extension", model_result({8192: 16.5, 16384: 742.0}, {16384: (0, 3)}))])
     quick = {**suite_doc([("smollm2-pi", "PI x2, training-free", model_result({16384: 46.9}, {}))]), "quick": True}
-    run.write_json(tmp_path / "smollm2" / "suite.json", full)
-    run.write_json(tmp_path / "smollm2-quick" / "suite.json", quick)
+    store(tmp_path, "smollm2", full)
+    store(tmp_path, "smollm2-quick", quick)
     suites = run.load_suites(tmp_path)
-    assert suites["smollm2"] is full or suites["smollm2"]["cases"] == full["cases"]
+    assert [c["result"] for c in suites["smollm2"]["cases"]] == [c["result"] for c in full["cases"]]
     text = report.render(suites)
     assert "| no extension | 16.49 |" not in text and "| no extension | 16.50 | 742 |" in text
     assert "<!-- suite:smollm2-quick -->" in text and "| PI x2, training-free | 46.90 |" in text
     assert text.index("<!-- /suite:smollm2 -->") < text.index("<!-- suite:smollm2-quick -->")
     # the quick JSON gone: the previous page's section is kept as it was
-    (tmp_path / "smollm2-quick" / "suite.json").unlink()
+    shutil.rmtree(tmp_path / "smollm2-quick")
     again = report.render(run.load_suites(tmp_path), text)
     assert again.count("<!-- suite:smollm2-quick -->") == 1 and "| PI x2, training-free | 46.90 |" in again
     # a quick run alone is the suite's only section
@@ -292,8 +359,8 @@ def test_a_fresh_case_process_gets_no_launcher_variables_and_its_failure_is_repo
     )
     monkeypatch.setenv("RANK", "3")
     path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
-    result, seconds = run_fresh("probe_case", {"name": "p", "n": 21}, tmp_path / "p", 120, {"PYTHONPATH": path, "EXTRA": "x"})
-    assert result == {"twice": 42, "rank": None, "extra": "x"} and seconds > 0
+    measured = run_fresh("probe_case", {"name": "p", "n": 21}, tmp_path / "p", 120, {"PYTHONPATH": path, "EXTRA": "x"})
+    assert measured.result == {"twice": 42, "rank": None, "extra": "x"} and measured.seconds > 0
     assert not (tmp_path / "p" / "result.tmp.json").exists()
     with pytest.raises(RuntimeError, match=r"(?s)benchmark case q failed \(log: .*case.log\):.*the case broke"):
         run_fresh("probe_case", {"name": "q", "fail": True}, tmp_path / "q", 120, {"PYTHONPATH": path}, log=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from longext.bench.fresh import main, run_fresh
+from longext.bench.fresh import Measured, main, run_fresh
 
 
 def peak_rss_mb() -> float:
@@ -137,9 +137,9 @@ def model_case(case: dict, out_dir: Path) -> dict:
     return result
 
 
-def run_model_case(case: dict, out_dir: Path, timeout: int = 6 * 3600) -> dict:
-    """model_case in a fresh process (its log goes to out_dir/case.log); returns its result."""
-    return run_fresh("longext.bench.cases", case, out_dir, timeout, log=True)[0]
+def run_model_case(case: dict, out_dir: Path, timeout: int = 6 * 3600) -> Measured:
+    """model_case in a fresh process (its log goes to out_dir/case.log)."""
+    return run_fresh("longext.bench.cases", case, out_dir, timeout, log=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from longext.bench.fresh import main, run_fresh, timed
+from longext.bench.fresh import Measured, main, run_fresh, timed
 
 # ---------------------------------------------------------------------------------------- FLOPs
 def flop_ratios(config: dict, sparse: dict, full_layers: int, length: int, checkpointing: bool) -> dict:
@@ -161,11 +161,12 @@ def train_case(case: dict) -> dict:
     return {"step_seconds": statistics.median(times), "all_seconds": times}
 
 
-def run_case(case: dict, folder: Path, timeout: int = 4 * 3600) -> dict:
+def run_case(case: dict, folder: Path, timeout: int = 4 * 3600) -> Measured:
     """One efficiency measurement in a fresh process (its peak memory is its own); adds wall time."""
     env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    result, seconds = run_fresh("longext.bench.longgen", case, folder, timeout, env)
-    return {**result, "wall_seconds": seconds}
+    measured = run_fresh("longext.bench.longgen", case, folder, timeout, env)
+    measured.result = {**measured.result, "wall_seconds": measured.seconds}
+    return measured
 
 
 def measure(case: dict, folder: Path) -> dict:

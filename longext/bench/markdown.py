@@ -26,10 +26,11 @@ def header(doc: dict) -> list[str]:
         f"Run started {doc.get('started', '?')}, {'last updated' if doc.get('complete') is False else 'finished'} "
         f"{doc.get('finished', '?')} ({'--quick' if doc.get('quick') else 'full'}), "
         f"wall time {minutes(doc.get('wall_seconds'))} ({doc.get('cached_cases', 0)} of {len(doc.get('cases', []))} "
-        f"cases reused from the cache; their own measured time is in the raw JSON).",
+        f"cases were current in bench/results and not re-run; their own measured time is in their JSON).",
         "",
         *([f"**Incomplete run**: not finished when this page was written: {', '.join(doc['pending'])}.", ""]
           if doc.get("complete") is False else []),
+        *provenance(doc),
         f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gb', '?')} GB RAM"
         + (f"; {flags}" if flags else "") + f"; load average at start {m.get('load_start', '?')}.",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
@@ -57,3 +58,22 @@ def mb(result: dict | None, key: str) -> str:
 
 def pct(value) -> str:
     return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def provenance(doc: dict) -> list[str]:
+    """Which commits the rows were measured at, and which rows ran code that has changed since (stale)."""
+    commits: dict[str, int] = {}
+    for c in doc.get("cases", []):
+        commit = str(c.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if c.get("dirty") else "")
+        commits[commit] = commits.get(commit, 0) + 1
+    lines = ["Measured at commit " + ", ".join(f"{k} ({n} cases)" for k, n in commits.items()) + "."] if commits else []
+    stale = [c["case"]["name"] for c in doc.get("cases", []) if c.get("stale")]
+    if stale:
+        lines.append(f"**Stale rows** (marked *stale*: the code they ran has changed since they were measured; "
+                     f"`longext bench {doc.get('suite', 'SUITE')}` re-runs only them): {', '.join(stale)}.")
+    return [*lines, ""] if lines else []
+
+
+def row_label(case_doc: dict) -> str:
+    """A row's label on the page; *stale* when the code it ran has changed since."""
+    return case_doc["case"]["label"] + (" *stale*" if case_doc.get("stale") else "")

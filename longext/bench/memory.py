@@ -44,7 +44,7 @@ import ctypes
 import time
 from pathlib import Path
 
-from longext.bench.fresh import main, run_fresh
+from longext.bench.fresh import Measured, main, run_fresh
 
 MB = 2**20
 LIVE_PEAK_MMAP_THRESHOLD = 65536
@@ -176,14 +176,14 @@ def _loss(engine, batch: dict, tiled: bool):
     return micro_batch_loss(engine, shard_batch(batch, Layout()), Layout(), True)[0]
 
 
-def run_case(case: dict, folder: Path, timeout: int = 3600) -> dict:
+def run_case(case: dict, folder: Path, timeout: int = 3600) -> Measured:
     """`measure(case)` in a fresh process (its own peak, no leftover distributed state)."""
     env = {}
     if case.get("live_peak"):
         # glibc then serves every block >= 64 KiB with its own mmap and unmaps it on free: RSS follows the live
         # tensors, without the heap's retention of freed blocks (the default raises this threshold as it goes)
         env["MALLOC_MMAP_THRESHOLD_"] = str(LIVE_PEAK_MMAP_THRESHOLD)
-    return run_fresh("longext.bench.memory", case, folder, timeout, env)[0]
+    return run_fresh("longext.bench.memory", case, folder, timeout, env)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from longext.bench.markdown import case_rows, header, mb, minutes, num, pct, ppl_cell, table
+from longext.bench.markdown import case_rows, header, mb, minutes, num, pct, ppl_cell, row_label, table
 from longext.lengths import format_length
 
 COMPUTE_FORMULA = (
@@ -46,7 +46,7 @@ def model_tables(doc: dict, target: int) -> list[str]:
     ppl_lengths, pk_lengths = measured_lengths(doc, "perplexity"), measured_lengths(doc, "passkey")
     lines = []
     if ppl_lengths:
-        rows = [[c["case"]["label"], *(ppl_cell(c["result"]["perplexity"].get(str(L), {}).get("ppl")) for L in ppl_lengths)]
+        rows = [[row_label(c), *(ppl_cell(c["result"]["perplexity"].get(str(L), {}).get("ppl")) for L in ppl_lengths)]
                 for c in cases]
         lines += ["Perplexity (fixed targets: the same final tokens of each window, eval books; lower is better):", ""]
         lines += table(["method", *(format_length(L) for L in ppl_lengths)], rows) + [""]
@@ -55,7 +55,7 @@ def model_tables(doc: dict, target: int) -> list[str]:
             row = c["result"].get("passkey", {}).get(str(L))
             return "–" if row is None else f"{row['correct']}/{row['trials']}"
 
-        rows = [[c["case"]["label"], *(cell(c, L) for L in pk_lengths)] for c in cases]
+        rows = [[row_label(c), *(cell(c, L) for L in pk_lengths)] for c in cases]
         lines += ["Passkey retrieval (greedy, 5 digits, eval-book filler, depths spread; correct/trials):", ""]
         lines += table(["method", *(format_length(L) for L in pk_lengths)], rows) + [""]
     rows = []
@@ -63,7 +63,7 @@ def model_tables(doc: dict, target: int) -> list[str]:
         r = c["result"]
         ppl = r.get("perplexity", {})
         longest = str(max(map(int, ppl))) if ppl else None
-        rows.append([c["case"]["label"], num(r.get("train_tokens_per_s"), 0),
+        rows.append([row_label(c), num(r.get("train_tokens_per_s"), 0),
                      format_length(r["train_seq_len"]) if r.get("train_seq_len") else "–",
                      num(r.get("train_peak_rss_mb"), 0), num(r.get("train_tokens"), 0),
                      num(compute_ratio(r, target), 2), num(ppl[longest]["tokens_per_s"], 0) if longest else "–",

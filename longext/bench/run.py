@@ -1,62 +1,42 @@
-"""`longext bench SUITE`: run a suite's cases (reusing cached results), then rewrite docs/benchmarks.md.
+"""`longext bench SUITE`: run a suite's cases, except those whose committed result is current, then rewrite
+docs/benchmarks.md from the results.
 
-Layout under `out` (default bench-runs/):
+    <results>/<suite>[-quick]/<case name>.json   one case's result, its code hash and commit (bench/results.py);
+                                                 committed, so a suite can be finished over several sittings and
+                                                 machines
+    <results>/<suite>[-quick]/suite.json         the last sitting: machine, versions, wall time, case order
+    <out>/<suite>[-quick]/cases/<case name>/     the case's process log (case.log) and, for model cases, its longext
+                                                 run directory (run/); git-ignored (bench-runs/ by default)
 
-    <suite>[-quick]/cases/<case name>/result.json   one case: {"key", "case", "result", "seconds", "finished"}
-    <suite>[-quick]/cases/<case name>/case.log      its subprocess log (model cases: also the run dir)
-    <suite>[-quick]/suite.json                      the last run: machine, versions, wall time, every case
-
-A case's cache key is the hash of its JSON and of the longext source it runs (`source_hash`): a
-finished result with the same key is reused unless `force`. Every file is written atomically.
+Every file is written atomically; a case that fails leaves no result, so the next run retries it.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 from typing import Callable
 
-from longext.bench.suites import ALLOWED, SUITES, suite_cases
+from longext.bench.fresh import Measured
+from longext.bench.results import (
+    ROOT, case_key, code_hash, file_hashes, folder_name, git_commit, is_current, load_json, load_suite,
+)
+from longext.bench.suites import ALLOWED, SUITES, TOY_DIR, suite_cases
 from longext.errors import LongextError
 from longext.files import check_writable, write_atomic, write_json
 
-PACKAGE = Path(__file__).resolve().parents[1]
-# Rendering and orchestration do not change a case's numbers; suites.py changes show up in the case JSON.
-NOT_A_DEPENDENCY = {"bench/run.py", "bench/report.py", "bench/suites.py"}
-
-
-# ------------------------------------------------------------------------------------------ cache
-def source_hash(root: Path = PACKAGE) -> str:
-    """sha256 over the longext source files a case's figures depend on (path + content, sorted)."""
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).as_posix()
-        if rel in NOT_A_DEPENDENCY or "__pycache__" in rel:
-            continue
-        digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def case_key(case: dict, source: str) -> str:
-    return hashlib.sha256(json.dumps({"case": case, "source": source}, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def cached_result(path: Path, key: str) -> dict | None:
-    """The stored result document when it finished with this key, else None."""
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if doc.get("key") == key and doc.get("result") is not None else None
+RESULTS = Path("bench/results")
+RUNS = Path("bench-runs")
+# Model cases also depend on code the parent runs for them: the passkey documents of their training data.
+MODEL_CASE_CODE = ("longext/bench/retrieval.py",)
 
 
 # ------------------------------------------------------------------------------------------- cases
-def execute(case: dict, case_dir: Path) -> dict:
-    """Measure one case in a subprocess: a throughput case or a model case."""
+def execute(case: dict, case_dir: Path) -> Measured:
+    """Measure one case in a fresh process: a throughput, memory, LongGen efficiency or model case."""
     if case["kind"] == "throughput":
         from longext.bench.throughput import run_case
 
@@ -71,68 +51,78 @@ def execute(case: dict, case_dir: Path) -> dict:
         return run_longgen_case(case, case_dir)
     from longext.bench.cases import run_model_case
     from longext.bench.retrieval import ensure_retrieval_docs
-    from longext.bench.suites import TOY_DIR
 
     ensure_retrieval_docs(case["recipe"]["data"]["train"], TOY_DIR)  # passkey documents, if the recipe uses them
-    return run_model_case(case, case_dir)
+    measured = run_model_case(case, case_dir)
+    measured.code = {**measured.code, **file_hashes(MODEL_CASE_CODE)}
+    return measured
 
 
-def run_cases(cases: list[dict], folder: Path, force: bool, source: str,
-              runner: Callable[[dict, Path], dict] = execute, log: Callable[[str], None] = print,
-              progress: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """Every case's result document, reusing cached ones; each is stored as soon as it finishes, and
-    `progress(docs so far)` is called after each case."""
+def run_cases(cases: list[dict], results: Path, runs: Path, force: bool = False,
+              runner: Callable[[dict, Path], Measured] = execute, log: Callable[[str], None] = print,
+              progress: Callable[[list[dict]], None] | None = None, root: Path = ROOT) -> list[dict]:
+    """Every case's result document: the stored one when it is current (bench/results.py), else measured now and
+    stored as soon as it finishes; `progress(docs so far)` is called before each case."""
     docs: list[dict] = []
+    stamp = None
     for i, case in enumerate(cases, 1):
         if progress:
             progress(docs)
-        key = case_key(case, source)
-        path = folder / "cases" / case["name"] / "result.json"
-        doc = None if force else cached_result(path, key)
-        if doc is not None:
-            log(f"[{i}/{len(cases)}] {case['name']}: cached")
+        path = Path(results) / f"{case['name']}.json"
+        doc = load_json(path)
+        if not force and is_current(doc, case, root):
+            log(f"[{i}/{len(cases)}] {case['name']}: current (measured at {str(doc.get('commit'))[:10]})")
             docs.append({**doc, "cached": True})
             continue
         log(f"[{i}/{len(cases)}] {case['name']}: running")
+        stamp = stamp or measurement_stamp(root)
         began, load_before = time.perf_counter(), os.getloadavg()[0]
-        result = runner(case, path.parent)
+        measured = runner(case, Path(runs) / "cases" / case["name"])
+        code = code_hash(measured.code)
         # the machine may be shared: the 1-minute load average around the case says how much
-        doc = {"key": key, "case": case, "result": result, "seconds": time.perf_counter() - began,
-               "finished": _now(), "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+        doc = {"case": case, "key": case_key(case, code), "code": {"hash": code, "files": measured.code}, **stamp,
+               "result": measured.result, "seconds": time.perf_counter() - began, "finished": _now(),
+               "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
         write_json(path, doc, indent=1, default=float)
         log(f"[{i}/{len(cases)}] {case['name']}: done in {doc['seconds']:.0f}s")
         docs.append({**doc, "cached": False})
     return docs
 
 
+def measurement_stamp(root: Path = ROOT) -> dict:
+    """Where and at which commit a result is measured."""
+    commit, dirty = git_commit(root)
+    return {"commit": commit, "dirty": dirty, "machine": machine(), "versions": versions()}
+
+
 # ------------------------------------------------------------------------------------------ suites
-def run_suite(suite: str, quick: bool, force: bool, out: Path, runner=execute, log=print) -> dict:
-    """Run one suite and write its suite.json; returns that document."""
+def run_suite(suite: str, quick: bool, force: bool, results: Path = RESULTS, runs: Path = RUNS, runner=execute,
+              log=print, root: Path = ROOT) -> dict:
+    """Run one suite's cases that are not current and write its suite.json; returns that document."""
     cases = suite_cases(suite, quick)
-    folder = Path(out) / (suite + ("-quick" if quick else ""))
+    name = folder_name(suite, quick)
     began = time.perf_counter()
-    doc = {"suite": suite, "quick": quick, "started": _now(), "machine": machine(), "versions": versions()}
+    doc = {"suite": suite, "quick": quick, "started": _now(), "machine": machine(), "versions": versions(),
+           "order": [c["name"] for c in cases]}
+    if suite == "toy":
+        doc.update(toy_info())
 
     def save(case_docs: list[dict], complete: bool) -> None:
         # also while running: an interrupted suite still shows what finished, marked incomplete
-        doc.update(cases=case_docs, cached_cases=sum(d["cached"] for d in case_docs), complete=complete,
+        doc.update(cached_cases=sum(d["cached"] for d in case_docs), complete=complete,
                    pending=[c["name"] for c in cases[len(case_docs):]],
                    wall_seconds=time.perf_counter() - began, finished=_now())
-        write_json(folder / "suite.json", doc, indent=1, default=float)
+        write_json(Path(results) / name / "suite.json", doc, indent=1, default=float)
 
-    if suite == "toy":
-        doc.update(toy_info())
-    case_docs = run_cases(cases, folder, force, source_hash(), runner, log, progress=lambda done: save(done, False))
+    case_docs = run_cases(cases, Path(results) / name, Path(runs) / name, force, runner, log,
+                          progress=lambda done: save(done, False), root=root)
     save(case_docs, True)
-    return doc
+    return {**doc, "cases": case_docs}
 
 
 def toy_info() -> dict:
     """The toy base's settings (without the training log) and every pretraining attempt."""
-    from longext.bench.suites import TOY_DIR
-
-    path = TOY_DIR / "settings.json"
-    settings = json.loads(path.read_text()) if path.is_file() else {}
+    settings = load_json(TOY_DIR / "settings.json") or {}
     out = {"toy_base": {k: v for k, v in settings.items() if k != "log"}}
     attempts = TOY_DIR.parent / "toy-base-attempts.jsonl"
     if attempts.is_file():
@@ -140,31 +130,26 @@ def toy_info() -> dict:
     return out
 
 
-def load_suites(out: Path) -> dict[str, dict | None]:
+def load_suites(results: Path = RESULTS, root: Path = ROOT) -> dict[str, dict | None]:
     """The latest results of each suite: the full run if there is one, else the quick run, else None; and for
     the suites of report.EXTRA the quick run under its own key when the full one is there too."""
     from longext.bench.report import EXTRA
 
-    found = {}
+    found: dict[str, dict | None] = {}
     for suite in SUITES:
-        found[suite] = None
-        for name in (suite, f"{suite}-quick"):
-            path = Path(out) / name / "suite.json"
-            if path.is_file():
-                found[suite] = json.loads(path.read_text())
-                break
-        quick = Path(out) / f"{suite}-quick" / "suite.json"
-        if suite in EXTRA and found[suite] is not None and not found[suite].get("quick") and quick.is_file():
-            found[EXTRA[suite]] = json.loads(quick.read_text())
+        full, quick = (load_suite(Path(results) / folder_name(suite, q), root) for q in (False, True))
+        found[suite] = full or quick
+        if suite in EXTRA and full is not None and quick is not None:
+            found[EXTRA[suite]] = quick
     return found
 
 
-def write_doc(out: Path, doc_path: Path) -> Path:
-    """Render docs/benchmarks.md and its plots (docs/bench/*.png) from every suite result under `out`."""
+def write_doc(results: Path, doc_path: Path, root: Path = ROOT) -> Path:
+    """Render docs/benchmarks.md and its plots (docs/bench/*.png) from every suite's results."""
     from longext.bench.report import plot_suite, render
 
     doc_path = Path(doc_path)
-    suites = load_suites(out)
+    suites = load_suites(results, root)
     attempts = toy_info().get("toy_attempts")
     if suites["toy"] is not None and attempts:
         suites["toy"]["toy_attempts"] = attempts  # history, not a result of the run: always the current list
@@ -179,18 +164,19 @@ def write_doc(out: Path, doc_path: Path) -> Path:
     return doc_path
 
 
-def run_bench(suite: str, quick: bool = False, force: bool = False, out: Path = Path("bench-runs"),
-              doc: Path = Path("docs/benchmarks.md")) -> Path:
+def run_bench(suite: str, quick: bool = False, force: bool = False, out: Path = RUNS,
+              doc: Path = Path("docs/benchmarks.md"), results: Path = RESULTS) -> Path:
     """Run `suite` (or all of them) and rewrite `doc`. Returns the doc path."""
     if suite not in ALLOWED:
         raise LongextError(f"SUITE: unknown benchmark suite {suite!r} (allowed: {', '.join(ALLOWED)})")
     check_writable(Path(out), "--out")
+    check_writable(Path(results), "--results")
     check_writable(Path(doc), "--doc", folder=False)
     for name in SUITES if suite == "all" else (suite,):
         suite_cases(name, quick)  # fail fast (e.g. no toy base) before any case runs
     for name in SUITES if suite == "all" else (suite,):
-        run_suite(name, quick, force, Path(out))
-        write_doc(Path(out), Path(doc))  # after every suite: a later failure keeps what finished
+        run_suite(name, quick, force, Path(results), Path(out))
+        write_doc(Path(results), Path(doc))  # after every suite: a later failure keeps what finished
     return Path(doc)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from longext.bench.fresh import main, run_fresh, timed
+from longext.bench.fresh import Measured, main, run_fresh, timed
 
 TINY = dict(vocab_size=49152, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
@@ -101,10 +101,11 @@ def eval_case(model_name: str, length: int, scored: int = 512) -> dict:
     return {"seconds": seconds, "tokens_per_s": length / seconds}
 
 
-def run_case(case: dict, folder: Path, timeout: int = 3600) -> dict:
+def run_case(case: dict, folder: Path, timeout: int = 3600) -> Measured:
     """One measurement in a fresh process; adds peak_rss_mb and the wall time including start-up."""
-    result, seconds = run_fresh("longext.bench.throughput", case, folder, timeout)
-    return {**case, **result, "wall_seconds": seconds}
+    measured = run_fresh("longext.bench.throughput", case, folder, timeout)
+    measured.result = {**case, **measured.result, "wall_seconds": measured.seconds}
+    return measured
 
 
 def measure(case: dict, folder: Path) -> dict:
