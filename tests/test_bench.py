@@ -364,3 +364,17 @@ def test_a_fresh_case_process_gets_no_launcher_variables_and_its_failure_is_repo
     assert not (tmp_path / "p" / "result.tmp.json").exists()
     with pytest.raises(RuntimeError, match=r"(?s)benchmark case q failed \(log: .*case.log\):.*the case broke"):
         run_fresh("probe_case", {"name": "q", "fail": True}, tmp_path / "q", 120, {"PYTHONPATH": path}, log=True)
+
+
+def test_a_stored_result_stays_current_in_another_checkout_of_the_same_code(tmp_path):
+    from longext.bench.results import is_current
+
+    here, there = fake_package(tmp_path / "here"), fake_package(tmp_path / "there")
+    runner = CountingRunner(here)
+    case = fake_case("toy-base", recipe={"model": {"path": f"{here}/bench/toy-base"}})
+    (doc,) = run.run_cases([case], tmp_path / "results", tmp_path / "runs", False, runner, lambda _: None, root=here)
+    assert doc["case"]["recipe"]["model"]["path"] == "<checkout>/bench/toy-base"
+    moved = fake_case("toy-base", recipe={"model": {"path": f"{there}/bench/toy-base"}})
+    assert is_current(doc, moved, root=there) and not is_current(doc, fake_case("toy-pi"), root=there)
+    (there / "longext" / "train.py").write_text("x = 3\n")
+    assert not is_current(doc, moved, root=there)

@@ -6,7 +6,8 @@
                                                       order, which cases are still pending
 
 A case's result is current while its case JSON is the suite's and every file of the code it ran still hashes as it
-did: `code.files` maps each longext source file the case process had imported (the child reports its sys.modules,
+did (the case JSON as stored names the checkout `<checkout>`: the toy base's path, for one, is the same case in any
+clone): `code.files` maps each longext source file the case process had imported (the child reports its sys.modules,
 bench/fresh.py) to its sha256, so moving or editing a module the case never loads keeps its result, and editing one
 it loads makes it stale. The renderer and the orchestration (NOT_A_DEPENDENCY) change a case only through its JSON.
 Toy cases carry the toy base's checksum in their JSON.
@@ -50,6 +51,14 @@ def code_hash(files: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
+CHECKOUT = "<checkout>"
+
+
+def portable(case: dict, root: Path = ROOT) -> dict:
+    """The case JSON as stored: this checkout's folder written as <checkout>, tuples as lists."""
+    return json.loads(json.dumps(case).replace(json.dumps(str(root))[1:-1], CHECKOUT))
+
+
 def case_key(case: dict, code: str) -> str:
     """What a result was measured for: the case JSON and the hash of the code it ran."""
     return hashlib.sha256(json.dumps({"case": case, "code": code}, sort_keys=True).encode()).hexdigest()[:16]
@@ -68,7 +77,7 @@ def code_changed(doc: dict, root: Path = ROOT) -> bool:
 
 def is_current(doc: dict | None, case: dict, root: Path = ROOT) -> bool:
     """A finished result for exactly this case, measured at the code as it is now."""
-    same_case = bool(doc) and doc.get("case") == json.loads(json.dumps(case))  # as stored: tuples become lists
+    same_case = bool(doc) and doc.get("case") == portable(case, root)
     return same_case and doc.get("result") is not None and not code_changed(doc, root)
 
 

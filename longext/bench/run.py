@@ -22,7 +22,7 @@ from typing import Callable
 
 from longext.bench.fresh import Measured
 from longext.bench.results import (
-    ROOT, case_key, code_hash, file_hashes, folder_name, git_commit, is_current, load_json, load_suite,
+    ROOT, case_key, code_hash, file_hashes, folder_name, git_commit, is_current, load_json, load_suite, portable,
 )
 from longext.bench.suites import ALLOWED, SUITES, TOY_DIR, suite_cases
 from longext.errors import LongextError
@@ -78,9 +78,9 @@ def run_cases(cases: list[dict], results: Path, runs: Path, force: bool = False,
         stamp = stamp or measurement_stamp(root)
         began, load_before = time.perf_counter(), os.getloadavg()[0]
         measured = runner(case, Path(runs) / "cases" / case["name"])
-        code = code_hash(measured.code)
+        code, stored = code_hash(measured.code), portable(case, root)
         # the machine may be shared: the 1-minute load average around the case says how much
-        doc = {"case": case, "key": case_key(case, code), "code": {"hash": code, "files": measured.code}, **stamp,
+        doc = {"case": stored, "key": case_key(stored, code), "code": {"hash": code, "files": measured.code}, **stamp,
                "result": measured.result, "seconds": time.perf_counter() - began, "finished": _now(),
                "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
         write_json(path, doc, indent=1, default=float)
