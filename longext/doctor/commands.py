@@ -1,0 +1,103 @@
+"""Subprocesses of `longext doctor`: the real CLI (`python -m longext ...`), pytest and the measuring process, each
+with a time limit, its output appended to doctor.log under a header, and its failure reduced to one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class Done:
+    argv: list[str]
+    code: int | None  # None: killed at the time limit
+    seconds: float
+    stdout: str  # captured only with capture=True (else in the log)
+    output: str  # what the process printed (stdout when not captured, stderr), as appended to the log
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    def problem(self, limit: float | None = None) -> str:
+        """One line saying how it failed: the timeout, else its last `error:` line or exception line."""
+        if self.code is None:
+            return f"did not finish within {limit or 0:.0f} s"
+        return f"exit code {self.code}: {error_line(self.output + self.stdout)}"
+
+
+def longext(*args: str) -> list[str]:
+    """argv of the CLI as users run it, in this interpreter (`python -m longext` is `longext`)."""
+    return [sys.executable, "-m", "longext", *map(str, args)]
+
+
+def child_env(extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **(extra or {}))
+    return env
+
+
+def run(argv: list[str], log: Path, title: str, timeout: float, capture: bool = False, cwd: Path | None = None,
+        env: dict | None = None) -> Done:
+    """Run argv; its output goes to `log` under `== title ==`. With capture, stdout is returned (and logged) apart."""
+    with open(log, "a") as f:
+        f.write(f"\n== {title} ==\n$ {' '.join(argv)}\n")
+        f.flush()
+        start = f.tell()
+        began = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE if capture else f, stderr=f, stdin=subprocess.DEVNULL,
+                                cwd=cwd, env=env or child_env(), text=True, start_new_session=True)
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the process and whatever it started
+            stdout, _ = proc.communicate()
+            code = None
+        seconds = time.perf_counter() - began
+        if capture and stdout:
+            f.write(stdout if stdout.endswith("\n") else stdout + "\n")
+        f.write(f"-- exit {code if code is not None else 'killed (time limit)'} after {seconds:.1f} s\n")
+    with open(log) as f:
+        f.seek(start)
+        output = f.read()
+    return Done(argv, code, seconds, stdout or "", output)
+
+
+def error_line(text: str) -> str:
+    """The line that says what went wrong: longext's last `error:` line, else the last exception line, else the last
+    non-empty line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(("-- exit", "$ "))]
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) or head in ("AssertionError", "KeyboardInterrupt"):
+            return line[:400]
+    return lines[-1][:400] if lines else "no output"
+
+
+def last_json(text: str) -> dict:
+    """The last line of `text` that is a JSON object (the measuring process prints its result last)."""
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON result in the output")
+
+
+def plan_json(recipe: Path, overrides: list[str], cpu: bool, log: Path, timeout: float = 120) -> dict:
+    """`longext plan RECIPE --json [--cpu] -s ...` as a user runs it; raises RuntimeError with its error line."""
+    argv = longext("plan", recipe, "--json", *(["--cpu"] if cpu else []), *[x for o in overrides for x in ("-s", o)])
+    done = run(argv, log, f"plan {' '.join(overrides)}", timeout, capture=True)
+    if not done.ok:
+        raise RuntimeError(f"longext plan failed, {done.problem(timeout)}")
+    return json.loads(done.stdout)

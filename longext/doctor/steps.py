@@ -1,0 +1,183 @@
+"""Measured LoRA steps of the step model against `longext plan`: tokens/s, MFU against the matmul peak measured in the
+same run, and the measured peak memory against the plan's estimate for the same recipe; the Ulysses SP=1 check; and
+(--longest) one step at the longest length the plan says fits on this device.
+
+The recipe is written once per ZeRO stage; `longext plan --json -s data.seq_len=L` (through the CLI) and the
+measuring process (longext/doctor/step.py) read the same file, so both see the same resolved settings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from longext.doctor import commands
+from longext.doctor.material import write_recipe
+from longext.doctor.report import Check, failed, passed, skipped
+
+GiB = 2**30
+# measured peak / plan estimate outside this band fails the row: above, `longext plan` underestimates (a run it
+# passes can run out of memory); far below, it refuses runs that would fit. The CPU estimate was within 0.94-1.15
+# of `longext bench memory`'s 21 cases (docs/scaling.md).
+PLAN_BAND = (0.75, 1.15)
+SP_TOLERANCE = 1e-2  # SP=1 path vs transformers' loss, relative: the same sums in another order (bf16 logits)
+ROUND_TO = 1024  # the longest length is a multiple of this
+MAX_PLAN_CALLS = 8
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One measuring process: a recipe (one ZeRO stage) at several lengths."""
+
+    zero_stage: int
+    lengths: tuple[int, ...]
+    sp_check: bool = False
+
+
+def label(length: int) -> str:
+    return f"{length // 1024}k" if length % 1024 == 0 else f"{length:,}"
+
+
+def step_recipe(ctx, model: Path, zero_stage: int, seq_len: int, target_len: int, train: dict, name: str) -> Path:
+    return write_recipe(ctx.work / f"{name}.yaml", name, model, ctx.texts, ctx.work / "runs" / name, seq_len=seq_len,
+                        target_len=target_len, train={"zero_stage": zero_stage, "steps": 3, "memory_check": "off",
+                                                      **train})
+
+
+def measured_steps(ctx, model: Path, plan: StepPlan, target_len: int, train: dict, peak_flops: float | None,
+                   timed_steps: int, timeout: float) -> list[Check]:
+    """Rows `lora step L ZeRO-z` for each length (and `ulysses path SP=1` when asked) from one measuring process."""
+    z = plan.zero_stage
+    names = [f"lora step {label(n)} ZeRO-{z}" for n in plan.lengths] + (["ulysses path SP=1"] if plan.sp_check else [])
+    recipe = step_recipe(ctx, model, z, plan.lengths[0], target_len, train, f"doctor-steps-z{z}")
+    try:
+        plans = {n: commands.plan_json(recipe, [f"data.seq_len={n}"], not ctx.gpu, ctx.log) for n in plan.lengths}
+    except RuntimeError as err:
+        return [failed(name, str(err)) for name in names]
+    request = {"recipe": str(recipe), "lengths": list(plan.lengths), "timed_steps": timed_steps,
+               "sp_check": plan.sp_check}
+    done = commands.run([sys.executable, "-m", "longext.doctor.step", json.dumps(request)], ctx.log,
+                        f"measured steps ZeRO-{z}", timeout, capture=True)
+    if not done.ok:
+        return [failed(name, f"measuring process: {done.problem(timeout)}") for name in names]
+    result = commands.last_json(done.stdout)
+    rows = [compare(name, r, plans[r["length"]], peak_flops, ctx.gpu) for name, r in zip(names, result["results"])]
+    if plan.sp_check:
+        rows.append(sp_row(result["sp_check"]))
+    return rows
+
+
+def plan_bytes(plan: dict) -> tuple[int, int]:
+    """(the plan's total without its fixed term, the fixed term): the fixed term (CUDA context, or the CPU process
+    baseline) is what the measurement leaves out."""
+    fixed = sum(t["bytes"] for t in plan["terms"] if "fixed" in t["name"])
+    return plan["total_bytes"] - fixed, fixed
+
+
+def compare(name: str, r: dict, plan: dict, peak_flops: float | None, gpu: bool) -> Check:
+    """One measured length against its plan: memory ratio in PLAN_BAND, finite losses; tokens/s and MFU as figures."""
+    estimate, fixed = plan_bytes(plan)
+    ratio = r["peak_bytes"] / estimate
+    model_flops = plan["flops_terms"]["forward"] + plan["flops_terms"]["backward"]  # MFU counts no recompute
+    figures = {
+        "tokens_per_s": r["tokens_per_s"], "seconds_per_step": r["seconds_per_step"],
+        "mfu": model_flops / r["seconds_per_step"] / peak_flops if peak_flops else None,
+        "hfu": plan["flops_per_step"] / r["seconds_per_step"] / peak_flops if peak_flops else None,
+        "peak_gib": r["peak_bytes"] / GiB, "plan_gib": estimate / GiB, "ratio": ratio, "plan_fixed_gib": fixed / GiB,
+        "memory": "torch.cuda.max_memory_allocated" if gpu else "peak RSS - process baseline",
+        "losses": r["losses"], "switches": r["switches"], "all_seconds": r["all_seconds"],
+    }
+    check = Check(name, "pass", seconds=sum(r["all_seconds"]), figures=figures)
+    if not r["finite"]:
+        check.status, check.reason = "fail", f"non-finite loss {r['losses']}"
+    elif not PLAN_BAND[0] <= ratio <= PLAN_BAND[1]:
+        way = "underestimates" if ratio > 1 else "overestimates"
+        check.status = "fail"
+        check.reason = (f"measured peak {r['peak_bytes'] / GiB:.2f} GiB is {ratio:.2f}x the plan's {estimate / GiB:.2f} "
+                        f"GiB: `longext plan` {way} here (allowed {PLAN_BAND[0]}-{PLAN_BAND[1]}x)")
+    return check
+
+
+def sp_row(r: dict) -> Check:
+    figures = {"tokens_per_s": r["tokens_per_s"], "loss": r["sp_loss"], "reference_loss": r["reference_loss"],
+               "relative_difference": r["relative_difference"], "length": r["length"]}
+    check = Check("ulysses path SP=1", "pass", "shard_batch + micro_batch_loss (tiled), as SP>1 runs; loss equals "
+                  "transformers'", r["seconds"], figures)
+    if not r["relative_difference"] <= SP_TOLERANCE:
+        check.status = "fail"
+        check.reason = (f"the SP path's loss {r['sp_loss']:.5f} differs from transformers' {r['reference_loss']:.5f} "
+                        f"by {r['relative_difference']:.2e} (allowed {SP_TOLERANCE:g})")
+    return check
+
+
+# ------------------------------------------------------------------------------------------ longest
+LONGEST_TRAIN = {"zero_stage": 3, "gradient_checkpointing": True, "tiled_loss": True, "tiled_mlp": True,
+                 "checkpoint_offload": True}
+
+
+def longest_length(recipe: Path, log: Path, start: int = 65536, stop: int = 2**24) -> tuple[int | None, dict]:
+    """The longest multiple of ROUND_TO in [start, stop] whose `longext plan` estimate fits this GPU, in at most
+    MAX_PLAN_CALLS plan calls: the estimate is nearly linear in the length, so each probe is where the line through
+    the start and the last probe meets the budget, kept inside the bracket found so far."""
+    cache: dict[int, dict] = {}
+
+    def plan(n: int) -> dict:
+        if n not in cache:
+            cache[n] = commands.plan_json(recipe, [f"data.seq_len={n}", f"method.target_len={n}"], False, log)
+        return cache[n]
+
+    def fits(n: int) -> bool:
+        return plan(n)["total_bytes"] <= plan(n)["budget_bytes"]
+
+    if not fits(start):
+        return None, plan(start)
+    lo, hi, probe = start, None, 4 * start
+    for _ in range(MAX_PLAN_CALLS):
+        probe = min(probe, stop) // ROUND_TO * ROUND_TO
+        if hi is None:
+            probe = max(probe, lo + lo // 8)  # a curving estimate can put the line below a length that fits
+        elif not lo < probe < hi:
+            probe = (lo + hi) // 2 // ROUND_TO * ROUND_TO
+        if probe <= lo:
+            break
+        if fits(probe):
+            lo = probe
+        else:
+            hi = probe
+        if lo >= stop or (hi is not None and hi - lo <= ROUND_TO):
+            break
+        probe = _interpolate(start, plan(start), probe, plan(probe))
+    return lo, plan(lo)
+
+
+def _interpolate(a: int, pa: dict, b: int, pb: dict) -> int:
+    """Where the line through (a, total a) and (b, total b) meets the budget (or 4a when they coincide)."""
+    if b == a or pb["total_bytes"] == pa["total_bytes"]:
+        return 4 * b
+    slope = (pb["total_bytes"] - pa["total_bytes"]) / (b - a)
+    return int(a + (pa["budget_bytes"] - pa["total_bytes"]) / slope)
+
+
+def longest_step(ctx, model: Path, train: dict, peak_flops: float | None, timeout: float) -> Check:
+    name = "longest step"
+    recipe = step_recipe(ctx, model, 3, 65536, 65536, {**train, **LONGEST_TRAIN}, "doctor-longest")
+    try:
+        length, plan = longest_length(recipe, ctx.log)
+    except RuntimeError as err:
+        return failed(name, str(err))
+    if length is None:
+        return failed(name, f"`longext plan` says not even 64k tokens fit ({plan['total_bytes'] / GiB:.1f} GiB)")
+    request = {"recipe": str(recipe), "lengths": [length], "timed_steps": 0, "overrides": [f"method.target_len={length}"]}
+    done = commands.run([sys.executable, "-m", "longext.doctor.step", json.dumps(request)], ctx.log,
+                        f"longest step {length}", timeout, capture=True)
+    if not done.ok:
+        return failed(f"longest step {label(length)}", f"measuring process: {done.problem(timeout)}",
+                      length=length, plan_gib=plan_bytes(plan)[0] / GiB, budget_gib=plan["budget_bytes"] / GiB)
+    check = compare(f"longest step {label(length)}", commands.last_json(done.stdout)["results"][0], plan, peak_flops,
+                    ctx.gpu)
+    check.figures.update(length=length, budget_gib=plan["budget_bytes"] / GiB)
+    if check.status == "pass":
+        check.reason = "the longest length `longext plan` fits here: checkpointing, tiled loss, TiledMLP, offload"
+    return check
+
