@@ -15,8 +15,7 @@ from longext.doctor.material import TINY_CONFIG, save_model, write_recipe
 from longext.doctor.report import Check, failed, passed, skipped
 
 ROUND_TRIP_STEPS = 4
-EXPORT_PPL_TOLERANCE = 0.01  # the bf16 export against the run it came from, same tokens (bf16 rounding: ~1e-3)
-TINY_EVAL = ("-s", "perplexity.targets=128", "-s", "perplexity.windows=1")  # the same tokens for the run and export
+TINY_EVAL = ("-s", "perplexity.targets=128", "-s", "perplexity.windows=1")  # 128 scored tokens fit the 256 window
 
 
 @dataclass
@@ -31,8 +30,7 @@ class Context:
 
 
 def round_trip(ctx: Context, timeout: float) -> list[Check]:
-    """`longext train` (bf16, ZeRO-2, LoRA) -> `longext eval` -> `longext export --dtype bfloat16`, then the export
-    evaluated on the same tokens: its perplexity must equal the run's."""
+    """`longext train` (bf16, ZeRO-2, LoRA) -> `longext eval` -> `longext export --dtype bfloat16`."""
     model = save_model(ctx.work / "tiny-model", {**TINY_CONFIG, "vocab_size": len(ctx.tokenizer)}, ctx.tokenizer)
     run_dir = ctx.work / "runs" / "tiny"
     recipe = write_recipe(ctx.work / "tiny.yaml", "doctor-tiny", model, ctx.texts, run_dir, seq_len=256, target_len=512,
@@ -41,8 +39,8 @@ def round_trip(ctx: Context, timeout: float) -> list[Check]:
     train = _train(ctx, recipe, run_dir, timeout)
     if train.status != "pass":
         return [train, skipped("tiny eval", "train failed"), skipped("tiny export", "train failed")]
-    evaluated, ppl = _eval(ctx, "tiny eval", run_dir, ctx.work / "eval-tiny", "256,512", timeout, TINY_EVAL)
-    return [train, evaluated, _export(ctx, run_dir, ppl, timeout)]
+    evaluated, _ = _eval(ctx, "tiny eval", run_dir, ctx.work / "eval-tiny", "256,512", timeout, TINY_EVAL)
+    return [train, evaluated, _export(ctx, run_dir, timeout)]
 
 
 def _train(ctx: Context, recipe: Path, run_dir: Path, timeout: float) -> Check:
@@ -77,7 +75,9 @@ def _eval(ctx: Context, name: str, target: Path, out: Path, lengths: str, timeou
     return _timed(passed(name, **figures), done), ppl
 
 
-def _export(ctx: Context, run_dir: Path, run_ppl: dict, timeout: float) -> Check:
+def _export(ctx: Context, run_dir: Path, timeout: float) -> Check:
+    """`longext export --dtype bfloat16`: it reloads the merged model with plain transformers and refuses (exit 2)
+    when its logits leave the bound for the dtype against the unmerged in-tool model; the difference is a figure."""
     out = ctx.work / "export-tiny"
     done = commands.run(commands.longext("export", run_dir, "--out", out, "--dtype", "bfloat16"), ctx.log,
                         "tiny export", timeout)
@@ -85,15 +85,8 @@ def _export(ctx: Context, run_dir: Path, run_ppl: dict, timeout: float) -> Check
         return _timed(failed("tiny export", f"longext export: {done.problem(timeout)}"), done)
     found = re.search(r"max \|Δlogit\| vs in-tool model: ([0-9.e+-]+)", done.output)
     figures = {"max_abs_diff": float(found.group(1)) if found else None}
-    check, ppl = _eval(ctx, "tiny export eval", out, ctx.work / "eval-export", "512", timeout, TINY_EVAL)
-    seconds = done.seconds + check.seconds
-    if check.status != "pass" or 512 not in run_ppl:
-        return Check("tiny export", "fail", f"eval of the export: {check.reason}", seconds, figures)
-    figures.update(ppl=ppl[512], run_ppl=run_ppl[512], relative_difference=abs(ppl[512] / run_ppl[512] - 1))
-    if figures["relative_difference"] > EXPORT_PPL_TOLERANCE:
-        return Check("tiny export", "fail", f"the bf16 export's perplexity at 512 is {ppl[512]:.3f}, the run's "
-                     f"{run_ppl[512]:.3f} (allowed {EXPORT_PPL_TOLERANCE:.0%})", seconds, figures)
-    return Check("tiny export", "pass", "bf16 export; its perplexity equals the run's", seconds, figures)
+    return _timed(passed("tiny export", "bf16 weights, reloaded with plain transformers: logits as in the run's model",
+                         **figures), done)
 
 
 def eval_forward(ctx: Context, model: Path, length: int, timeout: float) -> Check:

@@ -64,12 +64,15 @@ def build_tokenizer(texts: list[str], vocab_size: int):
 
 
 def save_model(folder: Path, config: dict, tokenizer, dtype: str = "float32", seed: int = 0) -> Path:
-    """A Llama of `config` with seeded random weights and `tokenizer`, saved as a transformers model folder."""
+    """A model of `config` (its model_type, else Llama) with seeded random weights and `tokenizer`, saved as a
+    transformers model folder."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **config), dtype=getattr(torch, dtype))
+    config = dict(config)
+    kind = config.pop("model_type", "llama")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **config), dtype=getattr(torch, dtype))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -102,22 +102,43 @@ def _clean(value):
 
 
 # ------------------------------------------------------------------------------------------ rendering
-KEY_FIGURES = ("tokens_per_s", "mfu", "peak_gib", "plan_gib", "ratio", "tflops", "seconds_per_step", "ppl",
-               "passed", "max_abs_diff", "tokens")
-
-
 def summary(check: Check) -> str:
     """The figures worth a glance, then the reason."""
-    shown = [f"{k} {_fmt(check.figures[k])}" for k in KEY_FIGURES if check.figures.get(k) is not None]
+    f = check.figures
+    shown = [_figure_text(key, f) for key in _FIGURE_KEYS if _has(f, key)]
     return "  ".join(filter(None, ["  ".join(shown), check.reason]))
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+def _has(figures: dict, key: str) -> bool:
+    return all(figures.get(k) is not None for k in key.split("+"))
+
+
+def _figure_text(key: str, f: dict) -> str:
+    value = f[key.split("+")[0]]
+    if key == "model+memory_gib":
+        return f"{value}, {f['memory_gib']:.0f} GiB"
+    if key == "torch+transformers+deepspeed":
+        return f"torch {value} (CUDA {f.get('torch_cuda') or '-'}), transformers {f['transformers']}, deepspeed {f['deepspeed']}"
+    if key == "peak_gib+plan_gib+ratio":
+        return f"peak {value:.2f} GiB / plan {f['plan_gib']:.2f} GiB = {f['ratio']:.2f}x"
+    if key == "passed+failed+skipped":
+        return f"{value} passed, {f['failed']} failed, {f['skipped']} skipped"
+    return dict(_FORMATS)[key](value)
+
+
+_FORMATS = (
+    ("tokens_per_s", lambda v: f"{v:,.0f} tok/s" if v >= 100 else f"{v:.3g} tok/s"),
+    ("mfu", lambda v: f"MFU {v:.1%}"),
+    ("tflops", lambda v: f"{v:,.1f} TFLOP/s" if v >= 1 else f"{v * 1000:.0f} GFLOP/s"),
+    ("ppl", lambda v: f"ppl {v:.4g}"),
+    ("max_abs_diff", lambda v: f"max |diff| {v:.1e}"),
+    ("relative_difference", lambda v: f"relative diff {v:.1e}"),
+    ("build_seconds", lambda v: f"built in {v:.0f} s"),
+    ("precision_auto", lambda v: f"precision auto = {v}"),
+)
+# a "+" key is shown when all its figures are there, as one phrase
+_FIGURE_KEYS = ("model+memory_gib", "torch+transformers+deepspeed", "tokens_per_s", "mfu", "peak_gib+plan_gib+ratio",
+                "passed+failed+skipped", *(k for k, _ in _FORMATS if k not in ("tokens_per_s", "mfu")))
 
 
 def table(checks: list[Check], title: str):

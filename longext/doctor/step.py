@@ -3,7 +3,7 @@ peak memory; optionally the Ulysses SP=1 check. The only doctor module that impo
 (recipe loading and resolution, model building, LoRA, the memory savers, the engine): it sets the model up exactly as
 `longext train` does (longext/train.py), on random token ids instead of the recipe's data.
 
-    python -m longext.doctor.step '{"recipe": "r.yaml", "lengths": [8192, 16384], "timed_steps": 2, "sp_check": true,
+    python -m longext.doctor.step '{"recipe": "r.yaml", "lengths": [8192, 16384], "timed_steps": 2, "sp_length": 8192,
                                     "overrides": ["method.target_len=16k"]}'
 
 prints one JSON line. Peak memory: on CUDA `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`; on
@@ -171,8 +171,8 @@ def measure(request: dict) -> dict:
                 gc.collect()
                 built = Built(recipe)
             results.append(measure_length(built, t, length, request.get("timed_steps", 2), baseline))
-        if request.get("sp_check"):
-            checks["sp_check"] = sp_check(built, recipes[0].train, request["lengths"][0])
+        if request.get("sp_length"):
+            checks["sp_check"] = sp_check(built, recipes[0].train, request["sp_length"])
     finally:
         release_zero3_linear()
     return {"results": results, **checks, "device": "cuda" if on_gpu() else "cpu", "threads": torch.get_num_threads(),

@@ -32,7 +32,7 @@ class StepPlan:
 
     zero_stage: int
     lengths: tuple[int, ...]
-    sp_check: bool = False
+    sp_length: int | None = None  # the Ulysses SP=1 check at this length, in the same process
 
 
 def label(length: int) -> str:
@@ -49,21 +49,21 @@ def measured_steps(ctx, model: Path, plan: StepPlan, target_len: int, train: dic
                    timed_steps: int, timeout: float) -> list[Check]:
     """Rows `lora step L ZeRO-z` for each length (and `ulysses path SP=1` when asked) from one measuring process."""
     z = plan.zero_stage
-    names = [f"lora step {label(n)} ZeRO-{z}" for n in plan.lengths] + (["ulysses path SP=1"] if plan.sp_check else [])
+    names = [f"lora step {label(n)} ZeRO-{z}" for n in plan.lengths] + (["ulysses path SP=1"] if plan.sp_length else [])
     recipe = step_recipe(ctx, model, z, plan.lengths[0], target_len, train, f"doctor-steps-z{z}")
     try:
         plans = {n: commands.plan_json(recipe, [f"data.seq_len={n}"], not ctx.gpu, ctx.log) for n in plan.lengths}
     except RuntimeError as err:
         return [failed(name, str(err)) for name in names]
     request = {"recipe": str(recipe), "lengths": list(plan.lengths), "timed_steps": timed_steps,
-               "sp_check": plan.sp_check}
+               "sp_length": plan.sp_length}
     done = commands.run([sys.executable, "-m", "longext.doctor.step", json.dumps(request)], ctx.log,
                         f"measured steps ZeRO-{z}", timeout, capture=True)
     if not done.ok:
         return [failed(name, f"measuring process: {done.problem(timeout)}") for name in names]
     result = commands.last_json(done.stdout)
     rows = [compare(name, r, plans[r["length"]], peak_flops, ctx.gpu) for name, r in zip(names, result["results"])]
-    if plan.sp_check:
+    if plan.sp_length:
         rows.append(sp_row(result["sp_check"]))
     return rows
 

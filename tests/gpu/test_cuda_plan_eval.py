@@ -18,11 +18,16 @@ from gpu_helpers import CUDA, tiny_config
 pytestmark = pytest.mark.gpu
 
 PLAN_BAND = (0.85, 1.15)
+LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # other tests' process group
 
 
-def _cli(*args, env=None, capture=True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "longext", *map(str, args)], capture_output=capture, text=True,
-                          env=env, timeout=600)
+def _env(**extra) -> dict:
+    return {**{k: v for k, v in os.environ.items() if k not in LAUNCHER}, **extra}
+
+
+def _cli(*args, env=None) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "longext", *map(str, args)], capture_output=True, text=True,
+                          env=env or _env(), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -65,7 +70,7 @@ def test_plan_matches_the_measured_peak(model_dir, train):
     fixed = sum(t["bytes"] for t in plan["terms"] if "fixed" in t["name"])
     request = {"recipe": str(recipe), "lengths": [4096], "timed_steps": 1}
     done = subprocess.run([sys.executable, "-m", "longext.doctor.step", json.dumps(request)], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, env=_env(), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])["results"][0]
     ratio = measured["peak_bytes"] / (plan["total_bytes"] - fixed)
@@ -77,7 +82,7 @@ def test_bf16_eval_on_the_gpu_matches_fp32_on_the_cpu(model_dir, tmp_path):
     texts = model_dir.parent / "texts"
     args = ("eval", model_dir, "--lengths", "1024,2048", "--no-passkey", "--texts", texts)
     _cli(*args, "--out", tmp_path / "device")
-    _cli(*args, "--out", tmp_path / "cpu", env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    _cli(*args, "--out", tmp_path / "cpu", env=_env(CUDA_VISIBLE_DEVICES=""))
     got, want = ({int(k): v["ppl"] for k, v in json.loads((tmp_path / d / "eval.json").read_text())["models"][0]
                   ["perplexity"].items()} for d in ("device", "cpu"))
     assert set(got) == {1024, 2048}
