@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from helpers import bad_input
-from longext.doctor import commands, steps
+from longext.doctor import commands, longest, steps
 from longext.doctor.material import SMOLLM2_CONFIG, TINY_CONFIG, build_tokenizer, save_model, step_model, synthetic_text
 from longext.doctor.report import Check, Report, failed, passed, skipped
 
@@ -109,16 +109,25 @@ def test_longest_length_finds_the_largest_fitting_length(monkeypatch, tmp_path, 
         return {"total_bytes": total(n), "budget_bytes": budget}
 
     monkeypatch.setattr(commands, "plan_json", fake_plan)
-    found, plan = steps.longest_length(tmp_path / "r.yaml", tmp_path / "log")
+    found = longest.longest_length(longest.Planner(tmp_path / "r.yaml", tmp_path / "log"))
     best = max(n for n in range(65536, 2**24 + 1, 1024) if total(n) <= budget)
-    assert total(found) <= budget and plan["total_bytes"] == total(found)
+    assert total(found) <= budget
     assert found == best if squared == 0 else found >= 0.98 * best
-    assert len(set(calls)) <= steps.MAX_PLAN_CALLS + 1
+    assert len(calls) == len(set(calls)) <= longest.MAX_PLAN_CALLS + 1
 
 
 def test_longest_length_says_when_nothing_long_fits(monkeypatch, tmp_path):
     monkeypatch.setattr(commands, "plan_json", lambda *a, **k: {"total_bytes": 90e9, "budget_bytes": 80e9})
-    assert steps.longest_length(tmp_path / "r.yaml", tmp_path / "log")[0] is None
+    assert longest.longest_length(longest.Planner(tmp_path / "r.yaml", tmp_path / "log")) is None
+
+
+@pytest.mark.parametrize("a, b", [(8e8, 1.7e5), (8e8, 0.0)])
+def test_time_capped_length_solves_the_step_flops_for_the_time(a, b):
+    """f(n) = a n + b n^2 from two plan points; the length whose FLOPs take `seconds` at `rate`."""
+    flops = lambda n: a * n + b * n * n  # noqa: E731
+    rate, seconds = 2e14, 240
+    n = longest.time_capped_length(65536, flops(65536), 1 << 20, flops(1 << 20), rate, seconds)
+    assert n % 1024 == 0 and flops(n) <= rate * seconds < flops(n + 1024)
 
 
 # --------------------------------------------------------------------------------- subprocesses

@@ -8,11 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_LOG_LOCK = threading.Lock()
 
 
 @dataclass
@@ -21,7 +23,7 @@ class Done:
     code: int | None  # None: killed at the time limit
     seconds: float
     stdout: str  # captured only with capture=True (else in the log)
-    output: str  # what the process printed (stdout when not captured, stderr), as appended to the log
+    output: str  # stdout and stderr as logged (without capture), or stderr (with capture)
 
     @property
     def ok(self) -> bool:
@@ -47,29 +49,47 @@ def child_env(extra: dict | None = None) -> dict:
 
 def run(argv: list[str], log: Path, title: str, timeout: float, capture: bool = False, cwd: Path | None = None,
         env: dict | None = None) -> Done:
-    """Run argv; its output goes to `log` under `== title ==`. With capture, stdout is returned (and logged) apart."""
+    """Run argv; its output goes to `log` under `== title ==`. Without capture it is streamed there as it comes (the
+    long CLI runs); with capture, stdout is returned apart and both streams are logged as one block when the process
+    ends, so captured runs may go on in several threads at once."""
+    if capture:
+        return _run_captured(argv, log, title, timeout, cwd, env)
     with open(log, "a") as f:
         f.write(f"\n== {title} ==\n$ {' '.join(argv)}\n")
         f.flush()
         start = f.tell()
-        began = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE if capture else f, stderr=f, stdin=subprocess.DEVNULL,
-                                cwd=cwd, env=env or child_env(), text=True, start_new_session=True)
-        try:
-            stdout, _ = proc.communicate(timeout=timeout)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the process and whatever it started
-            stdout, _ = proc.communicate()
-            code = None
-        seconds = time.perf_counter() - began
-        if capture and stdout:
-            f.write(stdout if stdout.endswith("\n") else stdout + "\n")
-        f.write(f"-- exit {code if code is not None else 'killed (time limit)'} after {seconds:.1f} s\n")
+        code, seconds, _, _ = _wait(argv, timeout, cwd, env, stdout=f, stderr=f)
+        f.write(_footer(code, seconds))
     with open(log) as f:
         f.seek(start)
-        output = f.read()
-    return Done(argv, code, seconds, stdout or "", output)
+        return Done(argv, code, seconds, "", f.read())
+
+
+def _run_captured(argv, log, title, timeout, cwd, env) -> Done:
+    code, seconds, stdout, stderr = _wait(argv, timeout, cwd, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    block = f"\n== {title} ==\n$ {' '.join(argv)}\n{stderr}{stdout}"
+    with _LOG_LOCK, open(log, "a") as f:
+        f.write(block + ("" if block.endswith("\n") else "\n") + _footer(code, seconds))
+    return Done(argv, code, seconds, stdout, stderr)
+
+
+def _wait(argv, timeout, cwd, env, stdout, stderr) -> tuple[int | None, float, str, str]:
+    """(exit code or None when killed at the time limit, seconds, captured stdout, captured stderr)."""
+    began = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, cwd=cwd,
+                            env=env or child_env(), text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the process and whatever it started
+        out, err = proc.communicate()
+        code = None
+    return code, time.perf_counter() - began, out or "", err or ""
+
+
+def _footer(code: int | None, seconds: float) -> str:
+    return f"-- exit {code if code is not None else 'killed (time limit)'} after {seconds:.1f} s\n"
 
 
 def error_line(text: str) -> str:

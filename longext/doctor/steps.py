@@ -1,6 +1,5 @@
 """Measured LoRA steps of the step model against `longext plan`: tokens/s, MFU against the matmul peak measured in the
-same run, and the measured peak memory against the plan's estimate for the same recipe; the Ulysses SP=1 check; and
-(--longest) one step at the longest length the plan says fits on this device.
+same run, and the measured peak memory against the plan's estimate for the same recipe; and the Ulysses SP=1 check.
 
 The recipe is written once per ZeRO stage; `longext plan --json -s data.seq_len=L` (through the CLI) and the
 measuring process (longext/doctor/step.py) read the same file, so both see the same resolved settings."""
@@ -8,13 +7,15 @@ measuring process (longext/doctor/step.py) read the same file, so both see the s
 from __future__ import annotations
 
 import json
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from longext.doctor import commands
 from longext.doctor.material import write_recipe
-from longext.doctor.report import Check, failed, passed, skipped
+from longext.doctor.report import Check, failed
 
 GiB = 2**30
 # measured peak / plan estimate outside this band fails the row: above, `longext plan` underestimates (a run it
@@ -22,8 +23,7 @@ GiB = 2**30
 # of `longext bench memory`'s 21 cases (docs/scaling.md).
 PLAN_BAND = (0.75, 1.15)
 SP_TOLERANCE = 1e-2  # SP=1 path vs transformers' loss, relative: the same sums in another order (bf16 logits)
-ROUND_TO = 1024  # the longest length is a multiple of this
-MAX_PLAN_CALLS = 8
+SPARE_CPUS = (os.cpu_count() or 1) // 4  # `longext plan` calls beside the measured steps (a GPU node's cores)
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,19 @@ def measured_steps(ctx, model: Path, plan: StepPlan, target_len: int, train: dic
     z = plan.zero_stage
     names = [f"lora step {label(n)} ZeRO-{z}" for n in plan.lengths] + (["ulysses path SP=1"] if plan.sp_length else [])
     recipe = step_recipe(ctx, model, z, plan.lengths[0], target_len, train, f"doctor-steps-z{z}")
+    with ThreadPoolExecutor(max_workers=max(1, SPARE_CPUS)) as pool:
+        pending = {n: pool.submit(commands.plan_json, recipe, [f"data.seq_len={n}"], not ctx.gpu, ctx.log)
+                   for n in plan.lengths}
+        if SPARE_CPUS < 2:  # few cores: plan first, so that it does not slow the measured steps
+            wait(pending.values())
+        request = {"recipe": str(recipe), "lengths": list(plan.lengths), "timed_steps": timed_steps,
+                   "sp_length": plan.sp_length}
+        done = commands.run([sys.executable, "-m", "longext.doctor.step", json.dumps(request)], ctx.log,
+                            f"measured steps ZeRO-{z}", timeout, capture=True)
     try:
-        plans = {n: commands.plan_json(recipe, [f"data.seq_len={n}"], not ctx.gpu, ctx.log) for n in plan.lengths}
+        plans = {n: future.result() for n, future in pending.items()}
     except RuntimeError as err:
         return [failed(name, str(err)) for name in names]
-    request = {"recipe": str(recipe), "lengths": list(plan.lengths), "timed_steps": timed_steps,
-               "sp_length": plan.sp_length}
-    done = commands.run([sys.executable, "-m", "longext.doctor.step", json.dumps(request)], ctx.log,
-                        f"measured steps ZeRO-{z}", timeout, capture=True)
     if not done.ok:
         return [failed(name, f"measuring process: {done.problem(timeout)}") for name in names]
     result = commands.last_json(done.stdout)
@@ -84,6 +89,7 @@ def compare(name: str, r: dict, plan: dict, peak_flops: float | None, gpu: bool)
         "tokens_per_s": r["tokens_per_s"], "seconds_per_step": r["seconds_per_step"],
         "mfu": model_flops / r["seconds_per_step"] / peak_flops if peak_flops else None,
         "hfu": plan["flops_per_step"] / r["seconds_per_step"] / peak_flops if peak_flops else None,
+        "flops_per_s": plan["flops_per_step"] / r["seconds_per_step"],  # achieved, recompute included
         "peak_gib": r["peak_bytes"] / GiB, "plan_gib": estimate / GiB, "ratio": ratio, "plan_fixed_gib": fixed / GiB,
         "memory": "torch.cuda.max_memory_allocated" if gpu else "peak RSS - process baseline",
         "losses": r["losses"], "switches": r["switches"], "all_seconds": r["all_seconds"],
@@ -109,75 +115,3 @@ def sp_row(r: dict) -> Check:
         check.reason = (f"the SP path's loss {r['sp_loss']:.5f} differs from transformers' {r['reference_loss']:.5f} "
                         f"by {r['relative_difference']:.2e} (allowed {SP_TOLERANCE:g})")
     return check
-
-
-# ------------------------------------------------------------------------------------------ longest
-LONGEST_TRAIN = {"zero_stage": 3, "gradient_checkpointing": True, "tiled_loss": True, "tiled_mlp": True,
-                 "checkpoint_offload": True}
-
-
-def longest_length(recipe: Path, log: Path, start: int = 65536, stop: int = 2**24) -> tuple[int | None, dict]:
-    """The longest multiple of ROUND_TO in [start, stop] whose `longext plan` estimate fits this GPU, in at most
-    MAX_PLAN_CALLS plan calls: the estimate is nearly linear in the length, so each probe is where the line through
-    the start and the last probe meets the budget, kept inside the bracket found so far."""
-    cache: dict[int, dict] = {}
-
-    def plan(n: int) -> dict:
-        if n not in cache:
-            cache[n] = commands.plan_json(recipe, [f"data.seq_len={n}", f"method.target_len={n}"], False, log)
-        return cache[n]
-
-    def fits(n: int) -> bool:
-        return plan(n)["total_bytes"] <= plan(n)["budget_bytes"]
-
-    if not fits(start):
-        return None, plan(start)
-    lo, hi, probe = start, None, 4 * start
-    for _ in range(MAX_PLAN_CALLS):
-        probe = min(probe, stop) // ROUND_TO * ROUND_TO
-        if hi is None:
-            probe = max(probe, lo + lo // 8)  # a curving estimate can put the line below a length that fits
-        elif not lo < probe < hi:
-            probe = (lo + hi) // 2 // ROUND_TO * ROUND_TO
-        if probe <= lo:
-            break
-        if fits(probe):
-            lo = probe
-        else:
-            hi = probe
-        if lo >= stop or (hi is not None and hi - lo <= ROUND_TO):
-            break
-        probe = _interpolate(start, plan(start), probe, plan(probe))
-    return lo, plan(lo)
-
-
-def _interpolate(a: int, pa: dict, b: int, pb: dict) -> int:
-    """Where the line through (a, total a) and (b, total b) meets the budget (or 4a when they coincide)."""
-    if b == a or pb["total_bytes"] == pa["total_bytes"]:
-        return 4 * b
-    slope = (pb["total_bytes"] - pa["total_bytes"]) / (b - a)
-    return int(a + (pa["budget_bytes"] - pa["total_bytes"]) / slope)
-
-
-def longest_step(ctx, model: Path, train: dict, peak_flops: float | None, timeout: float) -> Check:
-    name = "longest step"
-    recipe = step_recipe(ctx, model, 3, 65536, 65536, {**train, **LONGEST_TRAIN}, "doctor-longest")
-    try:
-        length, plan = longest_length(recipe, ctx.log)
-    except RuntimeError as err:
-        return failed(name, str(err))
-    if length is None:
-        return failed(name, f"`longext plan` says not even 64k tokens fit ({plan['total_bytes'] / GiB:.1f} GiB)")
-    request = {"recipe": str(recipe), "lengths": [length], "timed_steps": 0, "overrides": [f"method.target_len={length}"]}
-    done = commands.run([sys.executable, "-m", "longext.doctor.step", json.dumps(request)], ctx.log,
-                        f"longest step {length}", timeout, capture=True)
-    if not done.ok:
-        return failed(f"longest step {label(length)}", f"measuring process: {done.problem(timeout)}",
-                      length=length, plan_gib=plan_bytes(plan)[0] / GiB, budget_gib=plan["budget_bytes"] / GiB)
-    check = compare(f"longest step {label(length)}", commands.last_json(done.stdout)["results"][0], plan, peak_flops,
-                    ctx.gpu)
-    check.figures.update(length=length, budget_gib=plan["budget_bytes"] / GiB)
-    if check.status == "pass":
-        check.reason = "the longest length `longext plan` fits here: checkpointing, tiled loss, TiledMLP, offload"
-    return check
-
