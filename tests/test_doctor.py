@@ -226,3 +226,23 @@ def test_the_wheelhouse_installs_offline_and_the_doctor_passes_there(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "doctor" / "doctor.json").read_text())
     assert report["counts"]["fail"] == 0 and report["counts"]["pass"] >= 10
+
+
+@pytest.mark.slow
+def test_longest_step_searches_the_plan_caps_by_time_and_measures(tmp_path, monkeypatch):
+    """The --longest path on CPU with a tiny model: the GPU plan's search through the CLI, the time cap (a slow rate
+    brings the length down to the start, 8k here), the step at that length in the measuring process, the figures."""
+    from longext.doctor.cli_checks import Context
+    from longext.doctor.material import write_texts
+
+    tokenizer = build_tokenizer([synthetic_text(3000, 0)], 300)
+    model = save_model(tmp_path / "m", {**TINY_CONFIG, "vocab_size": len(tokenizer)}, tokenizer)
+    ctx = Context(work=tmp_path, log=tmp_path / "doctor.log", texts=write_texts(tmp_path / "texts", 1, 3000),
+                  tokenizer=tokenizer, gpu=False)
+    monkeypatch.setattr(longest, "START", 8192)
+    row = longest.longest_step(ctx, model, {"precision": "fp32"}, None, flops_rate=1e6, timeout=900)
+    f = row.figures
+    assert row.name == "longest step 8k" and f["length"] == 8192, (row.reason, f)
+    assert f["plan_longest"] > 8192 and f["plan_longest"] % 1024 == 0
+    assert f["tokens_per_s"] > 0 and f["peak_gib"] > 0 and f["plan_gib"] > 0 and f["expected_seconds"] > 0
+    assert row.status == "pass" or "`longext plan`" in row.reason  # a GPU plan against CPU memory may disagree

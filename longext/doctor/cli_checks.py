@@ -49,9 +49,11 @@ def _train(ctx: Context, recipe: Path, run_dir: Path, timeout: float) -> Check:
         return _timed(failed("tiny train", f"longext train: {done.problem(timeout)}"), done)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     losses = [r["loss"] for r in records]
-    figures = {"steps": len(records), "losses": losses, "tokens_per_s": records[-1]["tokens_per_s"] if records else None}
+    rate = records[-1]["tokens_per_s"] if records else None
+    figures = {"steps": len(records), "losses": losses, "tokens_per_s": rate}
     if len(records) != ROUND_TRIP_STEPS or not all(map(math.isfinite, losses)):
-        return _timed(failed("tiny train", f"expected {ROUND_TRIP_STEPS} finite losses in metrics.jsonl", **figures), done)
+        problem = f"expected {ROUND_TRIP_STEPS} finite losses in metrics.jsonl"
+        return _timed(failed("tiny train", problem, **figures), done)
     if not (run_dir / "adapter" / "adapter_config.json").is_file():
         return _timed(failed("tiny train", "no adapter/ in the run directory", **figures), done)
     return _timed(passed("tiny train", "bf16, ZeRO-2, LoRA r4", **figures), done)
@@ -110,8 +112,8 @@ def gpu_tests(ctx: Context, repo: Path, timeout: float) -> Check:
     argv = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(folder)]
     done = commands.run(argv, ctx.log, name, timeout, cwd=repo)
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?)", done.output)}
-    figures = {"passed": counts.get("passed", 0), "failed": counts.get("failed", 0), "skipped": counts.get("skipped", 0),
-               "errors": counts.get("error", 0) + counts.get("errors", 0)}
+    figures = {kind: counts.get(kind, 0) for kind in ("passed", "failed", "skipped")}
+    figures["errors"] = counts.get("error", 0) + counts.get("errors", 0)
     if done.code is None:
         return _timed(failed(name, f"did not finish within {timeout:.0f} s", **figures), done)
     if done.code != 0 or figures["failed"] or figures["errors"]:

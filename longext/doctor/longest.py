@@ -42,10 +42,12 @@ class Planner:
         return self(n)["total_bytes"] <= self(n)["budget_bytes"]
 
 
-def longest_length(plan: Planner, start: int = START, stop: int = 2**24) -> int | None:
+def longest_length(plan: Planner, start: int | None = None, stop: int = 2**24) -> int | None:
     """The longest multiple of ROUND_TO in [start, stop] that the plan fits on this GPU, in at most MAX_PLAN_CALLS
     more calls: the estimate is nearly linear in the length, so each probe is where the line through the start and
-    the last probe meets the budget, kept inside the bracket found so far. None when not even `start` fits."""
+    the last probe meets the budget, kept inside the bracket found so far. None when not even `start` (default
+    START) fits."""
+    start = start or START
     if not plan.fits(start):
         return None
     lo, hi, probe = start, None, 4 * start
@@ -96,7 +98,7 @@ def longest_step(ctx, model: Path, train: dict, peak_flops: float | None, flops_
             return failed("longest step", f"`longext plan` says not even {label(START)} tokens fit "
                                           f"({plan(START)['total_bytes'] / GiB:.1f} GiB)")
         length = fitting
-        if flops_rate:
+        if flops_rate and fitting > START:
             capped = time_capped_length(START, plan(START)["flops_per_step"], fitting, plan(fitting)["flops_per_step"],
                                         flops_rate, LONGEST_SECONDS)
             length = max(START, min(fitting, capped))
@@ -106,7 +108,8 @@ def longest_step(ctx, model: Path, train: dict, peak_flops: float | None, flops_
     figures = {"length": length, "plan_longest": fitting, "budget_gib": estimate["budget_bytes"] / GiB,
                "expected_seconds": estimate["flops_per_step"] / flops_rate if flops_rate else None}
     name = f"longest step {label(length)}"
-    request = {"recipe": str(recipe), "lengths": [length], "timed_steps": 0, "overrides": [f"method.target_len={length}"]}
+    request = {"recipe": str(recipe), "lengths": [length], "timed_steps": 0,
+               "overrides": [f"method.target_len={length}"]}
     done = commands.run([sys.executable, "-m", "longext.doctor.step", json.dumps(request)], ctx.log, name, timeout,
                         capture=True)
     if not done.ok:

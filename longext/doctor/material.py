@@ -99,13 +99,15 @@ def step_model(model: Path | None, cache_model: Path, work: Path, tokenizer) -> 
     if model is not None and has_weights(model) and has_tokenizer(model):
         return model, f"{model}"
     if model is not None:
+        dropped = ("architectures", "transformers_version", "dtype", "torch_dtype")
         config = {k: v for k, v in json.loads((model / "config.json").read_text()).items()
-                  if not k.startswith("_") and k not in ("architectures", "transformers_version", "dtype", "torch_dtype")}
+                  if not k.startswith("_") and k not in dropped}
         source = f"{model}'s config, random weights (none in the folder)"
         if has_weights(model):
             source = f"{model} without a tokenizer: its config, random weights"
     else:
-        config, source = SMOLLM2_CONFIG, "SmolLM2-135M's shape, random weights (`longext models prepare smollm2` not run)"
+        config = SMOLLM2_CONFIG
+        source = "SmolLM2-135M's shape, random weights (`longext models prepare smollm2` not run)"
     return save_model(work / "step-model", config, tokenizer, dtype="bfloat16"), source
 
 

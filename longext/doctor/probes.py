@@ -29,7 +29,7 @@ def versions() -> Check:
     found = {name: _version(name) for name in PACKAGES}
     figures = {"python": platform.python_version(), "longext": _version("longext"), **found,
                "torch_cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda() else None,
-               "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda() else None}
+               "nccl": _nccl_version() if cuda() else None}
     try:
         required = [Requirement(r) for r in metadata.requires("longext") or []]
     except metadata.PackageNotFoundError:  # run from a source tree that was never installed
@@ -46,6 +46,14 @@ def versions() -> Check:
     if problems:
         return failed("versions", "; ".join(problems), **figures)
     return passed("versions", **figures)
+
+
+def _nccl_version() -> str | None:
+    try:
+        found = torch.cuda.nccl.version()
+    except Exception:  # a torch built without NCCL
+        return None
+    return ".".join(map(str, found)) if isinstance(found, tuple) else str(found)
 
 
 def _version(name: str) -> str | None:
@@ -129,11 +137,13 @@ def sdpa() -> Check:
                  .abs().max())
     figures = {"dtype": str(dtype).removeprefix("torch."), "max_abs_diff": diff}
     if cuda():
-        figures.update(flash=torch.backends.cuda.flash_sdp_enabled(), mem_efficient=torch.backends.cuda.mem_efficient_sdp_enabled(),
-                       cudnn=torch.backends.cuda.cudnn_sdp_enabled(), tflops=_attention_tflops(F.scaled_dot_product_attention))
+        backends = torch.backends.cuda
+        figures.update(flash=backends.flash_sdp_enabled(), mem_efficient=backends.mem_efficient_sdp_enabled(),
+                       cudnn=backends.cudnn_sdp_enabled(), tflops=_attention_tflops(F.scaled_dot_product_attention))
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
     if diff > tolerance:
-        return failed("attention sdpa", f"max |diff| {diff:.2e} against the fp32 reference (allowed {tolerance:g})", **figures)
+        problem = f"max |diff| {diff:.2e} against the fp32 reference (allowed {tolerance:g})"
+        return failed("attention sdpa", problem, **figures)
     return passed("attention sdpa", **figures)
 
 
@@ -164,9 +174,10 @@ def flash_attention() -> Check:
     q, k, v = _attention_inputs(1024, torch.bfloat16, "cuda")
     got = flash_attn_func(*(x.transpose(1, 2) for x in (q, k, v)), causal=True).transpose(1, 2)
     diff = float((got.float().cpu() - _reference_attention(q, k, v)).abs().max())
-    figures = {"version": _version("flash-attn"), "max_abs_diff": diff,
-               "tflops": _attention_tflops(lambda q, k, v, is_causal: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2),
-                                                                                     v.transpose(1, 2), causal=is_causal))}
+    def kernel(q, k, v, is_causal):  # [b, h, s, d] in, as sdpa takes them
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=is_causal)
+
+    figures = {"version": _version("flash-attn"), "max_abs_diff": diff, "tflops": _attention_tflops(kernel)}
     if diff > 2e-2:
         return failed(name, f"max |diff| {diff:.2e} against the fp32 reference (allowed 2e-2)", **figures)
     return passed(name, **figures)

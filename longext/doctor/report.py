@@ -118,7 +118,8 @@ def _figure_text(key: str, f: dict) -> str:
     if key == "model+memory_gib":
         return f"{value}, {f['memory_gib']:.0f} GiB"
     if key == "torch+transformers+deepspeed":
-        return f"torch {value} (CUDA {f.get('torch_cuda') or '-'}), transformers {f['transformers']}, deepspeed {f['deepspeed']}"
+        cuda = f.get("torch_cuda") or "-"
+        return f"torch {value} (CUDA {cuda}), transformers {f['transformers']}, deepspeed {f['deepspeed']}"
     if key == "peak_gib+plan_gib+ratio":
         return f"peak {value:.2f} GiB / plan {f['plan_gib']:.2f} GiB = {f['ratio']:.2f}x"
     if key == "passed+failed+skipped":

@@ -80,8 +80,9 @@ def run_doctor(gpu: bool, longest: bool, out: Path, model: Path | None, console)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed: no guess-and-warn
     _quiet_transformers()
     device = torch.cuda.get_device_name(0) if on_gpu else f"{cpu_name()}, {os.cpu_count()} cores"
-    meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "mode": "gpu" if on_gpu else "cpu",
-            "device": device, "load_average_start": os.getloadavg()[0], "longest": longest,
+    meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "mode": "gpu" if on_gpu else "cpu", "device": device, "load_average_start": os.getloadavg()[0],
+            "longest": longest,
             "model": str(model) if model else None}
     report = Report(out, meta)
     work = Path(tempfile.mkdtemp(prefix="longext-doctor-"))
@@ -90,18 +91,21 @@ def run_doctor(gpu: bool, longest: bool, out: Path, model: Path | None, console)
         _run_checks(report, console, work, on_gpu, longest, model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report.meta["load_average_end"] = os.getloadavg()[0]
+    report.meta.update(load_average_end=os.getloadavg()[0], cpu_seconds=round(_cpu_seconds(), 1))
     report.write(finished=True)
     console.print(table(report.checks, f"longext doctor ({meta['mode']}, {device})"))
-    counts = report.to_json(True)["counts"]
+    summary = report.to_json(True)
+    counts = summary["counts"]
+    load = f"load average {meta['load_average_start']:.1f} -> {summary['load_average_end']:.1f} on {os.cpu_count()} cores"
     console.print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped in "
-                  f"{report.to_json(True)['seconds']:.0f} s; {out / 'doctor.json'}, subprocess output in "
-                  f"{out / 'doctor.log'}")
+                  f"{summary['seconds']:.0f} s ({summary['cpu_seconds']:.0f} CPU-seconds; {load}); "
+                  f"{out / 'doctor.json'}, subprocess output in {out / 'doctor.log'}")
     return 1 if report.failures else 0
 
 
 def _run_checks(report: Report, console, work: Path, gpu: bool, longest: bool, model: Path | None) -> None:
-    from longext.doctor import cli_checks, longest, probes, steps
+    from longext.doctor import cli_checks, probes, steps
+    from longext.doctor.longest import longest_step
     from longext.doctor.material import build_tokenizer, step_model, write_texts
     from longext.materials import smollm2_dir
 
@@ -123,9 +127,10 @@ def _run_checks(report: Report, console, work: Path, gpu: bool, longest: bool, m
     step_path = Path(where[0].figures["path"]) if where and where[0].status == "pass" else None
     measured = []
     for plan in sizes.steps:
-        measured += run(f"lora steps ZeRO-{plan.zero_stage}", lambda p=plan: _or_skip(step_path, lambda: steps.measured_steps(
+        title = f"lora steps ZeRO-{plan.zero_stage}"
+        measured += run(title, lambda p=plan, t=title: _or_skip(step_path, t, lambda: steps.measured_steps(
             ctx, step_path, p, sizes.target_len, train, peak_flops, sizes.timed_steps, sizes.limits["steps"])))
-    run("eval forward", lambda: _or_skip(step_path, lambda: [cli_checks.eval_forward(
+    run("eval forward", lambda: _or_skip(step_path, "eval forward", lambda: [cli_checks.eval_forward(
         ctx, step_path, sizes.eval_length, sizes.limits["cli"])]))
     if not gpu:
         report.add(skipped("longest step", "GPU only (the plan's longest length on a CPU takes hours per step)"))
@@ -134,8 +139,16 @@ def _run_checks(report: Report, console, work: Path, gpu: bool, longest: bool, m
     else:
         rate = next((r.figures["flops_per_s"] for r in reversed(measured) if r.status == "pass"
                      and r.figures.get("flops_per_s")), None)  # the longest measured step's, ZeRO-3
-        run("longest step", lambda: _or_skip(step_path, lambda: [longest.longest_step(
+        run("longest step", lambda: _or_skip(step_path, "longest step", lambda: [longest_step(
             ctx, step_path, train, peak_flops, rate, sizes.limits["longest"])]))
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of the doctor and every subprocess it waited for: its work, whatever else ran."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def _quiet_transformers() -> None:
@@ -151,8 +164,8 @@ def _model_row(found: tuple[Path, str]) -> Check:
     return Check("step model", "pass", source, figures={"path": str(path)})
 
 
-def _or_skip(step_path: Path | None, make: Callable[[], list[Check]]) -> list[Check]:
-    return make() if step_path is not None else [skipped("step model missing", "the step model could not be made")]
+def _or_skip(step_path: Path | None, name: str, make: Callable[[], list[Check]]) -> list[Check]:
+    return make() if step_path is not None else [skipped(name, "no step model (see the `step model` row)")]
 
 
 class _Runner:

@@ -157,7 +157,8 @@ def measure(request: dict) -> dict:
     quiet_libraries()
     init_distributed()
     extra = request.get("overrides", [])
-    recipes = [resolve(load_recipe(request["recipe"], [f"data.seq_len={n}", *extra])).recipe for n in request["lengths"]]
+    recipes = [resolve(load_recipe(request["recipe"], [f"data.seq_len={n}", *extra])).recipe
+               for n in request["lengths"]]
     if not on_gpu():
         warm_up(recipes[0].train.zero_stage, recipes[0].train.precision)
         trim_and_reset_peak()

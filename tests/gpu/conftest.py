@@ -2,8 +2,8 @@
 
 One rule: tests marked `gpu` are skipped when torch sees no CUDA device. `make test-gpu` (or `longext doctor` on a
 GPU) runs them. To work on these tests without a GPU, LONGEXT_GPU_TESTS_ON_CPU=1 runs them on the CPU against the
-same references (the CUDA-only ones, marked `cuda_only` in gpu_helpers.py, still skip); that proves the test code, not the CUDA
-kernels.
+same references (the CUDA-only ones, marked `cuda_only` in gpu_helpers.py, still skip); that proves the test
+code, not the CUDA kernels.
 """
 
 from __future__ import annotations
