@@ -280,7 +280,8 @@ def doctor(
     model: Annotated[Optional[Path], typer.Option("--model", help="Model folder for the measured steps (a config.json alone: its shape with random weights). Default: the prepared SmolLM2-135M, else its shape.")] = None,
 ) -> None:
     """Check this machine: versions, device, bf16, attention kernels, the GPU tests, a train -> eval -> export round
-    trip, measured LoRA steps (tokens/s, MFU, peak memory against `longext plan`). Exit 1 if a check failed."""
+    trip, measured LoRA steps (tokens/s, MFU, peak memory against `longext plan`). Writes DIR/doctor.json; exit 1 if a
+    check failed. What each row means: docs/gpu.md."""
     from longext.doctor.run import run_doctor
 
     raise typer.Exit(run_doctor(gpu=gpu, longest=longest, out=out, model=model, console=_console()))

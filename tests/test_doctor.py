@@ -102,7 +102,7 @@ def test_longest_length_finds_the_largest_fitting_length(monkeypatch, tmp_path, 
     total = lambda n: fixed + per_token * n + squared * n * n  # noqa: E731
     calls = []
 
-    def fake_plan(recipe, overrides, cpu, log, timeout=120):
+    def fake_plan(recipe, overrides, cpu, log, timeout=120, gpu_memory=None):
         n = int(overrides[0].split("=")[1])
         assert overrides == [f"data.seq_len={n}", f"method.target_len={n}"] and not cpu
         calls.append(n)

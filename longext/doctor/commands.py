@@ -114,9 +114,12 @@ def last_json(text: str) -> dict:
     raise ValueError("no JSON result in the output")
 
 
-def plan_json(recipe: Path, overrides: list[str], cpu: bool, log: Path, timeout: float = 120) -> dict:
-    """`longext plan RECIPE --json [--cpu] -s ...` as a user runs it; raises RuntimeError with its error line."""
-    argv = longext("plan", recipe, "--json", *(["--cpu"] if cpu else []), *[x for o in overrides for x in ("-s", o)])
+def plan_json(recipe: Path, overrides: list[str], cpu: bool, log: Path, timeout: float = 120,
+              gpu_memory: int | None = None) -> dict:
+    """`longext plan RECIPE --json [--cpu] [--gpu-memory BYTES] -s ...` as a user runs it; raises RuntimeError with its
+    error line."""
+    flags = (["--cpu"] if cpu else []) + (["--gpu-memory", str(gpu_memory)] if gpu_memory else [])
+    argv = longext("plan", recipe, "--json", *flags, *[x for o in overrides for x in ("-s", o)])
     done = run(argv, log, f"plan {' '.join(overrides)}", timeout, capture=True)
     if not done.ok:
         raise RuntimeError(f"longext plan failed, {done.problem(timeout)}")

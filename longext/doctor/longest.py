@@ -27,15 +27,16 @@ LONGEST_SECONDS = 240  # aim for one step at most this long (estimated from the 
 
 
 class Planner:
-    """`longext plan --json` of one recipe at any length (data.seq_len and method.target_len), each length once."""
+    """`longext plan --json` of one recipe at any length (data.seq_len and method.target_len), each length once;
+    `gpu_memory` bytes as the budget (None: the plan's default, this GPU's memory)."""
 
-    def __init__(self, recipe: Path, log: Path):
-        self.recipe, self.log, self.cache = recipe, log, {}
+    def __init__(self, recipe: Path, log: Path, gpu_memory: int | None = None):
+        self.recipe, self.log, self.gpu_memory, self.cache = recipe, log, gpu_memory, {}
 
     def __call__(self, n: int) -> dict:
         if n not in self.cache:
             overrides = [f"data.seq_len={n}", f"method.target_len={n}"]
-            self.cache[n] = commands.plan_json(self.recipe, overrides, False, self.log)
+            self.cache[n] = commands.plan_json(self.recipe, overrides, False, self.log, gpu_memory=self.gpu_memory)
         return self.cache[n]
 
     def fits(self, n: int) -> bool:
@@ -87,11 +88,22 @@ def time_capped_length(n1: int, flops1: float, n2: int, flops2: float, rate: flo
     return int(n) // ROUND_TO * ROUND_TO
 
 
+def free_gpu_memory() -> int | None:
+    """Bytes free on the GPU now: what this process (its CUDA context) and any other already hold is not the step's.
+    The plan's own fixed term covers the step process's context."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0]
+
+
 def longest_step(ctx, model: Path, train: dict, peak_flops: float | None, flops_rate: float | None,
                  timeout: float) -> Check:
     """flops_rate: FLOP/s (recompute included) the measured steps reached, for the time cap; None: no cap."""
     recipe = step_recipe(ctx, model, 3, START, START, {**train, **LONGEST_TRAIN}, "doctor-longest")
-    plan = Planner(recipe, ctx.log)
+    plan = Planner(recipe, ctx.log, free_gpu_memory())
     try:
         fitting = longest_length(plan)
         if fitting is None:

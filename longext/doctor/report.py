@@ -132,7 +132,7 @@ _FORMATS = (
     ("mfu", lambda v: f"MFU {v:.1%}"),
     ("tflops", lambda v: f"{v:,.1f} TFLOP/s" if v >= 1 else f"{v * 1000:.0f} GFLOP/s"),
     ("ppl", lambda v: f"ppl {v:.4g}"),
-    ("max_abs_diff", lambda v: f"max |diff| {v:.1e}"),
+    ("max_abs_diff", lambda v: f"max abs diff {v:.1e}"),
     ("relative_difference", lambda v: f"relative diff {v:.1e}"),
     ("build_seconds", lambda v: f"built in {v:.0f} s"),
     ("precision_auto", lambda v: f"precision auto = {v}"),

@@ -117,6 +117,10 @@ def _run_checks(report: Report, console, work: Path, gpu: bool, longest: bool, m
     peak_flops = peak[0].figures["tflops"] * 1e12 if peak and peak[0].status == "pass" else None
     adam = run("deepspeed fused adam", lambda: [probes.fused_adam()])
     train = {"optimizer": "torch_adamw"} if adam and adam[0].status == "fail" else {}
+    if gpu:  # the probes' tensors are gone; their cached blocks would be missing from the subprocesses' GPU memory
+        import torch
+
+        torch.cuda.empty_cache()
 
     texts = write_texts(work / "texts")
     tokenizer = build_tokenizer([p.read_text() for p in sorted(texts.glob("*.txt"))], vocab_size=512)
