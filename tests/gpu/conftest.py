@@ -15,6 +15,10 @@ import torch
 
 ON_CPU = os.environ.get("LONGEXT_GPU_TESTS_ON_CPU") == "1"
 CUDA = torch.cuda.is_available()
+if CUDA and os.environ.get("DS_ACCELERATOR") == "cpu":
+    # tests/conftest.py pins DeepSpeed to its CPU accelerator for the CPU suite (and every subprocess inherits it);
+    # this tier needs CUDA's. Run it on its own (`make test-gpu`), before anything has imported deepspeed.
+    del os.environ["DS_ACCELERATOR"]
 
 
 def pytest_collection_modifyitems(config, items):

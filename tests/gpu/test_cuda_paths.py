@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from gpu_helpers import cuda_only, relative, tiny_model, token_batch
+from .gpu_helpers import cuda_only, relative, tiny_model, token_batch
 
 pytestmark = pytest.mark.gpu
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpu_helpers import CUDA, tiny_config
+from .gpu_helpers import CUDA, tiny_config
 
 pytestmark = pytest.mark.gpu
 
