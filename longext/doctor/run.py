@@ -32,12 +32,14 @@ class Sizes:
     timed_steps: int  # after one warm-up step (0: the one step is timed)
     eval_length: int
     limits: dict  # seconds per subprocess, by kind
+    expected: str  # how long the whole run takes, said at the start
 
 
 GPU_SIZES = Sizes(
     steps=(StepPlan(2, (8192, 16384, 32768), sp_length=8192), StepPlan(3, (8192, 16384, 32768))),
     target_len=32768, timed_steps=2, eval_length=16384,
     limits={"cli": 180, "steps": 300, "pytest": 240, "longest": 540},
+    expected="about 6 minutes on one GPU (estimated; 5 more with --longest)",
 )
 # A 2-core CPU does a SmolLM2 LoRA step at 1k tokens in about 20 s (bf16; several times that when the machine is
 # shared): two steps (the peak resident set settles in the second, as glibc keeps freed blocks), the SP=1 check at 512.
@@ -45,6 +47,7 @@ CPU_SIZES = Sizes(
     steps=(StepPlan(2, (1024,), sp_length=512), StepPlan(3, (1024,))),
     target_len=16384, timed_steps=1, eval_length=2048,
     limits={"cli": 300, "steps": 540, "pytest": 240, "longest": 0},
+    expected="about 220 CPU-seconds: 2-3 minutes on an idle 2-core CPU, longer on a busy one",
 )
 
 
@@ -86,7 +89,8 @@ def run_doctor(gpu: bool, longest: bool, out: Path, model: Path | None, console)
             "model": str(model) if model else None}
     report = Report(out, meta)
     work = Path(tempfile.mkdtemp(prefix="longext-doctor-"))
-    console.print(f"longext doctor: {meta['mode']} checks on {device}; report in {out}")
+    sizes = GPU_SIZES if on_gpu else CPU_SIZES
+    console.print(f"longext doctor: {meta['mode']} checks on {device}, {sizes.expected}; report in {out}")
     try:
         _run_checks(report, console, work, on_gpu, longest, model)
     finally:
