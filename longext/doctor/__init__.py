@@ -9,7 +9,8 @@ table and writes DIR/doctor.json. Layout of the package:
   probes.py    in-process checks of the environment (versions, device, bf16, attention, matmul peak, fused Adam)
   commands.py  `longext ...` (and pytest) in subprocesses, logged; `longext plan --json`
   material.py  generated inputs: synthetic text, a tokenizer, a tiny model, random SmolLM2-shaped weights, recipes
-  cli_checks.py the checks made through the CLI: the round trip, the eval forward, the GPU test tier
-  steps.py     measured LoRA steps and the longest step, against `longext plan`
+  cli_checks.py  the checks made through the CLI: the round trip, the eval forward, the GPU test tier
+  steps.py     measured LoRA steps against `longext plan`, and the Ulysses SP=1 check
+  longest.py   --longest: the plan's longest length for this GPU (time-capped), one step there
   step.py      the measuring process itself: the only doctor module that imports longext's training internals
 """
