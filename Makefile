@@ -7,7 +7,7 @@ export LONGEXT_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install materials demo test test-all bench bench-quick toy-base lint clean
+.PHONY: install materials demo test test-all test-gpu wheelhouse bench bench-quick toy-base lint clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,20 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q
+
+# The GPU tier (tests/gpu, CUDA paths against CPU/fp32 references); skipped without CUDA. docs/gpu.md
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu tests/gpu
+
+# Every wheel longext needs beyond the node's own torch, for its Python and platform, installable with
+# `pip install --no-index --find-links wheelhouse -e .` (docs/gpu.md). WHEELHOUSE_SKIP: packages the node's image has.
+WHEELHOUSE ?= wheelhouse
+WHEEL_PYTHON ?= 3.12
+WHEEL_GLIBC ?= 2.28
+WHEELHOUSE_SKIP ?=
+wheelhouse: install
+	$(BIN)/python scripts/wheelhouse.py --out $(WHEELHOUSE) --python-version $(WHEEL_PYTHON) --glibc $(WHEEL_GLIBC) \
+		$(if $(strip $(WHEELHOUSE_SKIP)),--skip $(WHEELHOUSE_SKIP))
 
 # Benchmarks (docs/bench.md): one result per case committed under bench/results/ (a current one is not re-run),
 # logs and run folders under bench-runs/, page in docs/benchmarks.md.

@@ -238,6 +238,22 @@ def bench(
     _console().print(f"benchmarks written to {page}")
 
 
+# ---------------------------------------------------------------------------------------- doctor
+@app.command()
+def doctor(
+    gpu: Annotated[bool, typer.Option("--gpu", help="Require a CUDA device (error if none); without it the GPU checks run when one is visible, else the CPU subset.")] = False,
+    longest: Annotated[bool, typer.Option("--longest", help="Also one step at the longest length `longext plan` says fits this GPU (tiled loss, TiledMLP, checkpoint offload).")] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder: doctor.json, doctor.md, doctor.log (an older report there is replaced).")] = Path("runs/doctor"),
+    model: Annotated[Optional[Path], typer.Option("--model", help="Model folder for the measured steps (a config.json alone: its shape with random weights). Default: the prepared SmolLM2-135M, else its shape.")] = None,
+) -> None:
+    """Check this machine: versions, device, bf16, attention kernels, the GPU tests, a train -> eval -> export round
+    trip, measured LoRA steps (tokens/s, MFU, peak memory against `longext plan`). Writes DIR/doctor.json; exit 1 if a
+    check failed. What each row means: docs/gpu.md."""
+    from longext.doctor.run import run_doctor
+
+    raise typer.Exit(run_doctor(gpu=gpu, longest=longest, out=out, model=model, console=_console()))
+
+
 # --------------------------------------------------------------------------------------- recipes
 @recipes_app.command("list")
 def recipes_list() -> None:

@@ -199,7 +199,7 @@ def test_unknown_command_lists_the_commands(capsys):
     [line] = bad_input(capsys, "trian")
     assert line == (
         "error: longext: No such command 'trian'. Did you mean 'train'? "
-        "(commands: train, plan, eval, export, analyze, bench, recipes, models)"
+        "(commands: train, plan, eval, export, analyze, bench, doctor, recipes, models)"
     )
 
 
