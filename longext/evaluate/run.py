@@ -305,6 +305,7 @@ def evaluate_model(loaded, lengths: list[int], request: EvalRequest, documents: 
         from longext.evaluate.lmeval import run_lm_eval
 
         entry["lm_eval"] = run_lm_eval(loaded, spec.lm_eval, lengths)
+    if spec.perplexity.enabled:
         rows = perplexity_at_lengths(loaded.model, ids, lengths, spec.perplexity, set_length=loaded.set_length,
                                      progress=progress)
         entry["perplexity"] = {str(L): row for L, row in rows.items()}
