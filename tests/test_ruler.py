@@ -302,3 +302,91 @@ def test_wilson_interval_edges_and_bad_input():
     with pytest.raises(ValueError):
         wilson_interval(4, 3)
     assert format_rate(1, 3) == "1/3 (6–79 %)"
+
+
+# --------------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def toy_model_dir(tmp_path_factory, toy_tokenizer) -> Path:
+    """A tiny Llama built from a config (L0 = 512) with the committed toy tokenizer, saved like a model folder."""
+    from conftest import build_tiny_model
+
+    d = tmp_path_factory.mktemp("ruler-tiny")
+    build_tiny_model("llama", vocab_size=len(toy_tokenizer), max_position_embeddings=512).save_pretrained(d)
+    toy_tokenizer.save_pretrained(d)
+    return d
+
+
+def test_eval_suite_ruler_end_to_end_on_a_tiny_model(toy_model_dir, corpus_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from longext.cli import main
+    from longext.evaluate.ruler.run import load_sources
+    from longext.recipe import RulerSpec
+
+    out = tmp_path / "r"
+    args = ["eval", str(toy_model_dir), "--suite", "ruler", "--length", "512", "--samples", "1",
+            "--set", f"ruler.haystack={corpus_dir}", "--out", str(out)]
+    assert main(args) == 0
+    results = json.loads((out / "eval.json").read_text())
+    (model,) = results["models"]
+    assert results["lengths"] == [512] and set(model) >= {"ruler"} and "perplexity" not in model
+    row = model["ruler"]["512"]
+    assert list(row["tasks"]) == list(SYNTHETIC) and row["samples"] == len(SYNTHETIC)
+    # reference: the same prompts rebuilt here, answered by stock transformers' greedy generate
+    plain = AutoModelForCausalLM.from_pretrained(toy_model_dir, dtype=torch.float32).eval()
+    sources = load_sources(RulerSpec(haystack=str(corpus_dir)))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(toy_model_dir)
+    for name in ("niah_multikey_2", "vt", "fwe"):
+        (record,) = row["tasks"][name]["records"]
+        sample = build_sample(TASKS[name], tok, 512, 0, 0, sources)
+        assert record["prompt_tokens"] == len(sample.ids) and record["references"] == sample.references
+        assert len(sample.ids) + TASKS[name].tokens_to_generate <= 512
+        with torch.no_grad():
+            ids = plain.generate(torch.tensor([sample.ids]), max_new_tokens=TASKS[name].tokens_to_generate,
+                                 do_sample=False, pad_token_id=tok.eos_token_id)
+        answer = tok.decode(ids[0, len(sample.ids):], skip_special_tokens=True)
+        assert record["answer"] == postprocess(answer)
+        assert record["score"] == sample_score(answer, sample.references, TASKS[name].metric)
+    scores = [t["score"] for t in row["tasks"].values()]
+    assert row["score"] == pytest.approx(sum(scores) / len(scores))
+    assert {"ruler.png", "ruler-tasks.png"} <= {p.name for p in out.iterdir()}
+    md = (out / "eval.md").read_text()
+    assert "## RULER" in md and "| niah_single_1 | " in md and "| **average** |" in md
+
+
+def test_ruler_flags_are_checked_before_the_model_loads(capsys, toy_model_dir, corpus_dir, tmp_path):
+    from helpers import bad_input
+
+    base = ["eval", toy_model_dir, "--lengths", "512", "--set", f"ruler.haystack={corpus_dir}", "--out", tmp_path / "r"]
+    assert bad_input(capsys, *base, "--suite", "rulers") == [
+        "error: --suite: expected a comma-separated list of ppl, passkey, niah, ruler (got 'rulers')"]
+    lines = bad_input(capsys, *base, "--suite", "ruler", "--tasks", "vt,vtx")
+    assert lines[0].startswith("error: --tasks: Input should be 'niah_single_1', 'niah_single_2'")
+    lines = bad_input(capsys, *base, "--suite", "ruler", "--tasks", "qa_1,vt")
+    assert lines == ["error: --tasks: qa_1 needs local squad data: no --ruler-qa file gives it (RULER's squad.json / "
+                     "hotpotqa.json; see docs/eval.md#ruler)"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_length_too_short_for_a_task_stops_before_any_forward_pass(toy_model_dir, corpus_dir, tmp_path):
+    from longext.evaluate.run import EvalRequest, run_eval
+
+    request = EvalRequest.from_cli(toy_model_dir, lengths="128,512", suite="ruler", tasks="vt,cwe",
+                                   overrides=[f"ruler.haystack={corpus_dir}"], out=tmp_path / "r")
+    with pytest.raises(LongextError, match=r"^ruler vt at 128: the smallest prompt needs \d+ tokens \(with the 30 "
+                                           r"generated\); choose a longer length"):
+        run_eval(request)
+    assert not (tmp_path / "r").exists()
+
+
+def test_ruler_qa_flag_adds_the_qa_tasks(toy_tokenizer, qa_dir, sources):
+    from longext.evaluate.ruler.run import chosen_tasks
+    from longext.recipe import RulerSpec
+
+    spec = RulerSpec(qa=str(qa_dir))
+    assert chosen_tasks(spec, load_qa(str(qa_dir))) == [*SYNTHETIC, "qa_1", "qa_2"]
+    assert chosen_tasks(RulerSpec(), {}) == list(SYNTHETIC)
+    assert chosen_tasks(RulerSpec(tasks=["qa_2", "vt", "qa_2"]), load_qa(str(qa_dir))) == ["qa_2", "vt"]

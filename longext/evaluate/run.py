@@ -175,7 +175,10 @@ def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[str, tuple[s
     except ValidationError as err:
         wrapped = {"eval": raw}  # so field paths, 'did you mean' hints and lengths read as in a recipe
         issues = [_to_issue({**e, "loc": ("eval", *e["loc"])}, wrapped, None, set()) for e in err.errors()]
-        raise Problems([f"{given[issue.field]}: {issue.message}" if issue.field in given
+        def flag(field: str) -> str | None:  # a list flag's items (eval.ruler.tasks.1) still name the flag
+            return next((given[f] for f in given if field == f or field.startswith(f + ".")), None)
+
+        raise Problems([f"{flag(issue.field)}: {issue.message}" if flag(issue.field)
                         else f"--set {issue.field}: {issue.message}" for issue in issues]) from None
     bad = [(part, i, d) for part in ("passkey", "niah") for i, d in enumerate(getattr(spec, part).depths)
            if not 0.0 <= d <= 1.0]

@@ -98,7 +98,7 @@ def build_sample(task: RulerTask, tokenizer, length: int, seed: int, index: int,
     if n is None or n < d.minimum:
         need = len(encode(tokenizer, text(d.minimum), chat)) + task.tokens_to_generate
         raise LongextError(f"ruler {task.name} at {format_length(length)}: the smallest prompt needs {need} tokens "
-                           f"(with the {task.tokens_to_generate} generated); choose a longer length")
+                           f"(with the {task.tokens_to_generate} generated); test longer lengths (--lengths)")
     full = text(n)
     ids = encode(tokenizer, full, chat)
     if d.capacity is not None and n == d.capacity and len(ids) < 0.99 * budget:
