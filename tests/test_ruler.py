@@ -377,7 +377,7 @@ def test_a_length_too_short_for_a_task_stops_before_any_forward_pass(toy_model_d
     request = EvalRequest.from_cli(toy_model_dir, lengths="128,512", suite="ruler", tasks="vt,cwe",
                                    overrides=[f"ruler.haystack={corpus_dir}"], out=tmp_path / "r")
     with pytest.raises(LongextError, match=r"^ruler vt at 128: the smallest prompt needs \d+ tokens \(with the 30 "
-                                           r"generated\); choose a longer length"):
+                                           r"generated\); test longer lengths \(--lengths\)"):
         run_eval(request)
     assert not (tmp_path / "r").exists()
 
