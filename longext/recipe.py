@@ -557,7 +557,7 @@ class LmEvalSpec(Section):
 
     tasks: list[str] = Field(
         default_factory=list,
-        description="lm-eval task names, or paths to task YAML files / folders of them (`--lm-eval`). Empty = off.",
+        description="lm-eval task names, or paths of task YAML files (`--lm-eval`). Empty = off.",
     )
     limit: int | None = Field(None, ge=1, description="Examples per task (lm-eval's --limit). Default: all.")
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (lm-eval's --num_fewshot). "

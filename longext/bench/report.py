@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from longext.bench.suites import SUITES
+from longext.evaluate.stats import format_rate
 from longext.lengths import format_length
 
 TITLE = "# Benchmarks"
@@ -192,10 +193,11 @@ def model_tables(doc: dict, target: int) -> list[str]:
     if pk_lengths:
         def cell(c, L):
             row = c["result"].get("passkey", {}).get(str(L))
-            return "–" if row is None else f"{row['correct']}/{row['trials']}"
+            return "–" if row is None else format_rate(row["correct"], row["trials"])
 
         rows = [[c["case"]["label"], *(cell(c, L) for L in pk_lengths)] for c in cases]
-        lines += ["Passkey retrieval (greedy, 5 digits, eval-book filler, depths spread; correct/trials):", ""]
+        lines += ["Passkey retrieval (greedy, 5 digits, eval-book filler, depths spread; correct/trials and the 95 % "
+                  "Wilson interval of the rate):", ""]
         lines += _table(["method", *(format_length(L) for L in pk_lengths)], rows) + [""]
     rows = []
     for c in cases:
