@@ -390,3 +390,15 @@ def test_ruler_qa_flag_adds_the_qa_tasks(toy_tokenizer, qa_dir, sources):
     assert chosen_tasks(spec, load_qa(str(qa_dir))) == [*SYNTHETIC, "qa_1", "qa_2"]
     assert chosen_tasks(RulerSpec(), {}) == list(SYNTHETIC)
     assert chosen_tasks(RulerSpec(tasks=["qa_2", "vt", "qa_2"]), load_qa(str(qa_dir))) == ["qa_2", "vt"]
+
+
+def test_generation_stops_once_done_and_is_a_prefix_of_the_full_answer(tiny_llama, tiny_tokenizer):
+    """Stopping once the answer holds every reference cannot change a RULER score: the answer so far is the
+    start of what the full budget would give, and string match only grows with the text."""
+    from longext.evaluate.passkey import generate_answer
+
+    ids = tiny_tokenizer("The house had a garden and the river ran by it.")["input_ids"]
+    full = generate_answer(tiny_llama, tiny_tokenizer, ids, 24)
+    target = full[: len(full) // 2]
+    early = generate_answer(tiny_llama, tiny_tokenizer, ids, 24, done=lambda text: target in text)
+    assert full.startswith(early) and target in early and len(early) < len(full)

@@ -2,7 +2,7 @@
 
 RULER draws its word keys as adjective-noun pairs ("tremendous-clock") from the `wonderwords` package and the
 words of common-words extraction from its word lists. Here the pairs come from two lists written for longext
-(below; 120 adjectives x 200 nouns = 24,000 keys) and the extraction words from these lists plus every word of
+(below; 158 adjectives x 201 nouns = 31,758 keys) and the extraction words from these lists plus every word of
 the haystack texts (the offline books by default), so nothing depends on a word-list package.
 """
 
