@@ -161,16 +161,22 @@ def eval_cmd(
     perplexity: Annotated[Optional[bool], typer.Option("--ppl/--no-ppl", help="Run perplexity.")] = None,
     trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Passkey and needle trials per length.")] = None,
     filler: Annotated[Optional[str], typer.Option("--filler", help="Haystack of passkey and needle prompts: classic | books | text files/folder.")] = None,
+    suite: Annotated[Optional[str], typer.Option("--suite", metavar="NAMES", help="Exactly which evaluations run, comma-separated: ppl, passkey, niah, ruler (e.g. --suite ruler, or ppl,passkey,ruler). --ppl/--passkey/--niah still switch one on or off.")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", metavar="TASKS", help="RULER tasks, comma-separated (default: the 11 synthetic ones, plus qa_1/qa_2 with --ruler-qa): niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe, qa_1, qa_2.")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", min=1, help="RULER samples per task and length (default 10).")] = None,
+    ruler_qa: Annotated[Optional[str], typer.Option("--ruler-qa", metavar="PATH", help="Local SQuAD 2.0 dev / HotpotQA dev-distractor JSON (RULER's squad.json, hotpotqa.json) or a folder of them: adds qa_1 / qa_2.")] = None,
+    lm_eval: Annotated[Optional[str], typer.Option("--lm-eval", metavar="TASKS", help="Also run lm-evaluation-harness tasks (names or task YAML paths, comma-separated) on the loaded model; needs the extra longext[lm-eval].")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report directory. Default: <run>/eval, or evals/<name> for a model directory.")] = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Perplexity against length, passkey and (--niah) needle retrieval; writes eval.json, eval.md and PNG plots."""
+    """Perplexity against length, passkey, needle retrieval (--niah), RULER (--suite ruler) and lm-eval tasks
+    (--lm-eval); writes eval.json, eval.md and PNG plots."""
     from longext.evaluate.run import EvalRequest, run_eval
 
     request = EvalRequest.from_cli(
         target=target, length=length, lengths=lengths, baseline=baseline, texts=texts, mode=mode,
         passkey=passkey, perplexity=perplexity, trials=trials, out=out, overrides=overrides or [], niah=niah,
-        filler=filler,
+        filler=filler, suite=suite, tasks=tasks, samples=samples, ruler_qa=ruler_qa, lm_eval=lm_eval,
     )
     report = run_eval(request)
     _console().print(f"report: {report}")

@@ -184,7 +184,7 @@ def test_the_page_is_rendered_from_results_only():
     ], toy_base={"params": 12345, "vocab": 1024, "gate": {"correct": 19, "trials": 20, "passed": True}})
     text = report.render({"toy": doc, "throughput": None, "smollm2": None})
     assert "| no extension | 10.00 | 30.00 |" in text
-    assert "| no extension | 19/20 | 0/20 |" in text and "| PI fine-tuned | 18/20 | – |" in text
+    assert "| no extension | 19/20 (76–99 %) | 0/20 (0–16 %) |" in text and "| PI fine-tuned | 18/20 (70–97 %) | – |" in text
     assert "Test CPU, 2 cores" in text and "avx512_bf16 no" in text and "torch 9.9" in text
     assert "wall time 2.0 min" in text and "**met**" in text
     assert "ppl(128) = 3.00 (needs ≥ 2): holds" in text and "= 1.08 (needs ≤ 1.1): holds" in text

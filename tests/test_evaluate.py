@@ -267,7 +267,7 @@ def test_report_writes_every_file_and_the_json_round_trips(tmp_path):
     assert json.loads((out / "eval.json").read_text()) == hand_results()
     md = (out / "eval.md").read_text()
     assert "| 1k (L0) | 20.00 | 1.00 | 20.00 | 1.00 |" in md and "| 2k (target) | 40.00 | 2.00 | 40.00 | 2.00 |" in md
-    assert "| 2k (target) | 2/2 | – |" in md
+    assert "| 2k (target) | 2/2 (34–100 %) | – |" in md  # correct/trials (95 % Wilson interval)
     assert (out / "ppl.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -296,7 +296,7 @@ def test_rich_table_has_a_row_per_length_and_columns_per_model():
     console = Console(record=True, width=200)
     console.print(table)
     text = console.export_text()
-    assert "1/2" in text and "40.00" in text
+    assert "1/2 (9–91 %)" in text and "40.00" in text
     assert "## Passkey retrieval" in markdown(hand_results())
 
 
@@ -313,7 +313,7 @@ def test_rich_table_has_a_row_per_length_and_columns_per_model():
         (dict(), "--length: give the longest context to test, e.g. --length 16k, or a ladder with --lengths 4k,8k,16k"),
         (dict(length="4k", lengths="1k,2k"), "--length, --lengths: give one of them"),
         (dict(length="4k", passkey=False, perplexity=False),
-         "--ppl, --passkey, --niah: all are off, nothing to evaluate"),
+         "--ppl, --passkey, --niah, --suite, --lm-eval: all are off, nothing to evaluate"),
         (dict(length="4k", overrides=["niah.depths=[-0.1]"]),
          "--set eval.niah.depths.0: a depth is between 0 and 1 (got -0.1)"),
         (dict(length="4k", filler=""), "--filler: String should have at least 1 character (got '')"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -13,6 +14,14 @@ from longext.evaluate.report import depth_grid, markdown, rich_table, write_repo
 from longext.recipe import NiahSpec
 
 from conftest import synthetic_text
+
+
+def is_word_key(key: str) -> bool:
+    """RULER's `words` keys: adjective-noun pairs like 'brave-lantern'."""
+    from longext.evaluate.ruler.words import ADJECTIVES, NOUNS
+
+    adjective, _, noun = key.partition("-")
+    return adjective in ADJECTIVES and noun in NOUNS
 
 
 def needles_for(spec: NiahSpec, depth: float, trial: int = 0, length: int = 1000, seed: int = 0):
@@ -27,7 +36,7 @@ def test_trial_needles_are_deterministic_distinct_and_sized_by_the_spec():
         assert needles == needles_for(spec, 0.3, trial)[0] and query is needles[0] and query.depth == 0.3
         assert len({n.key for n in needles}) == len({n.value for n in needles}) == 6
         assert all(len(n.value) == 7 and n.value.isdigit() and n.value[0] != "0" for n in needles)
-        assert all(0.0 <= n.depth <= 1.0 and n.key in nh.KEYS for n in needles)
+        assert all(0.0 <= n.depth <= 1.0 and is_word_key(n.key) for n in needles)
     assert needles_for(spec, 0.3, 0)[0] != needles_for(spec, 0.3, 0, seed=1)[0]
     assert needles_for(spec, 0.3, 0)[0] != needles_for(spec, 0.3, 0, length=2000)[0]
     assert needles_for(spec, 0.3, 0)[0] != needles_for(spec, 0.3, 1)[0]
@@ -49,16 +58,20 @@ def test_every_needle_appears_once_in_depth_order_and_the_asked_one_at_its_depth
     needles, query = needles_for(NiahSpec(needles=5), depth, trial=3)
     prompt = nh.niah_prompt(tiny_tokenizer, 1000, needles, query)
     text = tiny_tokenizer.decode(prompt.ids)
-    sentences = [nh.NEEDLE.format(key=n.key, value=n.value).strip() for n in prompt.needles]
+    sentences = [nh.NEEDLE.format(key=n.key, value=n.value) for n in prompt.needles]
     assert all(text.count(s) == 1 for s in sentences)
     at = [text.index(s) for s in sentences]
     assert at == sorted(at) and sorted(n.depth for n in prompt.needles) == [n.depth for n in prompt.needles]
-    assert tiny_tokenizer.decode(prompt.ids[prompt.needle_at:]).startswith(nh.NEEDLE.format(key=query.key, value=query.value))
-    # the asked-for needle's share of the way through the filler is its depth (other needles count as filler)
-    intro = len(tiny_tokenizer(nh.INTRO)["input_ids"])
-    question = len(tiny_tokenizer(nh.QUESTION.format(key=query.key))["input_ids"])
-    between = len(prompt.ids) - intro - question
-    assert (prompt.needle_at - intro) / between == pytest.approx(depth, abs=0.06)
+    rest = tiny_tokenizer.decode(prompt.ids[prompt.needle_at:]).lstrip()
+    assert rest.startswith(nh.NEEDLE.format(key=query.key, value=query.value))
+    # round(depth x n) of the n filler sentences come before the asked-for needle (each classic sentence has one '.')
+    filler = text[len(nh.INTRO) : text.index(nh.QUESTION.format(key=query.key))]
+    for n in prompt.needles:
+        filler = filler.replace(nh.NEEDLE.format(key=n.key, value=n.value), "")
+    before = text[len(nh.INTRO) : text.index(nh.NEEDLE.format(key=query.key, value=query.value))]
+    for n in prompt.needles:
+        before = before.replace(nh.NEEDLE.format(key=n.key, value=n.value), "")
+    assert before.count(".") == round(depth * filler.count("."))
 
 
 def test_book_text_can_be_the_filler(tiny_tokenizer):
@@ -78,8 +91,8 @@ def test_length_too_short_for_the_bare_prompt_is_an_error(tiny_tokenizer):
 def test_niah_on_a_tiny_random_model_returns_well_formed_deterministic_records(tiny_llama, tiny_tokenizer):
     spec = NiahSpec(trials=4, depths=[0.2, 0.8], needles=3, digits=4)
     calls = []
-    rows = nh.niah_at_lengths(tiny_llama, tiny_tokenizer, [448, 320], spec, seed=3, set_length=calls.append)
-    assert list(rows) == [320, 448] and calls == [320, 448]
+    rows = nh.niah_at_lengths(tiny_llama, tiny_tokenizer, [448, 384], spec, seed=3, set_length=calls.append)
+    assert list(rows) == [384, 448] and calls == [384, 448]
     for length, row in rows.items():
         assert row["trials"] == 4 and row["correct"] == sum(r["correct"] for r in row["records"])
         assert [r["depth"] for r in row["records"]] == [0.2, 0.8, 0.2, 0.8]
@@ -90,8 +103,8 @@ def test_niah_on_a_tiny_random_model_returns_well_formed_deterministic_records(t
             hits = [n.key for n in needles[1:] if answer_is_correct(r["answer"], n.value)]
             assert r["distractor"] == (hits[0] if hits else None)
         assert row["distractor_answers"] == sum(r["distractor"] is not None for r in row["records"])
-    again = nh.niah_at_lengths(tiny_llama, tiny_tokenizer, [320], spec, seed=3)
-    assert [r["answer"] for r in again[320]["records"]] == [r["answer"] for r in rows[320]["records"]]
+    again = nh.niah_at_lengths(tiny_llama, tiny_tokenizer, [384], spec, seed=3)
+    assert [r["answer"] for r in again[384]["records"]] == [r["answer"] for r in rows[384]["records"]]
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -127,7 +140,7 @@ def test_report_has_the_needle_table_column_and_plots(tmp_path):
     assert {"niah.png", "niah-depth.png", "passkey.png", "passkey-depth.png"} <= {p.name for p in out.iterdir()}
     assert all((out / f).read_bytes()[:4] == b"\x89PNG" for f in ("niah.png", "niah-depth.png"))
     md = markdown(niah_results())
-    assert "## Needle in a haystack (multi-key)" in md and "| 2k (target) | 1/2 |" in md
+    assert "## Needle in a haystack (multi-key)" in md and "| 2k (target) | 1/2 (9–91 %) |" in md
     assert "Answers that gave a distractor needle's number: demo 1." in md
     assert "- needle in a haystack: 6 trials per length, 4 needles (7-digit numbers)" in md
     table = rich_table(niah_results())
@@ -171,10 +184,10 @@ def test_correct_and_distractor_answers_are_counted(tiny_llama, tiny_tokenizer, 
 
     asked = []
 
-    def reader(model, tokenizer, ids, max_new_tokens):
+    def reader(model, tokenizer, ids, max_new_tokens, done=None):
         text = tokenizer.decode(ids)
-        key = re.search(r"What is the special magic number for (\w+)", text).group(1)
-        numbers = dict(re.findall(r"magic numbers for (\w+) is: (\d+)\.", text))
+        key = re.search(r"What is the special magic number for ([\w-]+)", text).group(1)
+        numbers = dict(re.findall(r"magic numbers for ([\w-]+) is: (\d+)\.", text))
         asked.append(key)
         other = next(value for name, value in numbers.items() if name != key)
         return f" {numbers[key]}." if len(asked) % 2 == 1 else f" {other}."
@@ -187,4 +200,25 @@ def test_correct_and_distractor_answers_are_counted(tiny_llama, tiny_tokenizer, 
     assert (row["correct"], row["accuracy"], row["distractor_answers"]) == (2, 0.5, 2)
     assert [r["correct"] for r in row["records"]] == [True, False, True, False]
     assert [r["key"] for r in row["records"]] == asked
-    assert all(r["distractor"] in nh.KEYS and r["distractor"] != r["key"] for r in row["records"][1::2])
+    assert all(is_word_key(r["distractor"]) and r["distractor"] != r["key"] for r in row["records"][1::2])
+
+
+def test_needle_prompt_is_the_ruler_suites_niah_multikey_1_prompt(tiny_tokenizer):
+    """One version of the task: the same template, needle sentence and key/value draws as `--suite ruler`'s
+    niah_multikey_1, only the placement and the haystack are this module's."""
+    import random
+
+    from longext.evaluate.ruler.needles import niah_draft
+    from longext.evaluate.ruler.tasks import TASKS
+
+    needles, query = needles_for(NiahSpec(needles=4), 0.5)
+    _, text = nh.prompt_text(filler_sentences(), 0, 12, needles, query)
+    draft = niah_draft(TASKS["niah_multikey_1"], random.Random(0), words=[])
+    body, prefix = draft.render(0)  # RULER's prompt with an empty haystack: just its needles
+    ruler_text = body + prefix
+    assert ruler_text.startswith(nh.INTRO) and text.startswith(nh.INTRO)
+    assert ruler_text.endswith(nh.QUESTION.format(key=draft.query)) and text.endswith(nh.QUESTION.format(key=query.key))
+    for n in needles:
+        assert text.count(nh.NEEDLE.format(key=n.key, value=n.value)) == 1
+    assert all(re.fullmatch(nh.NEEDLE.format(key=r"[a-z]+-[a-z]+", value=r"\d{7}").replace(".", r"\."), line)
+               for line in draft.needles)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from longext.bench.markdown import case_rows, header, mb, minutes, num, pct, ppl_cell, row_label, table
+from longext.evaluate.stats import format_rate
 from longext.lengths import format_length
 
 COMPUTE_FORMULA = (
@@ -53,10 +54,11 @@ def model_tables(doc: dict, target: int) -> list[str]:
     if pk_lengths:
         def cell(c, L):
             row = c["result"].get("passkey", {}).get(str(L))
-            return "–" if row is None else f"{row['correct']}/{row['trials']}"
+            return "–" if row is None else format_rate(row["correct"], row["trials"])
 
         rows = [[row_label(c), *(cell(c, L) for L in pk_lengths)] for c in cases]
-        lines += ["Passkey retrieval (greedy, 5 digits, eval-book filler, depths spread; correct/trials):", ""]
+        lines += ["Passkey retrieval (greedy, 5 digits, eval-book filler, depths spread; correct/trials and the 95 % "
+                  "Wilson interval of the rate):", ""]
         lines += table(["method", *(format_length(L) for L in pk_lengths)], rows) + [""]
     rows = []
     for c in cases:

@@ -4,6 +4,11 @@ needles, each under its own key word, hidden in filler; the prompt asks for one 
 Harder than passkey retrieval in the way that long-context claims usually fail: the answer must be told
 apart from distractor needles of the same form, not just found. The queried needle sits at the trial's
 depth; the distractors at seeded random depths. Prompts are sized by counting tokens, like passkey's.
+
+The prompt is the RULER suite's niah_multikey_1 prompt (its template, needle sentence, keys and numbers come from
+longext/evaluate/ruler/); what this module adds is passkey-style control: the asked-for needle at a chosen depth,
+the classic or book filler, and scoring by the first number of a short answer, which tells a distractor's number
+from a miss. `--suite ruler` runs the same task RULER's way (random depths, the essay haystack, string match).
 """
 
 from __future__ import annotations
@@ -13,33 +18,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 from longext.errors import LongextError
-from longext.evaluate.passkey import (
-    EXTRA_TOKENS, Trial, answer_is_correct, filler_sentences, largest_fitting, run_trials,
-)
+from longext.evaluate.passkey import EXTRA_TOKENS, Trial, answer_is_correct, filler_sentences, run_trials
+from longext.evaluate.ruler.fit import largest_fit
+from longext.evaluate.ruler.tasks import NIAH_NEEDLE, NIAH_ONE
+from longext.evaluate.ruler.words import distinct, number
 from longext.lengths import format_length
 from longext.recipe import NiahSpec
 
-INTRO = (
-    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the numbers afterwards."
-)
-NEEDLE = " One of the special magic numbers for {key} is: {value}."
-QUESTION = (
-    " What is the special magic number for {key} mentioned in the provided text?"
-    " The special magic number for {key} mentioned in the provided text is"
-)
-# key words (RULER draws random English words); fixed here so that prompts never depend on a word list package
-KEYS = (
-    "apple", "anchor", "badger", "barrel", "beacon", "bishop", "blanket", "bottle", "bridge", "butter", "candle",
-    "canyon", "carpet", "castle", "cellar", "cherry", "circus", "cobalt", "copper", "cotton", "dagger", "desert",
-    "dragon", "eagle", "engine", "falcon", "feather", "fiddle", "forest", "fossil", "garden", "garlic", "ginger",
-    "glacier", "goblet", "granite", "harbor", "helmet", "hermit", "island", "jacket", "jungle", "kettle", "ladder",
-    "lantern", "lemon", "lizard", "magnet", "marble", "meadow", "mirror", "monkey", "mustard", "needle", "nickel",
-    "orange", "orchid", "oyster", "paddle", "parrot", "pepper", "pillow", "pirate", "planet", "pocket", "pumpkin",
-    "quarry", "rabbit", "raven", "ribbon", "rocket", "saddle", "salmon", "silver", "spider", "spoon", "statue",
-    "tablet", "teapot", "thistle", "tiger", "timber", "tomato", "tunnel", "turtle", "velvet", "violin", "walnut",
-    "wizard", "willow", "window", "winter", "yogurt", "zebra",
-)
+_BEFORE, _AFTER = NIAH_ONE[0].split("{context}")
+INTRO = _BEFORE.format(type_v="number")  # "A special magic number is hidden within the following text. ...\n"
+NEEDLE = NIAH_NEEDLE.replace("{type_v}", "numbers")  # "One of the special magic numbers for {key} is: {value}."
+QUESTION = (_AFTER + NIAH_ONE[1]).replace("{type_v}", "number").replace("{query}", "{key}")
 
 
 @dataclass(frozen=True)
@@ -61,13 +50,12 @@ class NiahPrompt:
 
 def trial_needles(seed: int, length: int, trial: int, spec: NiahSpec, depth: float) -> tuple[list[Needle], Needle]:
     """The trial's needles (the queried one at `depth`, the others at random depths) and the queried one: the same
-    for every model, different per length and trial; distinct keys and distinct values."""
+    for every model, different per length and trial; distinct adjective-noun keys and distinct values."""
     rng = random.Random(f"niah:{seed}:{length}:{trial}")
-    keys = rng.sample(KEYS, spec.needles)
-    low = 10 ** (spec.digits - 1)
+    keys = distinct(rng, "words", spec.needles)
     values: list[str] = []
     while len(values) < spec.needles:
-        value = str(rng.randrange(low, 10 * low))
+        value = number(rng, spec.digits)
         if value not in values:
             values.append(value)
     depths = [depth] + [rng.random() for _ in range(spec.needles - 1)]
@@ -77,21 +65,22 @@ def trial_needles(seed: int, length: int, trial: int, spec: NiahSpec, depth: flo
 
 def prompt_text(sentences: list[str], offset: int, n: int, needles: list[Needle], query: Needle) -> tuple[str, str]:
     """(text up to the queried needle, whole prompt): n filler sentences cycled from `offset`, each needle inserted
-    before filler sentence round(depth * n) (ties keep the needles' order)."""
+    before filler sentence round(depth * n) (ties keep the needles' order), the pieces joined by spaces as RULER
+    joins its essay haystack, inside RULER's template."""
     slots = sorted(range(len(needles)), key=lambda i: (round(needles[i].depth * n), i))
-    parts, head = [INTRO], None
+    pieces, head = [], None
     order = iter(slots)
     nxt = next(order, None)
     for s in range(n + 1):
         while nxt is not None and round(needles[nxt].depth * n) == s:
             if needles[nxt] is query:
-                head = "".join(parts)
-            parts.append(NEEDLE.format(key=needles[nxt].key, value=needles[nxt].value))
+                head = INTRO + " ".join(pieces)
+            pieces.append(NEEDLE.format(key=needles[nxt].key, value=needles[nxt].value))
             nxt = next(order, None)
         if s < n:
-            parts.append(" " + sentences[(offset + s) % len(sentences)])
-    parts.append(QUESTION.format(key=query.key))
-    return head if head is not None else "", "".join(parts)
+            pieces.append(sentences[(offset + s) % len(sentences)])
+    text = INTRO + " ".join(pieces) + QUESTION.format(key=query.key)
+    return head if head is not None else "", text
 
 
 def niah_prompt(tokenizer, length: int, needles: list[Needle], query: Needle,
@@ -107,13 +96,10 @@ def niah_prompt(tokenizer, length: int, needles: list[Needle], query: Needle,
         head, text = prompt_text(sentences, offset, n, needles, query)
         return head, tokenizer(text)["input_ids"]
 
-    bare = len(build(0)[1])
-    if bare > length:
-        raise LongextError(f"needle in a haystack at {format_length(length)}: the prompt needs at least {bare} tokens "
-                           f"({len(needles)} needle{'s' if len(needles) != 1 else ''})")
-    cycle = len(build(len(sentences))[1]) - bare
-    per = max(cycle / len(sentences), 1e-9)  # tokens per filler sentence, on average
-    n = largest_fitting(lambda k: len(build(k)[1]), int((length - bare) / per), length, per)
+    n = largest_fit(lambda k: len(build(k)[1]), length, probe=len(sentences))
+    if n is None:
+        raise LongextError(f"needle in a haystack at {format_length(length)}: the prompt needs at least "
+                           f"{len(build(0)[1])} tokens ({len(needles)} needle{'s' if len(needles) != 1 else ''})")
     head, ids = build(n)
     ordered = tuple(sorted(needles, key=lambda x: (round(x.depth * n), needles.index(x))))
     return NiahPrompt(ids, ordered, query, len(tokenizer(head)["input_ids"]))

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from longext.errors import LongextError
+from longext.evaluate.stats import wilson_interval
 from longext.lengths import format_length
 from longext.recipe import PasskeySpec
 
@@ -110,15 +111,29 @@ def answer_is_correct(answer: str, key: str) -> bool:
     return found is not None and found.group() == key
 
 
-def generate_answer(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
-    """Greedy continuation of ids (with the KV cache), decoded without special tokens."""
+def generate_answer(model, tokenizer, ids: list[int], max_new_tokens: int,
+                    done: Callable[[str], bool] | None = None) -> str:
+    """Greedy continuation of ids (with the KV cache), decoded without special tokens.
+
+    `done(text)`, when given, is asked after every new token and ends generation early once it is true (RULER:
+    once the answer holds every reference, more text cannot change its score).
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)  # [1, s]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    class Done(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+            text = tokenizer.decode(input_ids[0, x.shape[1] :], skip_special_tokens=True)
+            return torch.tensor([done(text)], device=input_ids.device)
+
     with torch.inference_mode():
         out = model.generate(
             input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=pad, use_cache=True,
+            stopping_criteria=StoppingCriteriaList([Done()]) if done else None,
         )
     return tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True)
 
@@ -161,12 +176,14 @@ class Trial:
     ids: list[int]
     max_new_tokens: int
     record: Callable[[str], dict]
+    done: Callable[[str], bool] | None = None  # ends generation early (generate_answer)
 
 
 def run_trials(model, tokenizer, lengths: list[int], trials: int, label: str, trial: Callable[[int, int], Trial],
                set_length: Callable[[int], None] | None, progress: Callable[[str, int], None] | None) -> dict[int, dict]:
     """Greedy answers to `trial(length, i)` for each length (ascending) and i < trials: per length the accuracy,
-    the counts, the seconds and every trial's record (which says whether it was `correct`)."""
+    its 95 % Wilson interval (`ci95`), the counts, the seconds and every trial's record (which says whether it was
+    `correct`)."""
     out = {}
     for length in sorted(set(lengths)):
         if set_length:
@@ -177,13 +194,14 @@ def run_trials(model, tokenizer, lengths: list[int], trials: int, label: str, tr
             question = trial(length, i)
             if progress:
                 progress(name, 0)
-            answer = generate_answer(model, tokenizer, question.ids, question.max_new_tokens)
+            answer = generate_answer(model, tokenizer, question.ids, question.max_new_tokens, question.done)
             if progress:
                 progress(name, len(question.ids))
             records.append(question.record(answer))
         correct = sum(r["correct"] for r in records)
         out[length] = {
             "accuracy": correct / len(records), "correct": correct, "trials": len(records),
-            "seconds": time.perf_counter() - started, "records": records,
+            "ci95": list(wilson_interval(correct, len(records))), "seconds": time.perf_counter() - started,
+            "records": records,
         }
     return out

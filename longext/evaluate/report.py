@@ -1,7 +1,8 @@
 """The eval report: eval.json (everything), eval.md (tables), PNG plots and a rich table.
 
 Plots: ppl.png, passkey.png and niah.png against length; passkey-depth.png and niah-depth.png, accuracy per
-(length, depth) cell, one panel per model (the needle-in-a-haystack picture).
+(length, depth) cell, one panel per model (the needle-in-a-haystack picture); with RULER, ruler.png and
+ruler-tasks.png (ruler/report.py). Rates are printed with their 95 % Wilson interval (stats.py).
 
 `results` layout (what run.py builds; per-length maps are keyed by the length, str or int):
 
@@ -10,7 +11,7 @@ Plots: ppl.png, passkey.png and niah.png against length; passkey-depth.png and n
      "settings": EvalSpec as JSON, "texts": {...},
      "models": [{"name": str, "baseline": bool, "rope": {...}, "original_context": int,
                  "target_context": int | None, "perplexity": {L: {...}}, "passkey": {L: {...}},
-                 "niah": {L: {...}}}]}
+                 "niah": {L: {...}}, "ruler": {L: {...}} (ruler/report.py), "lm_eval": {...} (lmeval.py)}]}
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import platform
 from pathlib import Path
 
 from longext.errors import LongextError
+from longext.evaluate import lmeval
+from longext.evaluate.ruler import report as ruler_report
+from longext.evaluate.stats import format_rate
 from longext.files import publish_folder, staging_folder
 from longext.lengths import format_length
 
@@ -87,7 +91,7 @@ def _ppl_cells(model: dict, length: int, ref: int) -> tuple[str, str]:
 
 def _retrieval_cell(model: dict, length: int, part: str = "passkey") -> str:
     row = by_length(model.get(part)).get(length)
-    return f"{row['correct']}/{row['trials']}" if row else "–"
+    return format_rate(row["correct"], row["trials"]) if row else "–"
 
 
 def depth_grid(section: dict | None) -> tuple[list[int], list[float], dict[tuple[int, float], tuple[int, int]]]:
@@ -114,10 +118,11 @@ def markdown(results: dict) -> str:
         f"# Evaluation of `{results.get('target', '?')}`", "",
         f"- models: {', '.join(m['name'] for m in models)}",
         f"- L0 (original window): {results.get('original_context')}; target window: {results.get('target_context')}",
-        f"- perplexity: {ppl.get('mode')} mode, {ppl.get('targets')} scored tokens x {ppl.get('windows')} windows "
-        f"(sliding stride {ppl.get('stride')}); texts: {', '.join(ppl.get('texts', []))}",
-        f"- passkey: {key.get('trials')} trials per length, depths {key.get('depths')}, {key.get('digits')} digits; "
-        f"haystack: {settings.get('filler', 'classic')}",
+        *([f"- perplexity: {ppl.get('mode')} mode, {ppl.get('targets')} scored tokens x {ppl.get('windows')} windows "
+           f"(sliding stride {ppl.get('stride')}); texts: {', '.join(ppl.get('texts', []))}"]
+          if any(m.get("perplexity") for m in models) else []),
+        *([f"- passkey: {key.get('trials')} trials per length, depths {key.get('depths')}, {key.get('digits')} digits; "
+           f"haystack: {settings.get('filler', 'classic')}"] if any(m.get("passkey") for m in models) else []),
         *([f"- needle in a haystack: {niah.get('trials')} trials per length, {niah.get('needles')} needles "
            f"({niah.get('digits')}-digit numbers), asked-for needle at depths {niah.get('depths')}"]
           if any(m.get("niah") for m in models) else []),
@@ -134,20 +139,22 @@ def markdown(results: dict) -> str:
             continue
         header = ["length"] + [f"{m['name']} {short}" for m in models]
         rows = [[_length_label(L, results)] + [_retrieval_cell(m, L, part) for m in models] for L in lengths]
-        lines += [f"## {title[0].upper()}{title[1:]}", ""] + _md_table(header, rows)
+        lines += [f"## {title[0].upper()}{title[1:]}", "", "correct/trials (95 % Wilson interval of the rate).", ""]
+        lines += _md_table(header, rows)
         if part == "niah":
             wrong = [f"{m['name']} {sum(r.get('distractor_answers', 0) for r in by_length(m.get(part)).values())}"
                      for m in models if m.get(part)]
             lines += ["", f"Answers that gave a distractor needle's number: {', '.join(wrong)}."]
         lines += ["", f"![{short} accuracy against length]({part}.png) ![{short} accuracy by depth]({part}-depth.png)", ""]
+    lines += ruler_report.markdown(results) + lmeval.markdown(results)
     lines += ["## Time (seconds)", ""] + _md_table(*_time_table(results))
     return "\n".join(lines) + "\n"
 
 
 def _time_table(results: dict) -> tuple[list[str], list[list[str]]]:
     models = results["models"]
-    parts = [p for p in ("perplexity", "passkey", "niah") if any(m.get(p) for m in models)]
-    short = {"perplexity": "ppl", "passkey": "passkey", "niah": "needle"}
+    parts = [p for p in ("perplexity", "passkey", "niah", "ruler") if any(m.get(p) for m in models)]
+    short = {"perplexity": "ppl", "passkey": "passkey", "niah": "needle", "ruler": "ruler"}
     header = ["length"] + [f"{m['name']} {short[part]}" for m in models for part in parts]
     rows = []
     for L in results["lengths"]:
@@ -172,18 +179,21 @@ def rich_table(results: dict):
     ref = results.get("reference_length") or reference_length(lengths, results.get("original_context"))
     table = Table(title=f"longext eval: {results.get('target', '')}")
     table.add_column("length")
-    niah = any(m.get("niah") for m in models)
+    niah, ruler = any(m.get("niah") for m in models), any(m.get("ruler") for m in models)
     for m in models:
         table.add_column(f"{m['name']} ppl", justify="right")
         table.add_column(f"x{format_length(ref)}", justify="right")
         table.add_column("passkey", justify="right")
         if niah:
             table.add_column("needle", justify="right")
+        if ruler:
+            table.add_column("RULER %", justify="right")
     for L in lengths:
         cells = [_length_label(L, results)]
         for m in models:
             cells += [*_ppl_cells(m, L, ref), _retrieval_cell(m, L)]
             cells += [_retrieval_cell(m, L, "niah")] if niah else []
+            cells += [ruler_report.score_cell(by_length(m.get("ruler")).get(L))] if ruler else []
         table.add_row(*cells)
     return table
 
@@ -217,7 +227,7 @@ def plot(results: dict, out_dir: Path) -> list[str]:
         written.append(name)
     for part, _, title in RETRIEVAL:
         written += depth_plot(results, part, title, out_dir)
-    return written
+    return written + ruler_report.plots(results, out_dir)
 
 
 def depth_plot(results: dict, part: str, title: str, out_dir: Path) -> list[str]:

@@ -1,7 +1,7 @@
 """`longext eval TARGET`: check the flags, load the model(s), measure, write the report.
 
-Flow: `cli.eval_cmd → EvalRequest.from_cli → run_eval → {targets.load_target, perplexity, passkey, niah,
-report.write_report}`. The eval settings start from the run's recipe `eval:` section (or the
+Flow: `cli.eval_cmd → EvalRequest.from_cli → run_eval → {targets.load_target, lmeval, perplexity, passkey, niah,
+ruler, report.write_report}`. The eval settings start from the run's recipe `eval:` section (or the
 defaults), then `--set` overrides, then the flags; every mistake is a one-line error naming the flag.
 """
 
@@ -23,6 +23,7 @@ from longext.recipe import EvalSpec, apply_override, load_recipe, to_issue
 
 MAX_LADDER = 8
 MODES = ("fixed", "sliding")
+SUITE = {"ppl": "perplexity", "passkey": "passkey", "niah": "niah", "ruler": "ruler"}  # --suite name -> eval section
 
 
 # --------------------------------------------------------------------------------------- request
@@ -42,7 +43,7 @@ class EvalRequest:
     @classmethod
     def from_cli(cls, target, length=None, lengths=None, baseline=False, texts=None, mode=None, passkey=None,
                  perplexity=None, trials=None, out=None, overrides: Sequence[str] = (), niah=None,
-                 filler=None) -> EvalRequest:
+                 filler=None, suite=None, tasks=None, samples=None, ruler_qa=None, lm_eval=None) -> EvalRequest:
         """Validate the `longext eval` arguments. Raises LongextError with one line per problem."""
         target = Path(target)
         if not target.is_dir():
@@ -54,10 +55,16 @@ class EvalRequest:
             raise LongextError(f"--mode: expected fixed or sliding (got {mode!r})")
         if length is not None and lengths is not None:
             raise LongextError("--length, --lengths: give one of them (--length builds a ladder, --lengths lists it)")
+        on = suite_flag(suite)
+        perplexity, passkey, niah = (x if x is not None or on is None else name in on
+                                     for x, name in ((perplexity, "perplexity"), (passkey, "passkey"), (niah, "niah")))
         flags = {"perplexity.texts": ("--texts", texts), "perplexity.mode": ("--mode", mode),
                  "perplexity.enabled": ("--ppl", perplexity), "passkey.enabled": ("--passkey", passkey),
                  "passkey.trials": ("--trials", trials), "niah.enabled": ("--niah", niah),
-                 "niah.trials": ("--trials", trials), "filler": ("--filler", filler)}
+                 "niah.trials": ("--trials", trials), "filler": ("--filler", filler),
+                 "ruler.enabled": ("--suite", None if on is None else "ruler" in on),
+                 "ruler.tasks": ("--tasks", comma_list(tasks)), "ruler.samples": ("--samples", samples),
+                 "ruler.qa": ("--ruler-qa", ruler_qa), "lm_eval.tasks": ("--lm-eval", comma_list(lm_eval))}
         spec = eval_spec(recipe.eval if recipe else EvalSpec(), overrides, flags)
         longest = length_flag("--length", length) if length is not None else None
         explicit = lengths_flag(lengths) if lengths is not None else ([] if longest else list(spec.lengths))
@@ -66,8 +73,13 @@ class EvalRequest:
                 "--length: give the longest context to test, e.g. --length 16k, or a ladder with --lengths 4k,8k,16k"
                 + (" (the run's recipe has no eval.lengths)" if recipe else "")
             )
-        if not spec.perplexity.enabled and not spec.passkey.enabled and not spec.niah.enabled:
-            raise LongextError("--ppl, --passkey, --niah: all are off, nothing to evaluate")
+        if not any((spec.perplexity.enabled, spec.passkey.enabled, spec.niah.enabled, spec.ruler.enabled,
+                    spec.lm_eval.tasks)):
+            raise LongextError("--ppl, --passkey, --niah, --suite, --lm-eval: all are off, nothing to evaluate")
+        if spec.lm_eval.tasks:
+            from longext.evaluate.lmeval import require
+
+            require()
         if recipe is None and not (target / "config.json").is_file():
             raise LongextError(f"TARGET: {target} is neither a run directory (no recipe.yaml) nor a model directory "
                                f"(no config.json)")
@@ -82,6 +94,25 @@ class EvalRequest:
     def ladder(self, original_context: int | None) -> list[int]:
         """The lengths to test: the explicit list, else `ladder_lengths(longest, L0)`."""
         return list(self.lengths) if self.lengths else ladder_lengths(self.longest, original_context)
+
+
+def suite_flag(value: str | None) -> set[str] | None:
+    """The eval sections `--suite ppl,passkey,ruler` turns on (the others off); None when not given."""
+    if value is None:
+        return None
+    names = comma_list(value) or []
+    bad = [n for n in names if n not in SUITE]
+    if bad or not names:
+        raise LongextError(f"--suite: expected a comma-separated list of {', '.join(SUITE)} (got {value!r})")
+    return {SUITE[n] for n in names}
+
+
+def comma_list(value: str | Sequence[str] | None) -> list[str] | None:
+    """'a,b' (or repeated flags) as ['a', 'b']; None stays None."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
 
 
 def lengths_flag(value: str) -> list[int]:
@@ -136,7 +167,10 @@ def eval_spec(base: EvalSpec, overrides: Sequence[str], flags: dict[str, tuple[s
     except ValidationError as err:
         wrapped = {"eval": raw}  # so field paths, 'did you mean' hints and lengths read as in a recipe
         issues = [to_issue({**e, "loc": ("eval", *e["loc"])}, wrapped, None, set()) for e in err.errors()]
-        raise Problems([f"{given[issue.field]}: {issue.message}" if issue.field in given
+        def flag(field: str) -> str | None:  # a list flag's items (eval.ruler.tasks.1) still name the flag
+            return next((given[f] for f in given if field == f or field.startswith(f + ".")), None)
+
+        raise Problems([f"{flag(issue.field)}: {issue.message}" if flag(issue.field)
                         else f"--set {issue.field}: {issue.message}" for issue in issues]) from None
     bad = [(part, i, d) for part in ("passkey", "niah") for i, d in enumerate(getattr(spec, part).depths)
            if not 0.0 <= d <= 1.0]
@@ -170,6 +204,16 @@ def run_eval(request: EvalRequest) -> Path:
     documents = load_texts(request) if request.spec.perplexity.enabled else []
     retrieval = request.spec.passkey.enabled or request.spec.niah.enabled
     filler = load_filler(request.spec.filler, request.text_field) if retrieval else None
+    sources = None
+    if request.spec.ruler.enabled:
+        from longext.evaluate.ruler.run import chosen_tasks, load_sources
+
+        sources = load_sources(request.spec.ruler, request.text_field)
+        chosen_tasks(request.spec.ruler, sources.qa)  # a QA task without its data: stop now
+    if request.spec.lm_eval.tasks:
+        from longext.evaluate.lmeval import check_tasks
+
+        check_tasks(list(request.spec.lm_eval.tasks))
     entries, context = [], {}
     with EvalProgress(Console(stderr=True)) as bar:
         for i, baseline in enumerate((False, True) if request.baseline else (False,)):
@@ -179,13 +223,18 @@ def run_eval(request: EvalRequest) -> Path:
                 "original_context": loaded.original_context, "target_context": loaded.target_context,
             }
             models_left = 1 + request.baseline - i
-            entries.append(evaluate_model(loaded, context["lengths"], request, documents, bar, models_left, filler))
+            entries.append(evaluate_model(loaded, context["lengths"], request, documents, bar, models_left, filler,
+                                          sources))
             entries[-1]["baseline"] = baseline
             del loaded
             gc.collect()
     results = build_results(request, context, entries, documents)
     report = write_report(request.out, results)
     Console().print(rich_table(results))
+    from longext.evaluate.ruler.report import rich_table as ruler_table
+
+    if (table := ruler_table(results)) is not None:
+        Console().print(table)
     return report
 
 
@@ -217,8 +266,10 @@ def load_filler(value: str, text_field: str = "text") -> str | None:
 
 
 def evaluate_model(loaded, lengths: list[int], request: EvalRequest, documents: list[str], bar: EvalProgress,
-                   models_left: int, filler: str | None = None) -> dict:
-    """One model's perplexity, passkey and needle results, per length (str keys, as in eval.json)."""
+                   models_left: int, filler: str | None = None, sources=None) -> dict:
+    """One model's lm-eval, perplexity, passkey, needle and RULER results, per length (str keys, as in eval.json).
+    lm-eval goes first: a task that cannot load fails before the long parts."""
+    from longext.evaluate.ruler.run import check_ruler, chosen_tasks, ruler_at_lengths
     from longext.evaluate.niah import niah_at_lengths, niah_prompt, trial_needles
     from longext.evaluate.passkey import passkey_at_lengths, passkey_prompt
     from longext.evaluate.perplexity import document_token_ids, perplexity_at_lengths, plan_windows
@@ -236,12 +287,20 @@ def evaluate_model(loaded, lengths: list[int], request: EvalRequest, documents: 
         needles, query = trial_needles(spec.seed, min(lengths), 0, spec.niah, 0.5)
         niah_prompt(loaded.tokenizer, min(lengths), needles, query)  # too short: raise now
         passes += [L for L in lengths for _ in range(spec.niah.trials)]
+    if spec.ruler.enabled:
+        tasks = chosen_tasks(spec.ruler, sources.qa)
+        check_ruler(loaded.tokenizer, lengths, tasks, spec.ruler, spec.seed, sources)  # too short: raise now
+        passes += [L for L in lengths for _ in range(len(tasks) * spec.ruler.samples)]
     bar.expect(passes, models_left)
     entry = {
         "name": loaded.name, "original_context": loaded.original_context, "target_context": loaded.target_context,
         "rope": json.loads(json.dumps(loaded.rope, default=str)), "text_tokens": [len(t) for t in ids],
     }
     progress = bar.callback(loaded.name)
+    if spec.lm_eval.tasks:
+        from longext.evaluate.lmeval import run_lm_eval
+
+        entry["lm_eval"] = run_lm_eval(loaded, spec.lm_eval, lengths)
     if spec.perplexity.enabled:
         rows = perplexity_at_lengths(loaded.model, ids, lengths, spec.perplexity, set_length=loaded.set_length,
                                      progress=progress)
@@ -254,6 +313,10 @@ def evaluate_model(loaded, lengths: list[int], request: EvalRequest, documents: 
         rows = niah_at_lengths(loaded.model, loaded.tokenizer, lengths, spec.niah, spec.seed, filler=filler,
                                set_length=loaded.set_length, progress=progress)
         entry["niah"] = {str(L): row for L, row in rows.items()}
+    if spec.ruler.enabled:
+        rows = ruler_at_lengths(loaded.model, loaded.tokenizer, lengths, spec.ruler, spec.seed, sources, tasks=tasks,
+                                set_length=loaded.set_length, progress=progress)
+        entry["ruler"] = {str(L): row for L, row in rows.items()}
     return entry
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field
 
+from longext.evaluate.ruler.tasks import TASKS as RULER_TASKS
 from longext.recipe.base import Auto, Length, Section
 from longext.recipe.methods import MethodSpec
 
@@ -230,6 +231,47 @@ class NiahSpec(Section):
     digits: int = Field(7, ge=1, le=20, description="Digits of each needle's number (RULER: 7).")
 
 
+RulerTaskName = Literal[tuple(RULER_TASKS)]  # type: ignore[valid-type]  # niah_single_1 ... qa_2
+
+
+class RulerSpec(Section):
+    """RULER's synthetic tasks (Hsieh et al. 2024) at each length, scored like RULER (docs/eval.md#ruler). Off by
+    default (`--suite ruler`): 11 tasks x `samples` generations per length."""
+
+    enabled: bool = Field(False, description="Run the RULER suite at each length (`--suite ruler`).")
+    tasks: list[RulerTaskName] = Field(
+        default_factory=list,
+        description="Tasks to run (`--tasks`). Empty = the 11 synthetic ones, plus qa_1 / qa_2 when `qa` has "
+                    "SQuAD / HotpotQA.",
+    )
+    samples: int = Field(10, ge=1, description="Samples per task and length (`--samples`; RULER: 500).")
+    qa: str | None = Field(
+        None, min_length=1,
+        description="Local SQuAD 2.0 dev / HotpotQA dev-distractor JSON (RULER's squad.json, hotpotqa.json), or a "
+                    "folder of them, for qa_1 / qa_2 (`--ruler-qa`).",
+    )
+    haystack: str = Field(
+        "books", min_length=1,
+        description="Texts of the essay haystack (RULER: Paul Graham's essays) and extra words for cwe: books (the "
+                    "eval split of the offline books) or text files / a folder.",
+    )
+    chat: bool = Field(False, description="Wrap each task in the tokenizer's chat template (instruct models). "
+                                          "RULER's `base` template is the default.")
+
+
+class LmEvalSpec(Section):
+    """Tasks handed to lm-evaluation-harness with the loaded model (optional extra `longext[lm-eval]`)."""
+
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval task names, or paths of task YAML files (`--lm-eval`). Empty = off.",
+    )
+    limit: int | None = Field(None, ge=1, description="Examples per task (lm-eval's --limit). Default: all.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (lm-eval's --num_fewshot). "
+                                                            "Default: each task's own.")
+    batch_size: int = Field(1, ge=1, description="lm-eval batch size.")
+
+
 class EvalSpec(Section):
     """What `longext eval` measures by default for this run; its flags override these."""
 
@@ -239,13 +281,15 @@ class EvalSpec(Section):
     perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
     passkey: PasskeySpec = Field(default_factory=PasskeySpec)
     niah: NiahSpec = Field(default_factory=NiahSpec)
+    ruler: RulerSpec = Field(default_factory=RulerSpec)
+    lm_eval: LmEvalSpec = Field(default_factory=LmEvalSpec)
     filler: str = Field(
         "classic", min_length=1,
         description="Haystack of the passkey and needle prompts: classic (the passkey paper's grass/sky/sun lines, "
                     "repeated), books (the eval split of the offline books), or text files / a folder (sentences "
                     "cycled from a seeded offset per trial).",
     )
-    seed: int = Field(0, description="Seeds passkey keys, depths and filler.")
+    seed: int = Field(0, description="Seeds passkey keys, needles, filler offsets and RULER samples.")
 
 
 class OutputSpec(Section):
