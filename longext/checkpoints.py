@@ -227,7 +227,8 @@ def _publish(staging: Path, final: Path, step: int, world_size: int) -> None:
     files = {}
     for path in sorted(p for p in staging.rglob("*") if p.is_file()):
         size = path.stat().st_size
-        files[str(path.relative_to(staging))] = {"bytes": size, **({"sha256": _sha256(path)} if size <= CHECKSUM_LIMIT else {})}
+        entry = {"bytes": size, "sha256": _sha256(path)} if size <= CHECKSUM_LIMIT else {"bytes": size}
+        files[str(path.relative_to(staging))] = entry
         _fsync(path)
     write_json(staging / MANIFEST, {"format": FORMAT, "step": step, "world_size": world_size, "files": files})
     _fsync(staging / MANIFEST)

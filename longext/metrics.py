@@ -88,7 +88,8 @@ class MetricsLog:
                     self.writer.add_scalar(f"train/{key}", record[key], step)
         except OSError as err:  # a side channel: metrics.jsonl goes on (and fails itself if the disk is full)
             self.writer = None
-            warn(f"tensorboard: stopped writing {self.path.parent / 'tb'} ({err.strerror or err}); metrics.jsonl goes on")
+            warn(f"tensorboard: stopped writing {self.path.parent / 'tb'} ({err.strerror or err}); "
+                 f"metrics.jsonl goes on")
 
     def close(self) -> None:
         if self.writer:

@@ -224,10 +224,11 @@ def _check_world_size(engine, path: Path) -> None:
     """ZeRO partitions the optimizer state over the ranks: DeepSpeed cannot load it into another number of them."""
     saved = checkpoints.manifest_of(path).get("world_size")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if saved and saved != world and engine.zero_optimization_stage() > 0:
+    stage = engine.zero_optimization_stage()
+    if saved and saved != world and stage > 0:
         raise LongextError(
-            f"--resume: checkpoint {path} was written by {saved} ranks and ZeRO stage {engine.zero_optimization_stage()} "
-            f"splits its optimizer state over them; resume with the same number of ranks (--nproc {saved}), not {world}"
+            f"--resume: checkpoint {path} was written by {saved} ranks and ZeRO stage {stage} splits its optimizer "
+            f"state over them; resume with the same number of ranks (--nproc {saved}), not {world}"
         )
 
 

@@ -86,7 +86,8 @@ def _run_training(resolved: Resolved, resume: bool) -> Path:
             progress.close()
             run.status("interrupted", step + 1)
             raise TrainingStopped(
-                f"interrupted by {stop.name} at step {step + 1}/{stages.total}; checkpoint saved in {run.dir}/checkpoints",
+                f"interrupted by {stop.name} at step {step + 1}/{stages.total}; "
+                f"checkpoint saved in {run.dir}/checkpoints",
                 exit_code=128 + stop.signum, resumable=True,
             )
 
