@@ -22,6 +22,7 @@ import pytest
 from helpers import bad_input, losses, write_recipe
 from longext.checkpoints import MANIFEST, check_resumable, resume_point, step_folders, verify
 from longext.cli import main
+from longext.errors import LongextError
 from longext.recipe import load_recipe
 from longext.train import run_training
 
@@ -336,3 +337,7 @@ def test_two_ranks_resume_from_a_published_checkpoint_at_every_zero_stage(tmp_pa
     assert sorted(got) == [1, 2, 3, 4]
     for step in (3, 4):
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7)
+    if stage:  # one rank cannot take two ranks' optimizer partitions: one line instead of DeepSpeed's traceback
+        with pytest.raises(LongextError, match=r"written by 2 ranks and ZeRO stage .* resume with the same number of "
+                                               r"ranks \(--nproc 2\), not 1$"):
+            train(path, f"output.dir={part}", resume=True)
