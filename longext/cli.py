@@ -7,6 +7,7 @@ Heavy imports (torch, transformers, deepspeed) happen inside the commands, so `-
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -15,7 +16,7 @@ import typer
 from typer._click import exceptions as click_errors  # typer >= 0.29 vendors click; the `click` package is not used
 
 
-from longext.errors import LongextError, Problems
+from longext.errors import LongextError, Problems, TrainingStopped
 
 HELP = """Extend the context window of a Llama-family model in one fine-tuning job.
 
@@ -91,13 +92,31 @@ def train(
             _console(stderr=True).print(line, markup=False, soft_wrap=True)
         if nproc > 1 or hostfile:
             argv = ctx.find_root().obj  # what main() was given; None from the console script
+            os.environ[RESUME_COMMAND] = _resume_command(recipe, overrides or [], out, nproc, hostfile)  # for the ranks
             raise typer.Exit(relaunch(argv if argv is not None else sys.argv[1:], nproc=nproc, hostfile=hostfile))
         from longext.train import run_training
 
         run_dir = run_training(spec, resume=resume, resolved=resolved)
     except LongextError as err:
+        if isinstance(err, TrainingStopped) and err.resumable:
+            err.resume_command = _resume_command(recipe, overrides or [], out, nproc, hostfile)
         raise located(recipe, err, overrides or []) from None  # --out is not a --set: no tag
-    _console().print(f"run directory: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # every rank returns here; the run directory is said once
+        _console().print(f"run directory: {run_dir}")
+
+
+RESUME_COMMAND = "LONGEXT_RESUME_COMMAND"  # the user's command with --resume, handed to the ranks of --nproc/--hostfile
+
+
+def _resume_command(recipe: Path, overrides: list[str], out: Path | None, nproc: int, hostfile: Path | None) -> str:
+    """The command that continues this run: the recipe as given, its --set's, --out, the launch flags, --resume."""
+    if os.environ.get("WORLD_SIZE", "1") != "1" and os.environ.get(RESUME_COMMAND):  # a rank: its argv lost them
+        return os.environ[RESUME_COMMAND]
+    args = ["longext", "train", str(recipe), *[arg for o in overrides for arg in ("-s", o)]]
+    args += ["--out", str(out)] if out else []
+    args += ["--nproc", str(nproc)] if nproc > 1 else []
+    args += ["--hostfile", str(hostfile)] if hostfile else []
+    return shlex.join([*args, "--resume"])
 
 
 # ------------------------------------------------------------------------------------------ plan

@@ -53,10 +53,35 @@ class RecipeError(LongextError):
 
 
 class TrainingStopped(LongextError):
-    """Training ended early for a reason the user must see (non-finite loss, ...). Exit code 3."""
+    """Training ended early for a reason the user must see (non-finite loss, a signal, a run folder that cannot be
+    written). Exit code 3 unless given. `resumable`: the run continues with `--resume`, and the message ends with the
+    command that does it (`resume_command`, which the CLI sets to the exact command the user gave)."""
 
     exit_code = 3
 
-    def __init__(self, message: str, exit_code: int = 3):
+    def __init__(self, message: str, exit_code: int = 3, resumable: bool = False):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.resumable = exit_code, resumable
+        self.resume_command = "longext train RECIPE --resume"
+
+    def lines(self) -> list[str]:
+        return [f"{self}; continue with `{self.resume_command}`" if self.resumable else str(self)]
+
+
+class WriteFailed(LongextError):
+    """A file or folder of the run directory could not be written (a read-only folder, a full disk). Training turns
+    it into a TrainingStopped that names the last good checkpoint."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"cannot write {path} ({reason})")
+
+
+def warn(message: str) -> None:
+    """One `warning:` line on stderr, for a problem longext recovered from (a damaged checkpoint passed over, a torn
+    metrics line dropped). Under a launcher only rank 0 speaks."""
+    import os
+    import sys
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,19 @@ def umask() -> int:
 def share_folder(path: Path) -> None:
     """mkdtemp makes 0700; give a published folder the permissions a plain mkdir would."""
     os.chmod(path, 0o777 & ~umask())
+
+
+def share_tree(root: Path) -> None:
+    """Every folder and file under `root` (and `root`) gets the permissions a plain mkdir or open would give: some
+    writers make their files private (safetensors' weight files come out 0600) while the rest of a published folder
+    follows the umask. A file with an execute bit keeps it (0777 & ~umask)."""
+    share_folder(root)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            mode = os.lstat(path).st_mode  # links are left alone: chmod would change what they point at
+            if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+                os.chmod(path, (0o777 if stat.S_ISDIR(mode) or mode & 0o111 else 0o666) & ~umask())
 
 
 def check_writable(path: Path, flag: str, folder: bool = True) -> None:
@@ -110,9 +124,12 @@ def staging_folder(final: Path, prefix: str | None = None) -> Iterator[Path]:
 def publish_folder(built: Path, final: Path, previous: Path | None = None) -> bool:
     """Rename the finished folder `built` to `final`. A folder already at `final` is moved aside first (a rename
     cannot replace a non-empty folder) and put back if the rename fails; afterwards it becomes `previous` (replacing
-    what was there) or is deleted. Returns whether `final` existed."""
+    what was there) or is deleted. Everything inside gets the umask's permissions first (share_tree). Returns whether
+    `final` existed."""
     built, final = Path(built), Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    if built.is_dir():  # (a missing one fails at the rename below, which rolls back)
+        share_tree(built)
     if not final.exists():
         os.rename(built, final)
         return False

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from pathlib import Path
 
+from longext.errors import WriteFailed, warn
 from longext.files import write_atomic
 from longext.recipe import Recipe
 
 
 class MetricsLog:
-    """Appends one JSON line per optimizer step to metrics.jsonl (and tensorboard, when installed)."""
+    """Appends one JSON line per optimizer step to metrics.jsonl (and tensorboard, when installed). Each line is one
+    write(2) on an O_APPEND descriptor, so a crash leaves whole lines and at most a torn last one, which the next
+    resume drops with a warning."""
 
     def __init__(self, run_dir: Path, enabled: bool, resume_from: int = 0):
         self.enabled, self.path = enabled, run_dir / "metrics.jsonl"
         self.started, self.tokens, self.writer = time.perf_counter(), 0, None
         if not enabled:
             return
-        self._truncate_after(resume_from)
+        try:
+            self._truncate_after(resume_from)
+        except OSError as err:
+            raise WriteFailed(self.path, err.strerror or type(err).__name__) from None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -27,10 +35,20 @@ class MetricsLog:
             self.writer = None
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, forget steps the checkpoint does not contain (they will be redone)."""
+        """On resume, forget steps the checkpoint does not contain (they will be redone), and lines that are not a
+        whole record (a write torn by a crash or a full disk), with a warning."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept, torn = [], []
+        for number, line in enumerate(self.path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+            record = _record(line) if line.strip() else {"step": -1}  # a blank line: nothing to keep or report
+            if record is None:
+                torn.append(number)
+            elif 0 <= record["step"] <= step:
+                kept.append(line)
+        if torn:
+            which = f"line {torn[0]}" if len(torn) == 1 else f"lines {', '.join(map(str, torn))}"
+            warn(f"{self.path}: dropped {which}: not a whole JSON record (a write cut short by a crash or a full disk)")
         write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def step(self, step: int, loss: float, lr: float, engine, tokens: int, seconds: float) -> dict:
@@ -47,17 +65,44 @@ class MetricsLog:
             "elapsed": time.perf_counter() - self.started,
         }
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._append((json.dumps(record) + "\n").encode())
             if self.writer:
-                for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                    if record[key] is not None:
-                        self.writer.add_scalar(f"train/{key}", record[key], step)
+                self._tensorboard(record, step)
         return record
+
+    def _append(self, line: bytes) -> None:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(errno.ENOSPC, "short write: the disk is full")
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise WriteFailed(self.path, err.strerror or type(err).__name__) from None
+
+    def _tensorboard(self, record: dict, step: int) -> None:
+        try:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                if record[key] is not None:
+                    self.writer.add_scalar(f"train/{key}", record[key], step)
+        except OSError as err:  # a side channel: metrics.jsonl goes on (and fails itself if the disk is full)
+            self.writer = None
+            warn(f"tensorboard: stopped writing {self.path.parent / 'tb'} ({err.strerror or err}); "
+                 f"metrics.jsonl goes on")
 
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+def _record(line: str) -> dict | None:
+    """The record of one metrics.jsonl line, or None when the line is not a whole one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 class StepProgress:

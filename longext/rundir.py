@@ -6,7 +6,8 @@ an interrupted run leaves either the old file or the new one, and checkpoints `-
     status.json     running | interrupted | failed | finished, with the step (and, for multi-stage methods,
                     which stages are done: LongRecipe's extension / replay / merge)
     metrics.jsonl   one line per logged optimizer step; tb/ the same for tensorboard
-    checkpoints/    DeepSpeed checkpoints (step-000010/, latest), trainable weights + optimizer + data position
+    checkpoints/    DeepSpeed checkpoints (step-000010/ with its manifest.json, latest): trainable weights, optimizer,
+                    scheduler, RNG and data position; written and verified by longext.checkpoints
     adapter/        the final peft adapter (adapter_config.json + adapter_model.safetensors)
     adapter-tuned/  LongRecipe with a merge: the adapter before the merge with the original weights
     model/          instead of adapter/ for train.full_finetune: the whole trained model (save_pretrained, safetensors)
@@ -17,13 +18,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from longext.errors import LongextError
+from longext import checkpoints
+from longext.checkpoints import ResumePoint, check_resumable
+from longext.errors import LongextError, TrainingStopped, WriteFailed, warn
 from longext.files import check_writable, publish_folder, staging_folder, write_atomic, write_json
 from longext.recipe import load_yaml
 from longext.recipe import Recipe, dump_recipe, load_recipe
@@ -49,20 +53,20 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def check_start(run_dir: Path, recipe: Recipe, resume: bool) -> None:
-    """Refuse to overwrite or to resume what cannot be resumed; clear the folder for overwrite."""
+def check_start(run_dir: Path, recipe: Recipe, resume: bool) -> ResumePoint | None:
+    """Refuse to overwrite or to resume what cannot be resumed; clear the folder for overwrite. With `resume`, the
+    checkpoint to resume from: the newest that verifies (checkpoints.check_resumable)."""
     check_writable(run_dir, "output.dir")
     has_content = run_dir.is_dir() and any(run_dir.iterdir())
     if resume:
-        if latest_checkpoint(run_dir) is None:
-            raise LongextError(f"--resume: no checkpoint in {run_dir}/checkpoints (start without --resume)")
+        point = check_resumable(run_dir / "checkpoints")
         if not (run_dir / "recipe.yaml").is_file():
             raise LongextError(f"--resume: {run_dir} has checkpoints but no recipe.yaml, so they cannot be checked "
                                f"against the recipe (start without --resume in another --out)")
         _check_same_recipe(run_dir, recipe)
-        return
+        return point
     if not has_content:
-        return
+        return None
     if not _holds_a_run(run_dir):
         found = sorted(p.name for p in run_dir.iterdir())
         raise LongextError(
@@ -77,6 +81,7 @@ def check_start(run_dir: Path, recipe: Recipe, resume: bool) -> None:
         )
     if _rank() == 0:
         shutil.rmtree(run_dir)
+    return None
 
 
 def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
@@ -109,11 +114,26 @@ def read_status(run_dir: Path) -> dict:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
-        return None
-    path = latest.parent / latest.read_text().strip()
-    return path if path.is_dir() else None
+    """The newest checkpoint that verifies against its manifest (`checkpoints/latest` is only a hint)."""
+    return checkpoints.resume_point(run_dir / "checkpoints").path
+
+
+def stopped_writing(run_dir: Path, err: WriteFailed) -> TrainingStopped:
+    """A write to the run directory failed mid-run: say which, and that the last good checkpoint is intact (exit 2)."""
+    last = latest_checkpoint(run_dir)
+    kept = f"the last good checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
+    try:  # often impossible (the folder is read-only): status.json then still says running
+        _merge_status(run_dir, state="failed", reason=f"cannot write {err.path} ({err.reason})")
+    except OSError:
+        pass
+    return TrainingStopped(f"{err}: training stopped and {kept}; make room or make the folder writable",
+                           exit_code=2, resumable=last is not None)
+
+
+def _merge_status(run_dir: Path, **fields) -> None:
+    if _rank() == 0:
+        write_json(run_dir / "status.json", {**read_status(run_dir), **fields,
+                                             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 class Run:
@@ -146,25 +166,33 @@ class Run:
             status["reason"] = reason
         if stages:
             status["stages"] = stages  # each stage: done | running | pending
-        write_json(self.dir / "status.json", status)
+        try:
+            write_json(self.dir / "status.json", status)
+        except OSError as err:
+            raise WriteFailed(self.dir / "status.json", err.strerror or type(err).__name__) from None
 
     def save_checkpoint(self, engine, step: int, keep: int) -> None:
-        """Trainable weights, optimizer, scheduler, RNG and the data position. DeepSpeed updates
-        `latest` only after the tag folder is complete, so a crash mid-save keeps the previous one."""
-        ckpt = self.dir / "checkpoints"
+        """Trainable weights, optimizer, scheduler, RNG and the data position, published whole (checkpoints.save):
+        a crash or a failed write mid-save keeps the previous checkpoint."""
         client_state = {"step": step, "torch_rng": torch.get_rng_state()}
-        engine.save_checkpoint(str(ckpt), tag=f"step-{step:06d}", client_state=client_state, exclude_frozen_parameters=True)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        if self.rank == 0:
-            tags = sorted(p for p in ckpt.glob("step-*") if p.is_dir())
-            for old in tags[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        checkpoints.save(engine, self.dir / "checkpoints", step, client_state, keep, self.rank)
 
-    def load_checkpoint(self, engine) -> int:
-        """Restore the newest checkpoint; returns the optimizer step to continue from."""
-        path = latest_checkpoint(self.dir)
-        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+    def load_checkpoint(self, engine, point: ResumePoint) -> int:
+        """Restore the checkpoint check_start chose (rank 0 warns about the newer ones it passed over); returns the
+        optimizer step to continue from."""
+        path = point.path
+        if self.rank == 0 and point.warning:
+            warn(point.warning)
+        _check_world_size(engine, path)
+        try:
+            _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            older = [f.name for _, f in checkpoints.step_folders(path.parent) if f.name < path.name]
+            raise LongextError(
+                f"--resume: checkpoint {path} passed its manifest check but could not be loaded "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); nothing was deleted"
+                + (f"; to resume from {older[-1]}, move {path.name} out of {path.parent}" if older else "")
+            ) from None
         if client_state is None:
             raise LongextError(f"--resume: checkpoint {path} could not be read (it may be from another DeepSpeed layout)")
         torch.set_rng_state(client_state["torch_rng"])
@@ -181,12 +209,27 @@ class Run:
         final = self.dir / ("model" if full else "adapter")
         with gathered(engine, params):
             if self.rank == 0:
-                with staging_folder(final) as tmp:
-                    module.save_pretrained(tmp)
-                    publish_folder(tmp, final)
+                try:
+                    with staging_folder(final) as tmp:
+                        module.save_pretrained(tmp)
+                        publish_folder(tmp, final)
+                except OSError as err:
+                    raise WriteFailed(err.filename or final, err.strerror or type(err).__name__) from None
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         return final
+
+
+def _check_world_size(engine, path: Path) -> None:
+    """ZeRO partitions the optimizer state over the ranks: DeepSpeed cannot load it into another number of them."""
+    saved = checkpoints.manifest_of(path).get("world_size")
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    stage = engine.zero_optimization_stage()
+    if saved and saved != world and stage > 0:
+        raise LongextError(
+            f"--resume: checkpoint {path} was written by {saved} ranks and ZeRO stage {stage} splits its optimizer "
+            f"state over them; resume with the same number of ranks (--nproc {saved}), not {world}"
+        )
 
 
 def _lr_from_schedule(scheduler) -> None:

@@ -11,13 +11,13 @@ import torch
 
 from longext.data import build_train_data
 from longext.engine import init_distributed, make_engine, release_zero3_linear
-from longext.errors import TrainingStopped
+from longext.errors import TrainingStopped, WriteFailed
 from longext.methods import method_for
 from longext.metrics import MetricsLog, StepProgress
 from longext.models import add_lora, apply_full_finetune, build_model, load_tokenizer, quiet_libraries
 from longext.recipe import Recipe
 from longext.resolve import Resolved, resolve
-from longext.rundir import Run, check_start, latest_checkpoint
+from longext.rundir import Run, check_start, latest_checkpoint, stopped_writing
 from longext.savers import activation_offload, apply_fused_norm, apply_tiled_mlp
 from longext.sp import apply_sequence_parallel, layout, micro_batch_loss, shard_batch
 
@@ -30,13 +30,15 @@ def run_training(recipe: Recipe, resume: bool = False, resolved: Resolved | None
     quiet_libraries()
     try:
         return _run_training(resolved or resolve(recipe), resume)
+    except WriteFailed as err:  # a read-only or full run folder mid-run: one line, the last checkpoint intact
+        raise stopped_writing(recipe.run_dir, err) from None
     finally:
         release_zero3_linear()
 
 
 def _run_training(resolved: Resolved, resume: bool) -> Path:
     recipe, t = resolved.recipe, resolved.recipe.train  # every `auto` filled in
-    check_start(recipe.run_dir, recipe, resume)
+    resume_point = check_start(recipe.run_dir, recipe, resume)
     rank, world = init_distributed()
     lay = layout(rank, world, t.sequence_parallel)  # sp ranks share a sample: world / sp data groups
     torch.manual_seed(t.seed)
@@ -51,7 +53,7 @@ def _run_training(resolved: Resolved, resume: bool) -> Path:
     engine = make_engine(model, t, lay.dp, lay.mpu, then_lr=extra.lr if extra else None)
     stages = _Stages(method, t.steps, data, extra.build_data(recipe, tokenizer) if extra else None)
     run = Run(recipe.run_dir, rank, stages.total, stages.status)
-    start = run.load_checkpoint(engine) if resume else 0
+    start = run.load_checkpoint(engine, resume_point) if resume else 0
     run.start(recipe, resolved.rope, start)
     log = MetricsLog(run.dir, enabled=rank == 0, resume_from=start)
     progress = StepProgress(recipe.model_copy(update={"train": t.model_copy(update={"steps": stages.total})}), lay.dp,
@@ -84,9 +86,9 @@ def _run_training(resolved: Resolved, resume: bool) -> Path:
             progress.close()
             run.status("interrupted", step + 1)
             raise TrainingStopped(
-                f"interrupted by {stop.name} at step {step + 1}/{stages.total}; checkpoint saved in {run.dir}/checkpoints; "
-                f"continue with `longext train <recipe> --resume`",
-                exit_code=128 + stop.signum,
+                f"interrupted by {stop.name} at step {step + 1}/{stages.total}; "
+                f"checkpoint saved in {run.dir}/checkpoints",
+                exit_code=128 + stop.signum, resumable=True,
             )
 
     progress.close()

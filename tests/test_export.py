@@ -194,6 +194,19 @@ def test_config_has_both_key_styles_and_the_right_window(exported, kind):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
 
 
+def test_weight_files_of_a_run_and_an_export_follow_the_umask(exported):
+    # safetensors writes 0600; the published adapter/ and export read like the rest (0644 under umask 022)
+    import stat
+
+    from longext.files import umask
+
+    run, result = exported("linear")
+    files = [*(run / "adapter").iterdir(), *result.out_dir.iterdir()]
+    assert {p.name for p in files} >= {"adapter_model.safetensors", "model.safetensors", "config.json"}
+    assert [(p, stat.S_IMODE(p.stat().st_mode)) for p in files if p.is_file()] == [
+        (p, 0o666 & ~umask()) for p in files if p.is_file()]
+
+
 def test_bfloat16_export_is_checked_against_the_looser_bound(trained, tmp_path):
     from safetensors.torch import load_file
 

@@ -53,6 +53,26 @@ def test_publish_folder_replaces_keeps_the_previous_one_or_rolls_back(tmp_path):
     assert (final / "weights").read_text() == "2" and hidden(tmp_path) == []
 
 
+def test_a_published_folder_follows_the_umask_whatever_its_writers_chose(tmp_path):
+    # safetensors writes its weight files 0600: in a published folder they read like every other file
+    from longext.files import umask
+
+    final = tmp_path / "model"
+    with staging_folder(final) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"w")
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "run.sh").write_text("#!/bin/sh\n")
+        os.chmod(tmp / "model.safetensors", 0o600)
+        os.chmod(tmp / "sub" / "run.sh", 0o700)
+        os.symlink("model.safetensors", tmp / "link")
+        publish_folder(tmp, final)
+    mode = lambda p: stat.S_IMODE(os.lstat(p).st_mode)  # noqa: E731
+    assert mode(final / "model.safetensors") == 0o666 & ~umask()
+    assert mode(final / "sub") == mode(final) == 0o777 & ~umask()
+    assert mode(final / "sub" / "run.sh") == 0o777 & ~umask()  # an executable stays one
+    assert os.readlink(final / "link") == "model.safetensors"
+
+
 def test_an_unpublished_staging_folder_is_removed(tmp_path):
     with pytest.raises(RuntimeError):
         with staging_folder(tmp_path / "out") as tmp:

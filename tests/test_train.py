@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -59,7 +60,7 @@ SCHEDULES = {"constant": {}, "cosine": {"warmup_steps": 2, "schedule": "cosine",
 
 def crash_after(run: Path, step: int) -> None:
     """Leave `run` as a hard kill after step `step`'s checkpoint would: `latest` names that checkpoint and no
-    later checkpoint exists (DeepSpeed writes `latest` after the tag folder, rundir.save_checkpoint)."""
+    later checkpoint exists (checkpoints.save publishes the folder, then writes `latest`)."""
     import shutil
 
     ckpt = run / "checkpoints"
@@ -234,8 +235,9 @@ def test_sigterm_mid_run_checkpoints_and_resume_matches_an_uninterrupted_run(tmp
     common = dict(train={"steps": 60, "lr": 2.0e-3}, data={"seq_len": 128})
     full = train(write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="ref", **common))
     path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, name="sig", **common)
-    metrics = tmp_path / "runs" / "sig" / "metrics.jsonl"
-    proc = _cli("train", str(path))
+    run = tmp_path / "elsewhere"  # not the recipe's output.dir: the resume command must say --out
+    metrics = run / "metrics.jsonl"
+    proc = _cli("train", str(path), "--out", str(run), "-s", "train.log_every=5")
     deadline = time.monotonic() + 240
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert proc.poll() is None, proc.stdout.read()
@@ -245,11 +247,16 @@ def test_sigterm_mid_run_checkpoints_and_resume_matches_an_uninterrupted_run(tmp
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "interrupted by SIGTERM" in out and "Traceback" not in out
-    run = tmp_path / "runs" / "sig"
     stopped_at = json.loads((run / "status.json").read_text())["step"]
     assert 3 <= stopped_at < 60
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{stopped_at:06d}"
-    resumed = train(path, resume=True)
+    [line] = [line for line in out.splitlines() if line.startswith("error:")]
+    command = f"longext train {path} -s train.log_every=5 --out {run} --resume"
+    assert line.endswith(f"; continue with `{command}`"), line
+    from longext.cli import main
+
+    assert main(shlex.split(command)[1:]) == 0  # the printed command, as printed, continues the run
+    resumed = run
     want, got = losses(full), losses(resumed)
     assert sorted(got) == list(range(1, 61))
     for step in range(stopped_at + 1, 61):
@@ -263,6 +270,7 @@ def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(tmp_path, tiny_
     proc = _cli("train", str(path), "--nproc", "2")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
+    assert out.count("run directory:") == 1, out  # every rank finishes; one says so
     a, b = losses(one), losses(tmp_path / "runs" / "two")
     assert a.keys() == b.keys()
     for step in a:
