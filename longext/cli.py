@@ -65,7 +65,7 @@ def train(
     ctx: typer.Context,
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML, e.g. recipes/demo.yaml.", show_default=False)],
     overrides: SetOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and DeepSpeed config; load no weights.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Make every check train makes before loading (model folder, data files, memory, ranks; not the run directory) and print the resolved recipe and DeepSpeed config; loads no weights, writes nothing.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run directory.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (overrides output.dir).")] = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (GPUs, or CPU ranks) on this node; >1 re-launches under torchrun.")] = 1,
@@ -79,16 +79,16 @@ def train(
     extra = [f"output.dir={out}"] if out else []
     spec = load_recipe(recipe, [*(overrides or []), *extra])
     try:
-        if dry_run:
-            from longext.resolve import describe_resolved, resolve
-
-            _console().print(describe_resolved(resolve(spec)), markup=False)
-            return
         from longext.launch import preflight, relaunch
 
-        resolved, warnings = preflight(spec, nproc, hostfile, resume)  # once, before any launch or weights
+        resolved, warnings = preflight(spec, nproc, hostfile, resume, dry_run)  # once, before any launch or weights
         for line in warnings:
             _console(stderr=True).print(line, markup=False, soft_wrap=True)
+        if dry_run:
+            from longext.resolve import describe_resolved
+
+            _console().print(describe_resolved(resolved), markup=False)
+            return
         if nproc > 1 or hostfile:
             argv = ctx.find_root().obj  # what main() was given; None from the console script
             raise typer.Exit(relaunch(argv if argv is not None else sys.argv[1:], nproc=nproc, hostfile=hostfile))
@@ -101,6 +101,9 @@ def train(
 
 
 # ------------------------------------------------------------------------------------------ plan
+PLAN_DOES_NOT_FIT = 3  # `longext plan ... && longext train ...` stops where train would run out of memory
+
+
 @app.command()
 def plan(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML, e.g. recipes/llama3-8b-128k.yaml.", show_default=False)],
@@ -111,7 +114,8 @@ def plan(
     full: Annotated[bool, typer.Option("--full-finetune", help="What-if: train every weight instead of LoRA (to compare with full fine-tuning figures).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
 ) -> None:
-    """Per-device memory and step FLOPs of RECIPE from the model config alone (no weights); says whether it fits."""
+    """Per-device memory and step FLOPs of RECIPE from the model config alone (no weights); says whether it fits.
+    Exit code 0 when it fits, 3 when it does NOT fit (the --json field `fits` says the same), 2 on bad input."""
     import json
 
     from longext.plan import parse_size, plan_resolved, render_plan
@@ -135,16 +139,22 @@ def plan(
         budget = default_budget(cpu, gpus)
     try:
         from longext.resolve import resolve
+        from longext.sp import world_problems
 
+        problems = world_problems(spec.train.sequence_parallel, gpus, launcher="--gpus")  # what train would refuse
+        if problems:
+            raise Problems(problems)
         est, switches = plan_resolved(resolve(spec), gpus=gpus, budget=budget, device="cpu" if cpu else "cuda", full=full)
     except LongextError as err:
         raise located(recipe, err, overrides or []) from None
     if as_json:
         typer.echo(json.dumps({**est.to_json(), "fixing_switches": switches and [list(x) for x in switches]}, indent=1))
-        return
-    console = _console()
-    for item in render_plan(est, switches, spec.name):
-        console.print(item)
+    else:
+        console = _console()
+        for item in render_plan(est, switches, spec.name):
+            console.print(item)
+    if est.fits is False:
+        raise typer.Exit(PLAN_DOES_NOT_FIT)
 
 
 # ------------------------------------------------------------------------------------------ eval

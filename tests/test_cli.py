@@ -20,8 +20,6 @@ import typer
 import yaml
 
 from longext.cli import app, main
-from longext.errors import LongextError
-from longext.launch import launch_command
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = {"torch", "transformers", "deepspeed", "peft", "datasets"}
@@ -69,7 +67,7 @@ def bad_input(capsys, *argv, problems: int = 1) -> list[str]:
 # ---------------------------------------------------------------------------------- recipe input
 def test_missing_recipe_file(capsys, tmp_path):
     path = tmp_path / "nope.yaml"
-    assert bad_input(capsys, "train", path) == [f"error: {path} <file>: no such recipe file"]
+    assert bad_input(capsys, "train", path) == [f"error: {path}: no such recipe file"]
 
 
 def test_yaml_syntax_error_shows_the_line(capsys, tmp_path):
@@ -220,9 +218,10 @@ def test_nproc_relaunches_the_arguments_main_was_given_not_sys_argv(capsys, tmp_
     assert calls == [(argv, 2)]
 
 
-def test_hostfile_that_does_not_exist_is_refused_before_launching():
-    with pytest.raises(LongextError, match=r"--hostfile: no such file: '/no/hostfile'"):
-        launch_command(["train", "r.yaml", "--nproc", "2"], 2, Path("/no/hostfile"), 29500)
+def test_hostfile_that_does_not_exist_is_refused_before_launching(capsys, recipe):
+    assert bad_input(capsys, "train", recipe, "--hostfile", "/no/hostfile") == [
+        "error: --hostfile: no such file: '/no/hostfile'"
+    ]
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -313,9 +312,10 @@ def test_models_prepare_of_an_unknown_material(capsys):
 
 # ----------------------------------------------------------------------------- used run directory
 @pytest.fixture
-def tiny_recipe(tmp_path, tiny_model_dir) -> Path:
-    """Valid against the tiny model; data.train points nowhere so a real run could not get far."""
-    text = RECIPE.format(model=tiny_model_dir) + f"data:\n  train: [{tmp_path / 'no-data.txt'}]\n"
+def tiny_recipe(tmp_path, tiny_model_dir, corpus_dir) -> Path:
+    """Valid against the tiny model and its texts: train's checks before loading pass, so what stops it is the run
+    directory (checked before any weights load)."""
+    text = RECIPE.format(model=tiny_model_dir) + f"data:\n  train: [{corpus_dir}]\n"
     return write(tmp_path / "tiny.yaml", text)
 
 
@@ -485,7 +485,7 @@ def test_models_where_names_the_cache_and_what_is_missing(capsys, tmp_path, monk
 def test_a_recipe_that_is_not_utf8_text_is_one_line(capsys, tmp_path):
     path = tmp_path / "binary.yaml"
     path.write_bytes(b"\xff\xfe name: x\n")
-    want = f"error: {path} <file>: not UTF-8 text (byte 0xff at offset 0); a recipe is a YAML text file"
+    want = f"error: {path}: not UTF-8 text (byte 0xff at offset 0); a recipe is a YAML text file"
     assert bad_input(capsys, "train", path, "--dry-run") == [want]
     assert bad_input(capsys, "recipes", "validate", path) == [want]
     assert bad_input(capsys, "recipes", "show", path) == [f"error: NAME: {path} is not UTF-8 text; a recipe is a YAML text file"]
@@ -524,9 +524,11 @@ def test_eval_and_bench_refuse_an_output_they_cannot_write_before_any_work(capsy
     assert line.startswith("error: --doc: /proc/longext-x.md: cannot write in /proc (")
 
 
-def test_missing_training_texts_are_named_with_the_recipe_line(capsys, tmp_path, tiny_recipe):
+def test_missing_training_texts_are_named_with_the_recipe_line(capsys, tmp_path, tiny_model_dir):
     import re
 
+    text = RECIPE.format(model=tiny_model_dir) + f"data:\n  train: [{tmp_path / 'no-data.txt'}]\n"
+    tiny_recipe = write(tmp_path / "tiny.yaml", text)
     [line] = bad_input(capsys, "train", tiny_recipe, "--out", tmp_path / "run")
     lines = tiny_recipe.read_text().splitlines()
     want = next(i for i, text in enumerate(lines, 1) if text.strip().startswith("train: ["))
