@@ -60,21 +60,21 @@ def _load_target(target: Path, baseline: bool, dtype: torch.dtype) -> Loaded:
     return _load_plain(target, name=target.name, dtype=dtype)
 
 
-def check_target_files(target: Path, baseline: bool = False) -> None:
+def check_target_files(target: Path, baseline: bool = False, field: str = "TARGET") -> None:
     """Every file loading `target` reads, checked before any is loaded (longext.modeldir): a plain model folder, or
     a run's base model (model.path) with its adapter/ or a full fine-tune's model/ weights. All problems at once."""
     from longext.modeldir import adapter_problems, model_problems
 
     if not is_run_dir(target):
-        problems = model_problems(target, "TARGET")
+        problems = model_problems(target, field)
     else:
         recipe = load_run_recipe(target)
         base = Path(expand_path(recipe.model.path))
         problems = model_problems(base, "model.path") if base.is_dir() else []  # a hub name: checked by its download
         if not baseline and recipe.train.full_finetune and (target / "model").is_dir():
-            problems += model_problems(target / "model", "TARGET", tokenizer=False)
+            problems += model_problems(target / "model", field, tokenizer=False)
         elif not baseline and (target / "adapter" / "adapter_config.json").is_file():
-            problems += adapter_problems(target / "adapter", "TARGET")
+            problems += adapter_problems(target / "adapter", field)
     if problems:
         raise Problems(problems)
 

@@ -398,6 +398,29 @@ def test_every_command_has_help(capsys, path):
     code, out, err = run(capsys, *path, "--help")
     assert (code, err) == (0, "")
     assert out.startswith(f"Usage: {' '.join(['longext', *path])} ")
+    # plain metavars (RECIPE, --out DIR), never typer's types or braces: <path>, <int range>, <list[str]>, {RECIPE}
+    assert not re.search(r"<(?:path|str|int|float|bool|int range|float range|list\[\w+\])>|\{[A-Z_]+\}", out), out
+
+
+def test_version(capsys):
+    from longext import __version__
+
+    assert run(capsys, "--version") == (0, f"longext {__version__}\n", "")
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_the_set_example_of_each_help_works_on_that_command(capsys, command, tiny_model_dir, tmp_path):
+    from longext.evaluate.run import EvalRequest
+    from longext.recipe import load_recipe
+
+    _, out, _ = run(capsys, command, "--help")
+    example = re.search(r"e\.g\. -s (\S+)", " ".join(out.split())).group(1)
+    if command == "eval":
+        request = EvalRequest.from_cli(tiny_model_dir, length="256", out=tmp_path / "eval", overrides=[example])
+        assert example == "passkey.trials=3" and request.spec.passkey.trials == 3
+    else:
+        recipe = load_recipe(write(tmp_path / "r.yaml", RECIPE.format(model=tiny_model_dir)), [example])
+        assert example == "train.lr=1e-5" and recipe.train.lr == 1e-5
 
 
 @pytest.mark.parametrize("path", [(), ("recipes",), ("models",)])
