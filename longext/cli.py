@@ -21,7 +21,7 @@ HELP = """Extend the context window of a Llama-family model in one fine-tuning j
 
 \b
   longext train recipes/demo.yaml            validate -> load -> patch RoPE -> LoRA -> DeepSpeed -> run dir
-  longext eval runs/demo --length 16k        perplexity vs length + passkey, JSON/markdown/PNG report
+  longext eval runs/demo --length 16k        perplexity vs length (+ --passkey), JSON/markdown/PNG report
   longext export runs/demo --out models/x    merged model any transformers user can load
 
 Recipes are YAML; `longext recipes list` shows the shipped ones, docs/recipes.md every field.

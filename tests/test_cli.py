@@ -445,6 +445,20 @@ def test_commands_we_document_exist():
     }
 
 
+def test_documented_demo_evals_that_report_passkey_ask_for_it():
+    """The demo recipe leaves passkey off (make demo stays short): a documented `longext eval runs/demo` whose
+    comment promises passkey must pass --passkey."""
+    from longext.recipe import load_recipe
+
+    assert load_recipe(ROOT / "recipes" / "demo.yaml").eval.passkey.enabled is False
+    lines = [line for doc in ("README.md", "docs/eval.md", "docs/cli.md") for line in (ROOT / doc).read_text().splitlines()
+             if line.startswith("longext eval runs/demo")]
+    assert lines
+    for line in lines:
+        command, _, comment = line.partition("#")
+        assert ("passkey" not in comment or "--passkey" in command) and "--no-passkey" not in command, line
+
+
 def test_docs_cli_md_names_every_command_and_visible_option():
     text = (ROOT / "docs" / "cli.md").read_text()
     root = typer.main.get_command(app)
