@@ -57,8 +57,12 @@ def config_problems(folder: Path) -> list[str]:
     problem = _json_problem(path)
     if problem:
         return [problem]
-    auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map") or {}
-    modules = sorted({ref.rsplit(".", 1)[0] for ref in auto_map.values()  # "repo--module.Class" lives elsewhere
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        return [f"{path} is not a JSON object of settings"]
+    auto_map = config.get("auto_map")
+    refs = auto_map.values() if isinstance(auto_map, dict) else ()
+    modules = sorted({ref.rsplit(".", 1)[0] for ref in refs  # "repo--module.Class" lives in another repository
                       if isinstance(ref, str) and "--" not in ref})
     return [f"{folder / (m + '.py')} is missing (config.json's auto_map names it)" for m in modules
             if not (folder / f"{m}.py").is_file()]
@@ -97,6 +101,8 @@ def index_problems(index: Path) -> list[str]:
     """Every shard the index's weight_map names is there and complete."""
     try:
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        if not all(isinstance(name, str) for name in shards):
+            raise TypeError("weight_map values are not file names")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return [f"{index} is not a readable weight index ({type(err).__name__}: {str(err)[:80]})"]
     check = safetensors_problem if index.name == SAFETENSORS_INDEX else torch_bin_problem

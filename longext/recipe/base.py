@@ -75,37 +75,42 @@ def check_yaml_text(text: str) -> None:
     size = len(text.encode("utf-8"))
     if size > MAX_YAML_BYTES:
         line = text.encode("utf-8")[:MAX_YAML_BYTES].count(b"\n") + 1
-        raise YamlLimit(f"{size:,} bytes, over the {MAX_YAML_BYTES:,} a YAML file of longext may have", line)
+        raise YamlLimit(f"{size:,} bytes, over the {MAX_YAML_BYTES:,} a YAML text of longext may have", line)
+    for loader in dict.fromkeys((FastYamlLoader, YamlLoader)):  # the loader that builds it may be either
+        try:
+            return _check_events(yaml.parse(text, Loader=loader))
+        except yaml.YAMLError:
+            continue
+
+
+def _check_events(events) -> None:
     open_nodes: list[list] = []  # per open collection: [nodes below it, height below it, anchor]
     done: dict[str, tuple[int, int]] = {}  # anchor -> (nodes, height) of what it stands for
     expanded = 0
-    try:
-        for event in yaml.parse(text, Loader=FastYamlLoader):
-            if isinstance(event, yaml.CollectionStartEvent):
-                open_nodes.append([1, 0, event.anchor])
-                if len(open_nodes) > MAX_DEPTH:
-                    raise YamlLimit(_too_deep(), event.start_mark.line + 1)
-            elif isinstance(event, yaml.CollectionEndEvent):
-                nodes, height, anchor = open_nodes.pop()
-                _count(open_nodes, done, anchor, nodes, height + 1)
-            elif isinstance(event, yaml.ScalarEvent):
-                _count(open_nodes, done, event.anchor, 1, 1)
-            elif isinstance(event, yaml.AliasEvent):
-                line = event.start_mark.line + 1
-                if event.anchor not in done:
-                    if any(anchor == event.anchor for *_, anchor in open_nodes):
-                        raise YamlLimit(f"alias *{event.anchor} inside the node it refers to (a loop)", line)
-                    continue  # an undefined alias: the loader names it
-                nodes, height = done[event.anchor]
-                expanded += nodes
-                if expanded > MAX_ALIAS_NODES:
-                    raise YamlLimit(f"aliases stand for more than {MAX_ALIAS_NODES:,} nodes in all (an alias bomb?); "
-                                    f"write the values out", line)
-                if len(open_nodes) + height > MAX_DEPTH:
-                    raise YamlLimit(_too_deep(f" with what *{event.anchor} stands for"), line)
-                _count(open_nodes, done, None, nodes, height)
-    except yaml.YAMLError:
-        return
+    for event in events:
+        if isinstance(event, yaml.CollectionStartEvent):
+            open_nodes.append([1, 0, event.anchor])
+            if len(open_nodes) > MAX_DEPTH:
+                raise YamlLimit(_too_deep(), event.start_mark.line + 1)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            nodes, height, anchor = open_nodes.pop()
+            _count(open_nodes, done, anchor, nodes, height + 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            _count(open_nodes, done, event.anchor, 1, 1)
+        elif isinstance(event, yaml.AliasEvent):
+            line = event.start_mark.line + 1
+            if event.anchor not in done:
+                if any(anchor == event.anchor for *_, anchor in open_nodes):
+                    raise YamlLimit(f"alias *{event.anchor} inside the node it refers to (a loop)", line)
+                continue  # an undefined alias: the loader names it
+            nodes, height = done[event.anchor]
+            expanded += nodes
+            if expanded > MAX_ALIAS_NODES:
+                raise YamlLimit(f"aliases stand for more than {MAX_ALIAS_NODES:,} nodes in all (an alias bomb?); "
+                                f"write the values out", line)
+            if len(open_nodes) + height > MAX_DEPTH:
+                raise YamlLimit(_too_deep(f" with what *{event.anchor} stands for"), line)
+            _count(open_nodes, done, None, nodes, height)
 
 
 def _count(open_nodes: list[list], done: dict, anchor: str | None, nodes: int, height: int) -> None:
