@@ -215,6 +215,22 @@ def test_plan_bad_flags_are_one_line_exit_2(capsys, tiny_recipe, argv, start):
     assert code == 2 and err.startswith(start) and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("gpus, message", [
+    (1, "8 needs 8 ranks or a multiple; launch with --gpus 8"),
+    (3, "8 does not divide the 3 ranks of this launch (use --gpus 8 or a sequence_parallel that divides 3)"),
+])
+def test_plan_refuses_a_sequence_parallel_the_gpus_cannot_hold(capsys, monkeypatch, gpus, message):
+    """As train refuses it (launch.preflight: sp.world_problems), instead of planning sp 8 on 1 or 3 GPUs."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # model.path is relative to the checkout
+    code, out, err = run(capsys, "plan", "recipes/llama3-8b-plan.yaml", "--gpus", gpus, "--gpu-memory", "24GB")
+    assert (code, out) == (2, "")
+    assert err == f"error: recipes/llama3-8b-plan.yaml:24 train.sequence_parallel: {message}\n"
+    code, out, _ = run(capsys, "plan", "recipes/llama3-8b-plan.yaml", "--gpus", 8, "--gpu-memory", "80GB", "--json")
+    assert code == 0 and json.loads(out)["fits"] is True and json.loads(out)["setup"]["sequence_parallel"] == 8
+
+
 def test_plan_missing_recipe_is_one_line_exit_2(capsys, tmp_path):
     code, _, err = run(capsys, "plan", tmp_path / "nope.yaml")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no such recipe file" in err
