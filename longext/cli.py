@@ -56,8 +56,9 @@ def _launcher_flags(
 
 
 class Command(typer.core.TyperCommand):
-    """Help with plain metavars: `RECIPE`, `[SUITE]`, `FILES...` (typer writes `{RECIPE}` and appends the argument's
-    type, `<path>`, `<list[Path]>`); every option with a value names its own metavar."""
+    """Help with plain metavars: `RECIPE`, `[SUITE]`, `FILES...`, `--out DIR` (typer writes `{RECIPE}` and the types,
+    `<path>`, `<int range>`, `<list[Path]>`). Options name their metavar; one that does not gets one from its type.
+    Every command of the app uses it (plain_help)."""
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         arguments = [_argument_name(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
@@ -66,6 +67,8 @@ class Command(typer.core.TyperCommand):
     def format_options(self, ctx, formatter) -> None:
         args, opts = [], []
         for param in self.get_params(ctx):
+            if param.param_type_name == "option" and param.metavar is None and not param.is_flag:
+                param.metavar = _type_metavar(param)
             record = param.get_help_record(ctx)
             if record is not None and param.param_type_name == "argument":
                 args.append((_argument_name(param).strip("[]"), record[1]))
@@ -80,6 +83,25 @@ class Command(typer.core.TyperCommand):
 def _argument_name(param) -> str:
     name = (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else "")
     return name if param.required else f"[{name}]"
+
+
+def _type_metavar(param) -> str:
+    desc = param.type_descriptor
+    if desc.is_choice and desc.choices:
+        return "|".join(str(getattr(c, "value", c)) for c in desc.choices)
+    if desc.is_path:
+        return "PATH"
+    kind = desc.ranged_type_name if desc.is_ranged else param.bare_type()
+    return {"int": "N", "float": "X"}.get(kind, "TEXT")
+
+
+def plain_help(typer_app: typer.Typer) -> None:
+    """Every command of `typer_app` and of its sub-apps prints its help through Command."""
+    for info in typer_app.registered_commands:
+        if info.cls in (None, typer.core.TyperCommand):  # typer's default; a command's own class is kept
+            info.cls = Command
+    for group in typer_app.registered_groups:
+        plain_help(group.typer_instance)
 
 
 SetOpt = Annotated[
@@ -100,7 +122,7 @@ def _console(stderr: bool = False):
 
 
 # ----------------------------------------------------------------------------------------- train
-@app.command(cls=Command)
+@app.command()
 def train(
     ctx: typer.Context,
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML, e.g. recipes/demo.yaml.", show_default=False)],
@@ -144,7 +166,7 @@ def train(
 PLAN_DOES_NOT_FIT = 3  # `longext plan ... && longext train ...` stops where train would run out of memory
 
 
-@app.command(cls=Command)
+@app.command()
 def plan(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML, e.g. recipes/llama3-8b-128k.yaml.", show_default=False)],
     overrides: SetOpt = None,
@@ -198,7 +220,7 @@ def plan(
 
 
 # ------------------------------------------------------------------------------------------ eval
-@app.command("eval", cls=Command)
+@app.command("eval")
 def eval_cmd(
     target: Annotated[Path, typer.Argument(metavar="TARGET", help="Run directory, model directory or exported model.", show_default=False)],
     length: Annotated[Optional[str], typer.Option("--length", "-l", metavar="L", help="Longest context to test, e.g. 16k, 128k.")] = None,
@@ -227,7 +249,7 @@ def eval_cmd(
 
 
 # ---------------------------------------------------------------------------------------- export
-@app.command(cls=Command)
+@app.command()
 def export(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory written by `longext train`.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Directory for the merged model.", show_default=False)],
@@ -254,7 +276,7 @@ def export(
 
 
 # --------------------------------------------------------------------------------------- analyze
-@app.command(cls=Command)
+@app.command()
 def analyze(
     base: Annotated[Path, typer.Argument(metavar="BASE", help="The base model (model or run directory).", show_default=False)],
     reference: Annotated[Path, typer.Argument(metavar="REFERENCE", help="A model already extended to long context, same tokenizer.", show_default=False)],
@@ -272,7 +294,7 @@ def analyze(
 
 
 # ----------------------------------------------------------------------------------------- bench
-@app.command(cls=Command)
+@app.command()
 def bench(
     suite: Annotated[str, typer.Argument(metavar="SUITE", help="throughput | toy | smollm2 | longgen | memory | all.")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="Reduced version that finishes in a few minutes.")] = False,
@@ -290,7 +312,7 @@ def bench(
 
 
 # --------------------------------------------------------------------------------------- recipes
-@recipes_app.command("list", cls=Command)
+@recipes_app.command("list")
 def recipes_list() -> None:
     """The shipped recipes with their method, RoPE setting and target length."""
     from longext.catalog import recipe_table
@@ -299,7 +321,7 @@ def recipes_list() -> None:
     console.print(recipe_table(console.width))
 
 
-@recipes_app.command("show", cls=Command)
+@recipes_app.command("show")
 def recipes_show(name: Annotated[str, typer.Argument(metavar="NAME", help="A name from `longext recipes list`, or a path.")]) -> None:
     """Print a shipped recipe, byte for byte (`longext recipes show demo > mine.yaml` is a starting point)."""
     from longext.catalog import find_recipe
@@ -312,7 +334,7 @@ def recipes_show(name: Annotated[str, typer.Argument(metavar="NAME", help="A nam
     sys.stdout.write(text)  # not rich: it would wrap long lines and break the YAML
 
 
-@recipes_app.command("validate", cls=Command)
+@recipes_app.command("validate")
 def recipes_validate(
     files: Annotated[list[Path], typer.Argument(metavar="FILES", help="Recipe files.", show_default=False)],
     overrides: SetOpt = None,
@@ -333,7 +355,7 @@ def recipes_validate(
 
 
 # ---------------------------------------------------------------------------------------- models
-@models_app.command("prepare", cls=Command)
+@models_app.command("prepare")
 def models_prepare(
     what: Annotated[Literal["smollm2", "books", "all"], typer.Argument(metavar="WHAT", help="smollm2 (the SmolLM2-135M model), books (the public-domain books) or all.")] = "all",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when cached.")] = False,
@@ -345,12 +367,15 @@ def models_prepare(
         _console().print(line)
 
 
-@models_app.command("where", cls=Command)
+@models_app.command("where")
 def models_where() -> None:
     """Print the cache folder (LONGEXT_CACHE) and what is prepared in it."""
     from longext.materials import describe_cache
 
     _console().print(describe_cache())
+
+
+plain_help(app)  # after the last command: commands added above get plain metavars too
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Annotated, Literal, Optional
 
 import pytest
 import typer
@@ -400,6 +401,34 @@ def test_every_command_has_help(capsys, path):
     assert out.startswith(f"Usage: {' '.join(['longext', *path])} ")
     # plain metavars (RECIPE, --out DIR), never typer's types or braces: <path>, <int range>, <list[str]>, {RECIPE}
     assert not re.search(r"<(?:path|str|int|float|bool|int range|float range|list\[\w+\])>|\{[A-Z_]+\}", out), out
+
+
+def test_a_command_added_later_gets_plain_metavars_from_its_option_types(capsys):
+    """plain_help covers every command of an app, so a new command's options without a metavar show one from their
+    type (PATH, N, X, TEXT, the choices), not typer's <path>, <int range>."""
+    from longext.cli import plain_help
+
+    extra = typer.Typer(rich_markup_mode=None)  # as longext's app: plain help, no rich panels
+
+    @extra.command()
+    def probe(where: Annotated[Path, typer.Argument(help="A folder.")],
+              out: Annotated[Optional[Path], typer.Option(help="Out.")] = None,
+              steps: Annotated[int, typer.Option(min=1, help="Steps.")] = 1,
+              scale: Annotated[float, typer.Option(help="Scale.")] = 1.0,
+              name: Annotated[str, typer.Option(help="Name.")] = "x",
+              kind: Annotated[Literal["a", "b"], typer.Option(help="Kind.")] = "a") -> None:
+        pass
+
+    @extra.command()
+    def other() -> None:
+        pass
+
+    plain_help(extra)
+    typer.main.get_command(extra).main(["probe", "--help"], prog_name="x", standalone_mode=False)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Usage: x probe [OPTIONS] WHERE " in out
+    for option in ("--out PATH", "--steps N", "--scale X", "--name TEXT", "--kind a|b"):
+        assert option in out, out
 
 
 def test_version(capsys):
