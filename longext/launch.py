@@ -103,7 +103,6 @@ def read_hostfile(path: Path, nproc: int) -> dict[str, int]:
     return {host: slots for host, (slots, _) in hosts.items()}
 
 
-
 def memory_check(resolved, ranks: int) -> list[str]:
     """`longext plan`'s estimate against this machine (GPU memory, or available RAM shared by the ranks): raises
     LongextError (train.memory_check: refuse) or returns the warning (warn) when it does not fit."""

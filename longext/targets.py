@@ -70,7 +70,8 @@ def check_target_files(target: Path, baseline: bool = False, field: str = "TARGE
     else:
         recipe = load_run_recipe(target)
         base = Path(expand_path(recipe.model.path))
-        problems = model_problems(base, "model.path") if base.is_dir() else []  # a hub name: checked by its download
+        field_base = f"model.path (the base model of {target}/recipe.yaml)"  # a hub name is checked by its download
+        problems = model_problems(base, field_base) if base.is_dir() else []
         if not baseline and recipe.train.full_finetune and (target / "model").is_dir():
             problems += model_problems(target / "model", field, tokenizer=False)
         elif not baseline and (target / "adapter" / "adapter_config.json").is_file():

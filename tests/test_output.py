@@ -129,3 +129,20 @@ def test_analyze_prints_one_line(session, tmp_path, tiny_model_dir, corpus_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout + result.stderr == (f"token ranking written to {tmp_path / 'a.json'}  (use it as "
                                              "method.selection.analysis)\n")
+
+
+def test_a_runs_damaged_base_model_is_named_as_the_runs_model_path(session, tmp_path, tiny_model_dir, capsys):
+    import yaml
+
+    base, _ = session
+    run = Path(shutil.copytree(base / "runs" / "narrow", tmp_path / "run"))
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "base"))
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer_config.json").unlink()
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["model"]["path"] = str(model)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    want = (f"error: model.path (the base model of {run}/recipe.yaml): {model} has no tokenizer files (tokenizer.json, "
+            "tokenizer.model, or vocab.json + merges.txt); copy them from the model the weights came from")
+    assert bad_input(capsys, "eval", run, "--baseline") == [want]
+    assert bad_input(capsys, "export", run, "--out", tmp_path / "m") == [want]
