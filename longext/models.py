@@ -8,7 +8,6 @@ work on this model instance only.
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import torch
@@ -45,10 +44,12 @@ def load_model_config(path: str, field_name: str = "model.path"):
     if local.exists():
         if not (local / "config.json").is_file():
             raise LongextError(f"{field_name}: {path} has no config.json (expected a transformers model directory)")
-    elif os.environ.get("HF_HUB_OFFLINE") == "1" or path.startswith((".", "/", "~")):
-        raise LongextError(
-            f"{field_name}: no such model directory: {path!r} (for the offline SmolLM2 run `longext models prepare smollm2`)"
-        )
+    else:
+        from longext.hub import hub_problem
+
+        problem = hub_problem(path, field_name)  # a hub name: cached, or downloadable now; a missing folder
+        if problem:
+            raise LongextError(problem)
     own = is_own_export(local)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=own)
@@ -87,10 +88,15 @@ def attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, field_name: str = "model.path"):
+    """The model's tokenizer, pad = EOS when it has none. Its files were checked (longext.modeldir); what the
+    tokenizer library still refuses is one line naming the folder."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # the tokenizers library raises plain Exception for a file it cannot parse
+        raise LongextError(f"{field_name}: cannot load the tokenizer of {path}: {str(err).strip().splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from longext.errors import LongextError
+from longext.errors import LongextError, Problems
 from longext.files import expand_path
 from longext.models import attn_implementation, is_own_export, load_model_config, load_tokenizer
 from longext.recipe import Recipe
@@ -49,6 +49,7 @@ def load_target(target: Path, *, baseline: bool = False, dtype: torch.dtype | No
 def _load_target(target: Path, baseline: bool, dtype: torch.dtype) -> Loaded:
     if not target.is_dir():
         raise LongextError(f"TARGET: no such directory: {str(target)!r}")
+    check_target_files(target, baseline)
     if is_run_dir(target):
         recipe = load_run_recipe(target)
         if baseline:
@@ -57,6 +58,26 @@ def _load_target(target: Path, baseline: bool, dtype: torch.dtype) -> Loaded:
     if baseline:
         raise LongextError(f"--baseline: {str(target)!r} is not a run directory, so it has no base model to compare with")
     return _load_plain(target, name=target.name, dtype=dtype)
+
+
+def check_target_files(target: Path, baseline: bool = False, field: str = "TARGET") -> None:
+    """Every file loading `target` reads, checked before any is loaded (longext.modeldir): a plain model folder, or
+    a run's base model (model.path) with its adapter/ or a full fine-tune's model/ weights. All problems at once."""
+    from longext.modeldir import adapter_problems, model_problems
+
+    if not is_run_dir(target):
+        problems = model_problems(target, field)
+    else:
+        recipe = load_run_recipe(target)
+        base = Path(expand_path(recipe.model.path))
+        field_base = f"model.path (the base model of {target}/recipe.yaml)"  # a hub name is checked by its download
+        problems = model_problems(base, field_base) if base.is_dir() else []
+        if not baseline and recipe.train.full_finetune and (target / "model").is_dir():
+            problems += model_problems(target / "model", field, tokenizer=False)
+        elif not baseline and (target / "adapter" / "adapter_config.json").is_file():
+            problems += adapter_problems(target / "adapter", field)
+    if problems:
+        raise Problems(problems)
 
 
 def _load_run(run_dir: Path, recipe: Recipe, dtype: torch.dtype) -> Loaded:

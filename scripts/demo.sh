@@ -8,7 +8,9 @@ RUN=runs/demo
 OUT=models/demo-16k
 started=$(date +%s)
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Bold step titles on a terminal (or with FORCE_COLOR); plain text in a redirected log.
+if [[ -t 1 || -n "${FORCE_COLOR:-}" ]]; then bold=$'\033[1m' plain=$'\033[0m'; else bold='' plain=''; fi
+step() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
 
 step "1/4 train: SmolLM2-135M (8k window) -> 16k with YaRN x2 and a short LoRA run at 2k"
 longext train recipes/demo.yaml --set output.overwrite=true

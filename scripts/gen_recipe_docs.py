@@ -23,6 +23,7 @@ from longext.errors import RecipeError  # noqa: E402
 from longext.lengths import ALLOWED as LENGTH_ALLOWED  # noqa: E402
 from longext.lengths import parse_length  # noqa: E402
 from longext.recipe import Recipe, validate_recipe  # noqa: E402
+from longext.recipe.base import MAX_ALIAS_NODES, MAX_DEPTH, MAX_YAML_BYTES  # noqa: E402
 
 EXAMPLE = """\
 name: yarn-tiny-16k                # run name; the run directory defaults to runs/<name>
@@ -38,7 +39,7 @@ data:
   seq_len: 4k
 train:
   steps: 200
-  lr: 2.0e-4                       # write the dot: YAML 1.1 reads 2e-4 as text
+  lr: 2.0e-4                       # 2e-4 works too: longext reads it as a number
   zero_stage: 2
 eval:
   lengths: [4k, 8k, 16k]
@@ -262,9 +263,11 @@ PATHS = """\
   `~/.cache/longext`, where `longext models prepare` puts the offline SmolLM2-135M model and the
   books (`longext models where` prints it). `eval.perplexity.texts` expands `~` only, and
   `output.dir` is used as written.
-- `model.path` is a local model directory (`config.json` + weights + tokenizer). A value that is not
-  an existing directory and does not start with `/`, `.` or `~` is taken as a Hugging Face hub name,
-  which needs the network; with `HF_HUB_OFFLINE=1` it is an error instead.
+- `model.path` is a local model directory (`config.json` + weights + tokenizer; `train`, `eval` and `export`
+  check each part before loading, docs/cli.md). A value of the form `owner/name` that is not an existing
+  directory is taken as a Hugging Face hub name: it is loaded from the hub cache, or downloaded, which needs the
+  network. With `HF_HUB_OFFLINE=1` and no cached copy, or with the hub unreachable, it is one error line at once
+  saying which.
 - `books` in `data.train` or `eval.perplexity.texts` means the offline public-domain books
   (`longext models prepare books`): training uses their train split, evaluation their held-out split.
   Other entries are `.txt` files (one document each), `.jsonl`/`.json`/`.parquet` files (one document
@@ -291,6 +294,21 @@ relative to the `eval:` section (`-s passkey.trials=2`; an `eval.` prefix is acc
 field inside a value that is not a section (`-s train.steps.max=3`) is an error.
 """
 
+YAML_RULES = f"""\
+### The YAML dialect and its limits
+
+- Booleans are `true` and `false` only (YAML 1.2's rule): `yes`, `no`, `on` and `off` are words, so a choice field
+  takes them as written (`train.memory_check: off`). A `true`/`false` field also accepts them.
+- `1e-5` is a number (plain YAML 1.1 wants `1.0e-5` and would read text).
+- A key given twice in one mapping is an error (YAML would keep the last one silently).
+- Anchors and aliases work (`&ladder [4k, 8k]` ... `*ladder`, `<<: *defaults`), within limits checked before anything
+  is built: all aliases of a text together stand for at most {MAX_ALIAS_NODES:,} nodes, nothing nests deeper than
+  {MAX_DEPTH} levels (an alias counts with the depth of what it stands for), and a recipe file is at most
+  {MAX_YAML_BYTES:,} bytes. A hostile file (an "alias bomb" of a few hundred bytes that would expand to billions of
+  strings, a list nested 5000 deep, a 50 MB file) is one error line with its file and line, at once. `--set` values
+  and a run's `recipe.yaml` are read the same way.
+"""
+
 AUTO = """\
 ### `auto` and defaults that depend on the model
 
@@ -304,7 +322,7 @@ AUTO = """\
 
 def render() -> str:
     out = [INTRO, "## Example", "", "```yaml", EXAMPLE.rstrip(), "```", "", "## Writing values", ""]
-    out += lengths_block() + [PATHS] + [OVERRIDES] + [AUTO] + errors_block()
+    out += lengths_block() + [PATHS] + [OVERRIDES] + [YAML_RULES] + [AUTO] + errors_block()
     out += ['<a id="top-level"></a>', "", "## Top level", "", *field_rows("", Recipe), ""]
     seen: set[str] = set()
     for prefix, cls in sections()[1:]:

@@ -133,6 +133,35 @@ def test_cli_bench_reports_an_unknown_suite_with_exit_2(tmp_path, capsys):
     assert "error: SUITE: unknown benchmark suite 'nope'" in capsys.readouterr().err
 
 
+def test_a_page_the_bench_did_not_write_is_never_overwritten(tmp_path, capsys):
+    from longext.cli import main
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("# My notes\n\nnot a bench page\n")
+    assert main(["bench", "toy", "--quick", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+                 "--doc", str(notes)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --doc: {notes} was not written by `longext bench` (no `# Benchmarks` title and `<!-- suite:NAME -->` "
+        "markers); it is never overwritten: give a new file or a bench page\n"
+    )
+    assert notes.read_text() == "# My notes\n\nnot a bench page\n" and not (tmp_path / "results").exists()
+    page = tmp_path / "page.md"
+    page.write_text(report.render({}))  # a page the bench wrote (every suite "not run yet"), and an empty file
+    run.check_page(page)
+    (tmp_path / "empty.md").write_text("")
+    run.check_page(tmp_path / "empty.md")
+
+
+def test_default_outputs_are_the_checkouts_wherever_the_command_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = Path(run.__file__).resolve().parents[2]
+    assert run.checkout_path(run.DOC, "--doc") == root / "docs" / "benchmarks.md"
+    assert run.checkout_path(run.RESULTS, "--results") == root / "bench" / "results"
+    with pytest.raises(LongextError, match=r"^--doc: longext runs from .*, not a source checkout \(no docs/ and bench/ "
+                                           r"there\); give --doc explicitly$"):
+        run.checkout_path(run.DOC, "--doc", root=tmp_path)
+
+
 def test_throughput_quick_is_tiny_at_2k_only():
     cases = suite_cases("throughput", quick=True)
     train = [c for c in cases if c["case"] == "train"]

@@ -14,14 +14,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Annotated, Literal, Optional
 
 import pytest
 import typer
 import yaml
 
 from longext.cli import app, main
-from longext.errors import LongextError
-from longext.launch import launch_command
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = {"torch", "transformers", "deepspeed", "peft", "datasets"}
@@ -69,7 +68,7 @@ def bad_input(capsys, *argv, problems: int = 1) -> list[str]:
 # ---------------------------------------------------------------------------------- recipe input
 def test_missing_recipe_file(capsys, tmp_path):
     path = tmp_path / "nope.yaml"
-    assert bad_input(capsys, "train", path) == [f"error: {path} <file>: no such recipe file"]
+    assert bad_input(capsys, "train", path) == [f"error: {path}: no such recipe file"]
 
 
 def test_yaml_syntax_error_shows_the_line(capsys, tmp_path):
@@ -220,9 +219,10 @@ def test_nproc_relaunches_the_arguments_main_was_given_not_sys_argv(capsys, tmp_
     assert calls == [(argv, 2)]
 
 
-def test_hostfile_that_does_not_exist_is_refused_before_launching():
-    with pytest.raises(LongextError, match=r"--hostfile: no such file: '/no/hostfile'"):
-        launch_command(["train", "r.yaml", "--nproc", "2"], 2, Path("/no/hostfile"), 29500)
+def test_hostfile_that_does_not_exist_is_refused_before_launching(capsys, recipe):
+    assert bad_input(capsys, "train", recipe, "--hostfile", "/no/hostfile") == [
+        "error: --hostfile: no such file: '/no/hostfile'"
+    ]
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -313,9 +313,10 @@ def test_models_prepare_of_an_unknown_material(capsys):
 
 # ----------------------------------------------------------------------------- used run directory
 @pytest.fixture
-def tiny_recipe(tmp_path, tiny_model_dir) -> Path:
-    """Valid against the tiny model; data.train points nowhere so a real run could not get far."""
-    text = RECIPE.format(model=tiny_model_dir) + f"data:\n  train: [{tmp_path / 'no-data.txt'}]\n"
+def tiny_recipe(tmp_path, tiny_model_dir, corpus_dir) -> Path:
+    """Valid against the tiny model and its texts: train's checks before loading pass, so what stops it is the run
+    directory (checked before any weights load)."""
+    text = RECIPE.format(model=tiny_model_dir) + f"data:\n  train: [{corpus_dir}]\n"
     return write(tmp_path / "tiny.yaml", text)
 
 
@@ -398,6 +399,57 @@ def test_every_command_has_help(capsys, path):
     code, out, err = run(capsys, *path, "--help")
     assert (code, err) == (0, "")
     assert out.startswith(f"Usage: {' '.join(['longext', *path])} ")
+    # plain metavars (RECIPE, --out DIR), never typer's types or braces: <path>, <int range>, <list[str]>, {RECIPE}
+    assert not re.search(r"<(?:path|str|int|float|bool|int range|float range|list\[\w+\])>|\{[A-Z_]+\}", out), out
+
+
+def test_a_command_added_later_gets_plain_metavars_from_its_option_types(capsys):
+    """plain_help covers every command of an app, so a new command's options without a metavar show one from their
+    type (PATH, N, X, TEXT, the choices), not typer's <path>, <int range>."""
+    from longext.cli import plain_help
+
+    extra = typer.Typer(rich_markup_mode=None)  # as longext's app: plain help, no rich panels
+
+    @extra.command()
+    def probe(where: Annotated[Path, typer.Argument(help="A folder.")],
+              out: Annotated[Optional[Path], typer.Option(help="Out.")] = None,
+              steps: Annotated[int, typer.Option(min=1, help="Steps.")] = 1,
+              scale: Annotated[float, typer.Option(help="Scale.")] = 1.0,
+              name: Annotated[str, typer.Option(help="Name.")] = "x",
+              kind: Annotated[Literal["a", "b"], typer.Option(help="Kind.")] = "a") -> None:
+        pass
+
+    @extra.command()
+    def other() -> None:
+        pass
+
+    plain_help(extra)
+    typer.main.get_command(extra).main(["probe", "--help"], prog_name="x", standalone_mode=False)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Usage: x probe [OPTIONS] WHERE " in out
+    for option in ("--out PATH", "--steps N", "--scale X", "--name TEXT", "--kind a|b"):
+        assert option in out, out
+
+
+def test_version(capsys):
+    from longext import __version__
+
+    assert run(capsys, "--version") == (0, f"longext {__version__}\n", "")
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_the_set_example_of_each_help_works_on_that_command(capsys, command, tiny_model_dir, tmp_path):
+    from longext.evaluate.run import EvalRequest
+    from longext.recipe import load_recipe
+
+    _, out, _ = run(capsys, command, "--help")
+    example = re.search(r"e\.g\. -s (\S+)", " ".join(out.split())).group(1)
+    if command == "eval":
+        request = EvalRequest.from_cli(tiny_model_dir, length="256", out=tmp_path / "eval", overrides=[example])
+        assert example == "passkey.trials=3" and request.spec.passkey.trials == 3
+    else:
+        recipe = load_recipe(write(tmp_path / "r.yaml", RECIPE.format(model=tiny_model_dir)), [example])
+        assert example == "train.lr=1e-5" and recipe.train.lr == 1e-5
 
 
 @pytest.mark.parametrize("path", [(), ("recipes",), ("models",)])
@@ -420,6 +472,20 @@ def test_commands_we_document_exist():
         ("train",), ("eval",), ("export",), ("recipes", "list"), ("recipes", "show"), ("recipes", "validate"),
         ("models", "prepare"), ("models", "where"),
     }
+
+
+def test_documented_demo_evals_that_report_passkey_ask_for_it():
+    """The demo recipe leaves passkey off (make demo stays short): a documented `longext eval runs/demo` whose
+    comment promises passkey must pass --passkey."""
+    from longext.recipe import load_recipe
+
+    assert load_recipe(ROOT / "recipes" / "demo.yaml").eval.passkey.enabled is False
+    lines = [line for doc in ("README.md", "docs/eval.md", "docs/cli.md") for line in (ROOT / doc).read_text().splitlines()
+             if line.startswith("longext eval runs/demo")]
+    assert lines
+    for line in lines:
+        command, _, comment = line.partition("#")
+        assert ("passkey" not in comment or "--passkey" in command) and "--no-passkey" not in command, line
 
 
 def test_docs_cli_md_names_every_command_and_visible_option():
@@ -485,7 +551,7 @@ def test_models_where_names_the_cache_and_what_is_missing(capsys, tmp_path, monk
 def test_a_recipe_that_is_not_utf8_text_is_one_line(capsys, tmp_path):
     path = tmp_path / "binary.yaml"
     path.write_bytes(b"\xff\xfe name: x\n")
-    want = f"error: {path} <file>: not UTF-8 text (byte 0xff at offset 0); a recipe is a YAML text file"
+    want = f"error: {path}: not UTF-8 text (byte 0xff at offset 0); a recipe is a YAML text file"
     assert bad_input(capsys, "train", path, "--dry-run") == [want]
     assert bad_input(capsys, "recipes", "validate", path) == [want]
     assert bad_input(capsys, "recipes", "show", path) == [f"error: NAME: {path} is not UTF-8 text; a recipe is a YAML text file"]
@@ -524,9 +590,11 @@ def test_eval_and_bench_refuse_an_output_they_cannot_write_before_any_work(capsy
     assert line.startswith("error: --doc: /proc/longext-x.md: cannot write in /proc (")
 
 
-def test_missing_training_texts_are_named_with_the_recipe_line(capsys, tmp_path, tiny_recipe):
+def test_missing_training_texts_are_named_with_the_recipe_line(capsys, tmp_path, tiny_model_dir):
     import re
 
+    text = RECIPE.format(model=tiny_model_dir) + f"data:\n  train: [{tmp_path / 'no-data.txt'}]\n"
+    tiny_recipe = write(tmp_path / "tiny.yaml", text)
     [line] = bad_input(capsys, "train", tiny_recipe, "--out", tmp_path / "run")
     lines = tiny_recipe.read_text().splitlines()
     want = next(i for i, text in enumerate(lines, 1) if text.strip().startswith("train: ["))

@@ -321,9 +321,15 @@ def test_bad_dtype_is_refused_by_the_library_too(trained, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_cli_exports_and_prints_the_difference(trained, tmp_path, capsys):
-    assert main(["export", str(trained("linear")), "--out", str(tmp_path / "m")]) == 0
-    assert "max |Δlogit| vs in-tool model:" in capsys.readouterr().out
+def test_cli_exports_and_prints_the_difference_and_its_bound(trained, tmp_path, capsys):
+    import re
+
+    assert main(["export", str(trained("linear")), "--out", str(tmp_path / "m"), "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out  # the module's training run may print before
+    match = re.search(rf"^exported to {re.escape(str(tmp_path / 'm'))}  \(max \|Δlogit\| vs in-tool model: (\S+), "
+                      r"bound (\S+) for bfloat16\)$", out, flags=re.M)
+    assert match, out
+    assert float(match[1]) < float(match[2]) and float(match[2]) >= 0.25  # bf16: 0.25 x the logit scale (>= 1)
 
 
 @pytest.mark.parametrize(

@@ -323,3 +323,37 @@ def test_exported_modeling_code_reproduces_the_in_tool_model_for_every_family(ar
     assert type(reloaded).__name__ == f"Harpe{type(model).__name__}"
     with torch.no_grad():
         assert (reloaded(tokens(200)).logits - model(tokens(200)).logits).abs().max() < 1e-5
+
+
+TOKENIZER_PROBE = r"""
+import json, sys
+from transformers import AutoTokenizer
+folder, text = sys.argv[1], "Passkey 31415 is hidden in the grass."
+ids = {str(trust): AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)(text)["input_ids"]
+       for trust in (False, True)}
+print(json.dumps(ids))
+"""
+
+
+def test_the_exported_tokenizer_needs_no_custom_code(harpe_run, tmp_path, tiny_model_dir):
+    """The tokenizer files name no custom code (no auto_map), so it loads without trust_remote_code and without
+    transformers' [y/N] question, in a fresh process whose stdin is closed; the model classes keep their auto_map.
+    (A bare AutoTokenizer.from_pretrained(OUT) still reads config.json through AutoConfig first, and a custom
+    AutoConfig makes transformers ask: docs/export.md.)"""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from longext.export import run_export
+
+    out = tmp_path / "model"
+    run_export(harpe_run, out)
+    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
+    assert "AutoModelForCausalLM" in json.loads((out / "config.json").read_text())["auto_map"]
+    result = subprocess.run([sys.executable, "-c", TOKENIZER_PROBE, str(out)], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "trust_remote_code" not in result.stdout + result.stderr and "[y/N]" not in result.stdout
+    want = AutoTokenizer.from_pretrained(tiny_model_dir)("Passkey 31415 is hidden in the grass.")["input_ids"]
+    assert json.loads(result.stdout) == {"False": want, "True": want}

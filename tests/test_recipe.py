@@ -321,7 +321,7 @@ def test_a_recipe_must_be_a_mapping(tmp_path):
 
 
 def test_missing_file_is_one_issue(tmp_path):
-    assert problems(tmp_path / "nope.yaml") == [(None, "<file>", "no such recipe file")]
+    assert problems(tmp_path / "nope.yaml") == [(None, "", "no such recipe file")]
 
 
 # --------------------------------------------------------------------------------- cross checks

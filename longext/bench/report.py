@@ -35,6 +35,11 @@ def _marker(suite: str) -> tuple[str, str]:
 EXTRA = {"smollm2": "smollm2-quick"}
 
 
+def is_bench_page(text: str) -> bool:
+    """The page was written by `longext bench` (its title and a suite marker), so rewriting it loses nothing."""
+    return text.startswith(TITLE) and any(_marker(suite)[0] in text for suite in (*SUITES, *EXTRA.values()))
+
+
 def old_sections(text: str) -> dict[str, str]:
     """The suite sections of a previously rendered page, markers included."""
     out = {}

@@ -28,8 +28,9 @@ from longext.bench.suites import ALLOWED, SUITES, TOY_DIR, suite_cases
 from longext.errors import LongextError
 from longext.files import check_writable, write_atomic, write_json
 
-RESULTS = Path("bench/results")
+RESULTS = Path("bench/results")  # defaults, in the source checkout (checkout_path)
 RUNS = Path("bench-runs")
+DOC = Path("docs/benchmarks.md")
 # Model cases also depend on code the parent runs for them: the passkey documents of their training data.
 MODEL_CASE_CODE = ("longext/bench/retrieval.py",)
 
@@ -164,20 +165,46 @@ def write_doc(results: Path, doc_path: Path, root: Path = ROOT) -> Path:
     return doc_path
 
 
-def run_bench(suite: str, quick: bool = False, force: bool = False, out: Path = RUNS,
-              doc: Path = Path("docs/benchmarks.md"), results: Path = RESULTS) -> Path:
-    """Run `suite` (or all of them) and rewrite `doc`. Returns the doc path."""
+def run_bench(suite: str, quick: bool = False, force: bool = False, out: Path | None = None,
+              doc: Path | None = None, results: Path | None = None) -> Path:
+    """Run `suite` (or all of them) and rewrite `doc`. Returns the doc path. Defaults (None) are the checkout's
+    bench-runs/, docs/benchmarks.md and bench/results/, wherever the command runs."""
     if suite not in ALLOWED:
         raise LongextError(f"SUITE: unknown benchmark suite {suite!r} (allowed: {', '.join(ALLOWED)})")
-    check_writable(Path(out), "--out")
-    check_writable(Path(results), "--results")
-    check_writable(Path(doc), "--doc", folder=False)
+    out, doc, results = (Path(given) if given is not None else checkout_path(default, flag)
+                         for given, default, flag in ((out, RUNS, "--out"), (doc, DOC, "--doc"), (results, RESULTS, "--results")))
+    check_writable(out, "--out")
+    check_writable(results, "--results")
+    check_writable(doc, "--doc", folder=False)
+    check_page(doc)
     for name in SUITES if suite == "all" else (suite,):
         suite_cases(name, quick)  # fail fast (e.g. no toy base) before any case runs
     for name in SUITES if suite == "all" else (suite,):
         run_suite(name, quick, force, Path(results), Path(out))
         write_doc(Path(results), Path(doc))  # after every suite: a later failure keeps what finished
     return Path(doc)
+
+
+def checkout_path(default: Path, flag: str, root: Path = ROOT) -> Path:
+    """`default` (relative) in the source checkout longext runs from: the same page and results from any folder.
+    An installed package has no checkout: the flag must be given."""
+    if not (root / "docs").is_dir() or not (root / "bench").is_dir():
+        raise LongextError(f"{flag}: longext runs from {root}, not a source checkout (no docs/ and bench/ there); "
+                           f"give {flag} explicitly")
+    return root / default
+
+
+def check_page(doc: Path) -> None:
+    """Refuse to overwrite a page the bench did not write (a user's own notes given as --doc)."""
+    from longext.bench.report import is_bench_page
+
+    try:
+        text = doc.read_text(encoding="utf-8") if doc.is_file() else ""
+    except (OSError, UnicodeDecodeError) as err:
+        raise LongextError(f"--doc: cannot read {doc} ({err}); give another file") from None
+    if text.strip() and not is_bench_page(text):
+        raise LongextError(f"--doc: {doc} was not written by `longext bench` (no `# Benchmarks` title and "
+                           f"`<!-- suite:NAME -->` markers); it is never overwritten: give a new file or a bench page")
 
 
 # ----------------------------------------------------------------------------------------- machine

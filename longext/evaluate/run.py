@@ -194,13 +194,13 @@ def run_eval(request: EvalRequest) -> Path:
 
     Returns the report directory.
     """
-    from rich.console import Console
-
+    from longext.console import console
     from longext.evaluate.report import rich_table, write_report
     from longext.models import quiet_libraries
-    from longext.targets import load_target
+    from longext.targets import check_target_files, load_target
 
     quiet_libraries()
+    check_target_files(request.target)  # every model file, before texts or weights load
     documents = load_texts(request) if request.spec.perplexity.enabled else []
     retrieval = request.spec.passkey.enabled or request.spec.niah.enabled
     filler = load_filler(request.spec.filler, request.text_field) if retrieval else None
@@ -215,7 +215,7 @@ def run_eval(request: EvalRequest) -> Path:
 
         check_tasks(list(request.spec.lm_eval.tasks))
     entries, context = [], {}
-    with EvalProgress(Console(stderr=True)) as bar:
+    with EvalProgress(console(stderr=True)) as bar:
         for i, baseline in enumerate((False, True) if request.baseline else (False,)):
             loaded = load_target(request.target, baseline=baseline)
             context = context or {
@@ -230,11 +230,11 @@ def run_eval(request: EvalRequest) -> Path:
             gc.collect()
     results = build_results(request, context, entries, documents)
     report = write_report(request.out, results)
-    Console().print(rich_table(results))
+    console().print(rich_table(results))
     from longext.evaluate.ruler.report import rich_table as ruler_table
 
     if (table := ruler_table(results)) is not None:
-        Console().print(table)
+        console().print(table)
     return report
 
 

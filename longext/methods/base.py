@@ -6,6 +6,7 @@ Where each hook is called:
     resolve        longext.resolve.resolve   the method's own `auto` values, before the RoPE state is computed
     state          longext.resolve.resolve   what rope.json keeps for inference (RopeState.extra), computed once
     parallel_*     longext.sp                the method's limits under sequence parallelism
+    input_problems longext.launch            files the method reads besides data.train, checked before any load
     setup          longext.train             position sampler, model patches, per-batch inputs, extra stages
     eval_hook      longext.targets           a loaded run's inference patches; returns set_length(L)
     serving_state  longext.export            the RoPE state written for the window the export serves
@@ -92,6 +93,10 @@ def no_problems(recipe, sp: int) -> list[str]:
     return []
 
 
+def no_inputs(recipe) -> list[str]:
+    return []
+
+
 def nothing_to_check(config, state) -> str | None:
     return None
 
@@ -106,6 +111,7 @@ class Method:
     state: Callable[[Any, Any], dict] = no_state  # (resolved recipe, config) -> rope.json extra
     training_lengths: Callable[[Any], list[tuple[str, int]]] = training_length  # (recipe) -> [(field, tokens)]
     parallel_problems: Callable[[Any, int], list[str]] = no_problems  # (recipe, sequence_parallel) -> lines
+    input_problems: Callable[[Any], list[str]] = no_inputs  # (resolved recipe) -> lines, one per missing file
     setup: Callable[[Any, Any], MethodSetup] = plain_setup  # (resolved recipe, state) -> MethodSetup
     eval_hook: Callable[[Any, Any], Callable[[int], None]] = no_eval_hook  # (model, state) -> set_length
     serving_state: Callable[[Any, int | None], Any] = trained_window  # (state, --length) -> state to export

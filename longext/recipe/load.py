@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from longext.errors import Issue, RecipeError
-from longext.recipe.base import compose_yaml, load_yaml
+from longext.recipe.base import MAX_YAML_BYTES, YamlLimit, compose_yaml, load_yaml, load_yaml_tree
 from longext.recipe.locate import line_of, to_issue
 from longext.recipe.sections import Recipe
 
@@ -17,26 +17,7 @@ from longext.recipe.sections import Recipe
 def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
     """Read, override (`a.b=value`, value parsed as YAML) and validate a recipe file."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(path, [Issue("<file>", "no such recipe file")])
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise RecipeError(path, [Issue("<file>", f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
-                                               f"{err.start}); a recipe is a YAML text file")]) from None
-    try:
-        raw = load_yaml(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise RecipeError(path, [Issue("<yaml>", problem, mark.line + 1 if mark else None)]) from None
-    duplicates = _duplicate_keys(compose_yaml(text))
-    if duplicates:
-        raise RecipeError(path, duplicates)
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise RecipeError(path, [Issue("<root>", f"a recipe is a mapping of sections (got {type(raw).__name__})", 1)])
+    raw, root, text = read_recipe_file(path)
     issues: list[Issue] = []
     for item in overrides:
         issue = apply_override(raw, item)
@@ -44,11 +25,45 @@ def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
             issues.append(issue)
     if issues:
         raise RecipeError(path, issues)
-    return validate_recipe(raw, path, text, overridden={o.split("=", 1)[0].strip() for o in overrides})
+    return validate_recipe(raw, path, text, overridden={o.split("=", 1)[0].strip() for o in overrides}, root=root)
 
 
-def validate_recipe(raw: dict, path: Path | str, text: str = "", overridden: set[str] = frozenset()) -> Recipe:
-    root = compose_yaml(text)
+def read_recipe_file(path: Path) -> tuple[dict, yaml.Node | None, str]:
+    """(mapping, node tree, text) of a recipe file; RecipeError for a missing, oversized, non-UTF-8 or non-YAML
+    file, a text over the YAML limits, a key given twice or a root that is not a mapping. The size is checked before
+    the file is read."""
+    if not path.is_file():
+        raise RecipeError(path, [Issue("", "no such recipe file")])
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise RecipeError(path, [Issue("", f"{path.stat().st_size:,} bytes, over the {MAX_YAML_BYTES:,} a recipe may "
+                                           f"have (a recipe is a page of settings; long lists belong in data files)")])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(path, [Issue("", f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                                           f"{err.start}); a recipe is a YAML text file")]) from None
+    try:
+        raw, root = load_yaml_tree(text)
+    except YamlLimit as err:
+        raise RecipeError(path, [Issue("<yaml>", err.message, err.line)]) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(path, [Issue("<yaml>", problem, mark.line + 1 if mark else None)]) from None
+    duplicates = _duplicate_keys(root)
+    if duplicates:
+        raise RecipeError(path, duplicates)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(path, [Issue("<root>", f"a recipe is a mapping of sections (got {type(raw).__name__})", 1)])
+    return raw, root, text
+
+
+def validate_recipe(raw: dict, path: Path | str, text: str = "", overridden: set[str] = frozenset(),
+                    root: yaml.Node | None = None) -> Recipe:
+    """The Recipe of a mapping read from `path` (`text`, or its node tree `root`, gives the lines of problems)."""
+    root = root if root is not None else compose_yaml(text)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
@@ -95,6 +110,8 @@ def apply_override(raw: dict, item: str) -> Issue | None:
         return Issue("--set", f"expected a dotted field path such as train.lr (got {key!r})")
     try:
         parsed = load_yaml(value) if value else None
+    except YamlLimit as err:
+        return Issue(key, f"{err.message} [from --set]")
     except yaml.YAMLError:
         parsed = value
     node = raw

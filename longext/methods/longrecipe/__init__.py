@@ -69,7 +69,24 @@ def longrecipe_setup(recipe, state) -> MethodSetup:
     return MethodSetup(build_data=build_longrecipe_data, stage_name="extension", extra_stage=replay, finish=merge)
 
 
+def longrecipe_inputs(recipe) -> list[str]:
+    """The analysis file of the logit_change selection and the replay texts, before anything loads."""
+    from longext.errors import LongextError
+    from longext.materials import resolve_texts
+    from longext.methods.longrecipe.selection import analysis_problem
+
+    m, problems = recipe.method, []
+    if m.selection.mode == "logit_change" and m.selection.analysis is not None:
+        problems += [p for p in [analysis_problem(m.selection.analysis)] if p]
+    if m.replay is not None and m.replay.data and list(m.replay.data) != list(recipe.data.train):  # not twice
+        try:
+            resolve_texts(list(m.replay.data), "train", "method.replay.data")
+        except LongextError as err:
+            problems.append(str(err))
+    return problems
+
+
 METHOD = Method(
     kind="longrecipe", resolve=resolve_longrecipe, state=longrecipe_state, training_lengths=training_lengths,
-    setup=longrecipe_setup,
+    setup=longrecipe_setup, input_problems=longrecipe_inputs,
 )

@@ -67,15 +67,18 @@ def run_analysis(base: Path, reference: Path, texts: list[str], length: int, sam
     from longext.data import load_documents, tokenize_documents
     from longext.methods.longrecipe.selection import token_texts
     from longext.materials import resolve_texts
+    from longext.models import quiet_libraries
     from longext.rundir import is_run_dir
-    from longext.targets import load_target
+    from longext.targets import check_target_files, load_target
     from longext.files import check_writable, write_json
 
+    quiet_libraries()  # no weight-loading bars or deprecation chatter between our lines
     for name, path in (("BASE", base), ("REFERENCE", reference)):  # both, before any weights are loaded
         if not Path(path).is_dir():
             raise LongextError(f"{name}: no such model or run directory: {str(path)!r}")
         if not is_run_dir(Path(path)) and not (Path(path) / "config.json").is_file():
             raise LongextError(f"{name}: {path} is neither a model directory (no config.json) nor a run directory")
+        check_target_files(Path(path), field=name)
     check_writable(out, "--out", folder=False)
     if out.is_file() and not is_analysis_file(out):
         raise LongextError(f"--out: {out} exists and is not a file written by `longext analyze`; choose another path")

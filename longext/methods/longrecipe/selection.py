@@ -86,8 +86,9 @@ def is_analysis_file(path: Path) -> bool:
     return isinstance(report, dict) and report.get("format") == FORMAT
 
 
-def load_impactful(path: str, top_fraction: float, tokenizer_size: int) -> set[int]:
-    """Ids of the top `top_fraction` of the ranked token types (at least one) of an analysis file."""
+def read_analysis(path: str) -> dict:
+    """The ranking file of `longext analyze` at `path` (a recipe path: `~`, `$LONGEXT_CACHE`); LongextError naming
+    method.selection.analysis when it cannot be read or is not one."""
     from longext.files import expand_path
 
     field = "method.selection.analysis"
@@ -97,6 +98,21 @@ def load_impactful(path: str, top_fraction: float, tokenizer_size: int) -> set[i
         raise LongextError(f"{field}: cannot read {path}: {err}") from None
     if not isinstance(report, dict) or report.get("format") != FORMAT:
         raise LongextError(f"{field}: {path} is not a file written by `longext analyze` (format {FORMAT})")
+    return report
+
+
+def analysis_problem(path: str) -> str | None:
+    try:
+        read_analysis(path)
+    except LongextError as err:
+        return str(err)
+    return None
+
+
+def load_impactful(path: str, top_fraction: float, tokenizer_size: int) -> set[int]:
+    """Ids of the top `top_fraction` of the ranked token types (at least one) of an analysis file."""
+    field = "method.selection.analysis"
+    report = read_analysis(path)
     if report["tokenizer_size"] != tokenizer_size:
         raise LongextError(
             f"{field}: {path} was made with a {report['tokenizer_size']}-token tokenizer, this model's has "
