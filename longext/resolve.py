@@ -25,15 +25,21 @@ def resolve(recipe: Recipe) -> Resolved:
 
     from longext.engine import resolve_precision
     from longext.errors import LongextError
+    from longext.families import family_of, lora_targets
     from longext.files import expand_path
     from longext.methods import method_for
-    from longext.models import load_model_config
+    from longext.models import check_attention, load_model_config
     from longext.rope import original_context, rope_state
     from longext.savers import resolve_switches
     from longext.sp import check_parallel
 
     model_dir = expand_path(recipe.model.path)
     config = load_model_config(model_dir)
+    family = family_of(config)
+    if family.refusal(recipe.method.kind):
+        raise LongextError(f"method.kind: {recipe.method.kind} does not apply to {family.label}: "
+                           f"{family.refusal(recipe.method.kind)}")
+    check_attention(recipe.model.attn_implementation, config)
     method = method_for(recipe.method.kind)
     L0 = original_context(config, recipe.model.original_context)
     recipe = method.resolve(recipe, config, L0)  # the method's own `auto`s: LongRecipe's enlarged base, E2-LLM's g_max
@@ -44,14 +50,17 @@ def resolve(recipe: Recipe) -> Resolved:
     seq_len = recipe.data.seq_len if recipe.data.seq_len != "auto" else recipe.method.default_seq_len(L0)
     if seq_len > recipe.method.target_len:
         raise LongextError(f"data.seq_len: {seq_len} is longer than method.target_len {recipe.method.target_len}")
+    lora = recipe.lora
+    if lora.targets == "auto":  # the family's attention projections (Phi-3: its fused qkv_proj)
+        lora = lora.model_copy(update={"targets": lora_targets(config)})
     resolved = recipe.model_copy(update={
-        "rope": rope,
+        "rope": rope, "lora": lora,
         "data": recipe.data.model_copy(update={"seq_len": seq_len}),
         "model": recipe.model.model_copy(update={"original_context": L0}),
         "train": recipe.train.model_copy(update={"precision": resolve_precision(recipe.train.precision)}),
     })
     check_parallel(resolved, config, method)  # heads, lengths and kernel against train.sequence_parallel, no weights
-    resolved = resolved.model_copy(update={"train": resolve_switches(resolved.train, seq_len, config.vocab_size)})
+    resolved = resolved.model_copy(update={"train": resolve_switches(resolved.train, seq_len, config)})
     state = dataclasses.replace(state, extra=method.state(resolved, config))
     return Resolved(resolved, state, config, model_dir)
 

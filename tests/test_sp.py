@@ -489,10 +489,18 @@ def test_auto_switches_follow_the_per_rank_length(tmp_path, tiny_model_dir, corp
     assert kept.tiled_loss is False
     auto = {"tiled_loss": "auto", "tiled_mlp": "auto", "fused_norm": "auto"}
     sp4 = plain.model_copy(update={**auto, "sequence_parallel": 4})
-    long = resolve_switches(sp4, 4 * AUTO_TILED_MLP_TOKENS, 128_256)
+    long = resolve_switches(sp4, 4 * AUTO_TILED_MLP_TOKENS, {"model_type": "llama", "vocab_size": 128_256})
     assert long.tiled_mlp is True and long.tiled_loss is True and long.fused_norm is True
-    short = resolve_switches(plain.model_copy(update=auto), AUTO_TILED_MLP_TOKENS - 1, 1000)
+    short = resolve_switches(plain.model_copy(update=auto), AUTO_TILED_MLP_TOKENS - 1,
+                             {"model_type": "llama", "vocab_size": 1000})
     assert short.tiled_mlp is False and short.tiled_loss is False and short.fused_norm is False
+    # Gemma's RMSNorm is not Llama's: auto leaves the fused norm off, true is refused in one line
+    gemma = resolve_switches(sp4, 4 * AUTO_TILED_MLP_TOKENS, {"model_type": "gemma3_text", "vocab_size": 1000})
+    assert gemma.tiled_mlp is True and gemma.fused_norm is False
+    from longext.errors import LongextError
+
+    with pytest.raises(LongextError, match="train.fused_norm: Gemma 3's RMSNorm"):
+        resolve_switches(sp4.model_copy(update={"fused_norm": True}), 1024, {"model_type": "gemma3_text", "vocab_size": 10})
 
 
 def test_tiled_loss_run_equals_the_plain_run(tmp_path, tiny_model_dir, corpus_dir):

@@ -17,13 +17,13 @@ from longext.recipe.methods import (
     E2LLMMethod, HarpeMethod, LongGenMethod, LongRecipeMethod, MethodSection, MethodSpec, PoseMethod, StandardMethod,
 )
 from longext.recipe.sections import (
-    ROPE_KINDS, DataSpec, DynamicRope, EvalSpec, Llama3Rope, LinearRope, LoraSpec, ModelSpec, NiahSpec, NoRope,
+    ROPE_KINDS, DataSpec, DynamicRope, EvalSpec, Llama3Rope, LinearRope, LoraSpec, ModelSpec, LongRope, NiahSpec, NoRope,
     NtkRope, OutputSpec, PasskeySpec, PerplexitySpec, Recipe, RopeSpec, TrainSpec, YarnRope,
 )
 
 __all__ = [
     "ROPE_KINDS", "Auto", "DataSpec", "DynamicRope", "E2LLMMethod", "EvalSpec", "HarpeMethod", "Length", "Llama3Rope",
-    "LinearRope", "LongGenMethod", "LongRecipeMethod", "LoraSpec", "MethodSection", "MethodSpec", "ModelSpec",
+    "LinearRope", "LongRope", "LongGenMethod", "LongRecipeMethod", "LoraSpec", "MethodSection", "MethodSpec", "ModelSpec",
     "NiahSpec", "NoRope", "NtkRope", "OutputSpec", "PasskeySpec", "PerplexitySpec", "PoseMethod", "Recipe", "RopeSpec",
     "Section", "StandardMethod", "TrainSpec", "YarnRope", "apply_override", "compose_yaml", "cross_checks",
     "dump_recipe", "line_of", "load_recipe", "load_yaml", "located", "to_issue", "validate_recipe",

@@ -86,9 +86,10 @@ def write_longgen_code(folder, family: str, extra: dict) -> dict:
     the folder instead of loading it as an all-full-attention model (which it was not trained as).
     """
     modeling = _modeling()
-    if family != "llama":
-        raise LongextError(f"LongGen export: no modeling code for model type {family!r} (have llama)")
-    keys = remote_code_keys(folder, modeling, modeling.LongGenLlamaConfig, modeling.LongGenLlamaForCausalLM)
+    if family not in modeling.EXPORT_CLASSES:
+        have = ", ".join(modeling.EXPORT_CLASSES)
+        raise LongextError(f"LongGen export: no modeling code for model type {family!r} (have {have})")
+    keys = remote_code_keys(folder, modeling, *modeling.EXPORT_CLASSES[family])
     return {**keys, "longgen": dict(extra["longgen"])}
 
 
