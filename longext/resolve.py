@@ -79,6 +79,7 @@ def describe_resolved(resolved: Resolved) -> str:
         "# resolved recipe",
         dump_recipe(recipe).rstrip(),
         "",
+        *family_notes(resolved),
         "# RoPE state written to the run directory and the exported config",
         json.dumps(resolved.rope.to_json(), indent=2),
         "",
@@ -88,3 +89,22 @@ def describe_resolved(resolved: Resolved) -> str:
         f"# run directory: {recipe.run_dir}",
     ]
     return "\n".join(parts)
+
+
+def family_notes(resolved: Resolved) -> list[str]:
+    """What the model family changes about the run, for --dry-run: which layers' RoPE is extended (Gemma 2/3),
+    what LoRA adapts (MoE: attention, experts optional, never the router)."""
+    from longext.families import family_of, full_layer_count
+
+    config, recipe = resolved.model_config, resolved.recipe
+    family = family_of(config)
+    lines = []
+    if family.layer_types:
+        full, n = full_layer_count(config)
+        lines.append(f"# {family.label}: the RoPE of the {full} full-attention layers (of {n}) is extended; the {n - full} "
+                     f"sliding-window layers (window {config.sliding_window}) keep theirs (rope_parameters.sliding_attention)")
+    if family.moe and not recipe.train.full_finetune:
+        adapted = "attention and every expert (lora.experts: true)" if recipe.lora.experts else \
+            "attention only (lora.experts: false)"
+        lines.append(f"# {family.label}: LoRA on {', '.join(recipe.lora.targets)}: {adapted}; the router is not adapted")
+    return [*lines, ""] if lines else []

@@ -205,6 +205,10 @@ def apply_rope_config(config, state: RopeState) -> None:
     config.max_position_embeddings = state.max_position_embeddings
     if hasattr(config, "original_max_position_embeddings"):  # Phi-3: read over rope_parameters' own value
         config.original_max_position_embeddings = state.original_context
+    if hasattr(config, "head_dim") and config.head_dim is None:
+        # Mixtral's config holds head_dim None, which transformers' yarn / longrope / llama3 functions multiply
+        # (getattr with a default): state the size the attention uses anyway
+        config.head_dim = head_dim(config)
 
 
 def legacy_rope_keys(parameters: dict) -> dict:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from longext.errors import LongextError
-from longext.families import FULL
+from longext.families import FULL, SLIDING, apply_family_rope, family_of
 from longext.rope import rotary_dim
 
 
@@ -71,6 +71,9 @@ def apply_scaled_rotary(model, bases: list[float] | None = None) -> ScaledRotary
     Parameter names do not change: the rotary module holds only non-persistent buffers."""
     owner = _rotary_owner(model)
     if not isinstance(owner.rotary_emb, ScaledRotary):
+        if family_of(owner.config).layer_rope == "longext":  # Gemma 2: a rotary per layer type first (as loaded)
+            params = owner.config.rope_parameters
+            apply_family_rope(model, params if FULL in params else {SLIDING: params, FULL: params})
         owner.rotary_emb = ScaledRotary(owner.rotary_emb, rotary_dim(owner.config))
     if bases is not None:
         owner.rotary_emb.head_bases = [float(b) for b in bases]

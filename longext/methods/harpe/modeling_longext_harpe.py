@@ -28,6 +28,7 @@ from transformers import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention
+from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma_eager_attention
 from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention
 from transformers.models.llama.modeling_llama import LlamaAttention, eager_attention_forward, rotate_half
 from transformers.models.mistral.modeling_mistral import MistralAttention
@@ -95,7 +96,7 @@ def _harpe_attention(self, hidden_states, position_embeddings, attention_mask, p
         key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
     attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, eager_attention_forward
+        self.config._attn_implementation, self.harpe_eager
     )
     attn_output, attn_weights = attention_interface(
         self, query_states, key_states, value_states, attention_mask,
@@ -130,6 +131,8 @@ def _fused_qkv(self, hidden_states):
 
 class _HarpeAttention:
     """Mixin: the HARPE forward over the family's attention module (its projections, norms and arguments)."""
+
+    harpe_eager = staticmethod(eager_attention_forward)  # the family's eager kernel (Gemma's soft-caps the scores)
 
     def _harpe_qkv(self, hidden_states):
         return _split_qkv(self, hidden_states)
@@ -188,11 +191,15 @@ class HarpePhi3Attention(_HarpeAttention, Phi3Attention):
 
 
 class HarpeGemma2Attention(_HarpeAttention, Gemma2Attention):
+    harpe_eager = staticmethod(gemma_eager_attention)
+
     def _harpe_kwargs(self):
         return {"sliding_window": self.sliding_window, "softcap": self.attn_logit_softcapping}
 
 
 class HarpeGemma3Attention(_HarpeAttention, Gemma3Attention):
+    harpe_eager = staticmethod(gemma_eager_attention)
+
     def _harpe_qkv(self, hidden_states):
         return _split_qkv(self, hidden_states, head_norm=True)
 
