@@ -10,6 +10,7 @@ float32 compute (longext/export.py runs them):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +107,8 @@ def verify_export(folder: Path, state: RopeState, merged) -> tuple[float, float]
     from transformers import AutoConfig, AutoModelForCausalLM
 
     method = trained_method(state)
-    remote = method.export_code is not None  # the modeling code written next to the weights
+    # the modeling code written next to the weights (HARPE, LongGen, an extended Gemma 2): auto_map names it
+    remote = "auto_map" in json.loads((Path(folder) / "config.json").read_text())
     config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
     problem = method.reload_check(config, state)
     if problem:

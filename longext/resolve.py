@@ -74,7 +74,7 @@ def describe_resolved(resolved: Resolved) -> str:
     # the trainable count sizes ZeRO's reduce bucket; from the config, as `longext plan` counts it
     s = setup_from_recipe(recipe)
     dims = Dims.from_config(resolved.model_config)
-    trainable = dims.params if s.full else lora_params(dims, s.lora_targets, s.lora_r, s.modules_to_save)
+    trainable = dims.params if s.full else lora_params(dims, s.lora_targets, s.lora_r, s.modules_to_save, s.lora_experts)
     parts = [
         "# resolved recipe",
         dump_recipe(recipe).rstrip(),

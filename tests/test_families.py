@@ -196,7 +196,7 @@ def _stock(model_dir, rope_parameters: dict | None = None, max_positions: int = 
     if rope_parameters is not None:
         config.rope_parameters = rope_parameters
     config.max_position_embeddings = max_positions
-    if config.head_dim is None:  # Mixtral: transformers' yarn multiplies config.head_dim (None) otherwise
+    if getattr(config, "head_dim", 0) is None:  # Mixtral: transformers' yarn multiplies config.head_dim (None) otherwise
         config.head_dim = config.hidden_size // config.num_attention_heads
     attn = "eager" if config.model_type == "gemma2" else "sdpa"
     return AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32,
@@ -330,3 +330,95 @@ def test_first_step_loss_equals_the_stock_model_with_the_method_by_hand(family_r
     got = losses(run)[1]
     want = reference_loss(arch, method, family_dirs[arch], resolved, batch)
     assert math.isfinite(got) and got == pytest.approx(want, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ export
+FRESH_ALL = r"""
+import json, sys
+sys.path.append(sys.argv[1])  # site-packages only: no cwd, no editable finder, no PYTHONPATH
+try:
+    import longext
+except ImportError:
+    pass
+else:
+    raise SystemExit("longext is importable in the fresh process")
+import torch
+from transformers import AutoModelForCausalLM
+folders, ids = json.loads(open(sys.argv[2]).read()), torch.load(sys.argv[3])
+out = {}
+for key, folder in folders.items():
+    try:
+        AutoModelForCausalLM.from_pretrained(folder)
+        refused = None
+    except Exception as err:
+        refused = f"{type(err).__name__}: {err}"
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out[key] = {"refused": refused, "class": type(model).__name__, "logits": model(ids).logits}
+torch.save(out, sys.argv[4])
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(family_runs, tmp_path_factory):
+    """Every family x method run exported (E2-LLM for the window 256), then reloaded in ONE fresh process where
+    longext cannot be imported: {(arch, method): (folder, what the fresh process saw)}."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    from longext.export import run_export
+
+    root = tmp_path_factory.mktemp("family-exports")
+    folders = {}
+    for arch, method in MATRIX:
+        _, run = family_runs(arch, method)
+        folders[f"{arch}-{method}"] = str(run_export(run, root / f"{arch}-{method}",
+                                                     length=TARGET if method == "e2llm" else None).out_dir)
+    (root / "folders.json").write_text(json.dumps(folders))
+    torch.save(tokens(200), root / "ids.pt")
+    (root / "fresh.py").write_text(FRESH_ALL)
+    proc = subprocess.run([sys.executable, "-I", "-S", str(root / "fresh.py"), sysconfig.get_paths()["purelib"],
+                           str(root / "folders.json"), str(root / "ids.pt"), str(root / "got.pt")],
+                          cwd=root, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(root / "got.pt")
+    return {(arch, method): (folders[f"{arch}-{method}"], got[f"{arch}-{method}"]) for arch, method in MATRIX}
+
+
+OWN_CODE = {"harpe": "longext_harpe_", "longgen": "longext_longgen_"}
+
+
+@pytest.mark.parametrize("arch, method", MATRIX)
+def test_export_reloads_in_a_fresh_process_with_the_in_tool_logits(exported, family_runs, arch, method):
+    """Plain transformers in a process without longext reloads the export (its own modeling code for HARPE, LongGen
+    and an extended Gemma 2, which it refuses without trust_remote_code) with the logits of the run as
+    `longext eval` loads it; the config holds the v5 and, where the family has them, the legacy RoPE keys."""
+    from longext.targets import load_target
+
+    folder, fresh = exported[(arch, method)]
+    config = json.loads((folder / "config.json").read_text() if hasattr(folder, "read_text") else
+                        open(f"{folder}/config.json").read())
+    loaded = load_target(family_runs(arch, method)[1], dtype=torch.float32)
+    loaded.set_length(TARGET)
+    with torch.no_grad():
+        want = loaded.model(tokens(200)).logits
+    assert (fresh["logits"] - want).abs().max().item() < 1e-4
+    own = OWN_CODE.get(method) or ("longext_" if arch == "gemma2" else None)
+    if own:  # modeling code next to the weights; transformers alone refuses the folder
+        assert config["model_type"] == own + arch and fresh["refused"] and "trust_remote_code" in fresh["refused"]
+    else:
+        assert config["model_type"] == arch and fresh["refused"] is None
+    params = config["rope_parameters"]
+    if arch == "gemma2" and method != "harpe":  # its own config holds one setting: the sliding-window layers'
+        assert FULL in config["layer_rope_parameters"] and params == config["layer_rope_parameters"][SLIDING]
+    if arch == "gemma3_text":  # Gemma 3's v5 form, and its legacy keys: the full-attention layers' and the local base
+        assert set(params) == {SLIDING, FULL} and params[SLIDING]["rope_theta"] == 1.0e4
+        if method != "harpe":
+            assert config["rope_theta"] == params[FULL]["rope_theta"] and config["rope_local_base_freq"] == 1.0e4
+        if method == "standard":
+            assert config["rope_scaling"]["rope_type"] == "yarn" == params[FULL]["rope_type"]
+    if arch == "phi3":  # PI and YaRN as LongRoPE, the only scaling Phi-3's config takes; its top-level L0
+        assert config["original_max_position_embeddings"] == L0
+        if method in ("standard", "pose", "e2llm"):
+            assert params["rope_type"] == "longrope" and config["rope_scaling"]["type"] == "longrope"

@@ -335,6 +335,20 @@ class _HarpeCausalLM:
         swap_harpe_attention(self.model)
 
 
+def _same_checkpoint_layout(model_type: str, family: str) -> None:
+    """transformers saves some families in the hub's layout (Mixtral's and Qwen3-MoE's experts one tensor per
+    expert) and converts them when it loads its own model types; our model_type gets the family's conversions too."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # a transformers without conversions saves what it loads
+        return
+    mapping = get_checkpoint_conversion_mapping(family)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)
+
+
 def _export_pair(name: str, model_type: str, config_cls, model_cls, layer_typed: bool = False):
     """The exported config and CausalLM classes of one family. Their model_type / architecture names are HARPE's
     own: without trust_remote_code, AutoConfig refuses them instead of loading the weights with the single stock
@@ -346,6 +360,7 @@ def _export_pair(name: str, model_type: str, config_cls, model_cls, layer_typed:
     })
     model = type(f"Harpe{name}ForCausalLM", (_HarpeCausalLM, model_cls),
                  {"__module__": __name__, "config_class": config, "harpe_layer_typed": layer_typed})
+    _same_checkpoint_layout(config.model_type, model_type)
     return config, model
 
 

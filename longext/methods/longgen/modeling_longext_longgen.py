@@ -797,6 +797,20 @@ class _LongGenCausalLM:
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
 
+def _same_checkpoint_layout(model_type: str, family: str) -> None:
+    """transformers saves some families in the hub's layout (Mixtral's and Qwen3-MoE's experts one tensor per
+    expert) and converts them when it loads its own model types; our model_type gets the family's conversions too."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # a transformers without conversions saves what it loads
+        return
+    mapping = get_checkpoint_conversion_mapping(family)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)
+
+
 def _export_pair(name: str, model_type: str, config_cls, model_cls):
     """The exported config and CausalLM classes of one family. Their model_type is LongGen's own, so that
     transformers without trust_remote_code refuses the folder instead of loading it as all-full attention."""
@@ -806,6 +820,7 @@ def _export_pair(name: str, model_type: str, config_cls, model_cls):
     })
     model = type(f"LongGen{name}ForCausalLM", (_LongGenCausalLM, model_cls),
                  {"__module__": __name__, "config_class": config})
+    _same_checkpoint_layout(config.model_type, model_type)
     return config, model
 
 
