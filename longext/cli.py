@@ -229,12 +229,13 @@ def bench(
     out: Annotated[Path, typer.Option("--out", help="Folder for the cases' run directories and logs (not committed).")] = Path("bench-runs"),
     doc: Annotated[Path, typer.Option("--doc", help="Markdown file the tables are written to.")] = Path("docs/benchmarks.md"),
     results: Annotated[Path, typer.Option("--results", help="Folder of the result JSONs, one per case, committed with the code.")] = Path("bench/results"),
+    only: Annotated[Optional[list[str]], typer.Option("--only", metavar="PATTERN", help="Run only the cases whose name matches this glob, e.g. 'mem-tiny-moe-*' (repeatable); the others keep their stored results.")] = None,
 ) -> None:
     """Run a benchmark suite's cases whose stored result is not current (the code they run changed, or their
     settings), then rewrite the benchmarks page with tables and plots."""
     from longext.bench.run import run_bench
 
-    page = run_bench(suite, quick=quick, force=force, out=out, doc=doc, results=results)
+    page = run_bench(suite, quick=quick, force=force, out=out, doc=doc, results=results, only=only)
     _console().print(f"benchmarks written to {page}")
 
 

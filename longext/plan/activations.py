@@ -20,7 +20,7 @@ def activation_terms(dims: Dims, s: Setup) -> list[Term]:
     a, gpu, n, T = element_bytes(s), s.device == "cuda", dims.layers, device_tokens(s)
     d, V = dims.hidden, dims.vocab
     per_layer = sum(b for _, b, _ in _attention_saved(dims, s) + _mlp_saved(dims, s))
-    attn_sq = _eager_probs(dims, s)
+    attn_sq = _eager_probs(dims, s) + expert_weights_with_lora(dims, s)  # per layer, whatever the length
     full_layer = T * per_layer + attn_sq
     if s.gradient_checkpointing and s.checkpoint_offload and gpu:  # save_on_cpu wraps the whole forward
         out = [Term("kept activations", 0, "layer inputs and final norm input offloaded to CPU")]
@@ -30,7 +30,7 @@ def activation_terms(dims: Dims, s: Setup) -> list[Term]:
     else:
         # the final norm keeps its input (4d); layer 0's norm keeps none unless the embedding trains (its input
         # does not require grad): the two cancel for LoRA
-        eager = f" + eager scores {attn_sq:,} B/layer" if attn_sq else ""
+        eager = f" + eager scores / expert weights {attn_sq:,} B/layer" if attn_sq else ""
         out = [Term("kept activations", n * full_layer + (T * 4 * d if s.full else 0),
                     f"{n} layers x T={T:,} x {per_layer:,} B/token{eager}")]
     backward = layer_backward(dims, s)
@@ -143,6 +143,14 @@ def _moe_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
     return out
 
 
+def expert_weights_with_lora(dims: Dims, s: Setup) -> int:
+    """LoRA on the experts (peft 0.21's ParamWrapper) folds each LoRA delta into its expert weight in the forward and
+    the grouped matmul keeps that new [experts, out, in] tensor for backward: a copy of the layer's expert weights."""
+    if not (dims.moe and s.lora_experts and not s.full):
+        return 0
+    return dims.experts * dims.expert_params * element_bytes(s)
+
+
 def _eager_probs(dims: Dims, s: Setup) -> int:
     """Eager attention keeps the [H, T, L] softmax per layer (fp32, plus its cast to bf16): O(L^2); with soft-capped
     scores (Gemma 2) also the tanh output."""
@@ -211,6 +219,9 @@ def backward_moments(dims: Dims, s: Setup) -> dict[str, list[Term]]:
     # the peak is the product's backward (3 saved + 3 gradient [T, i] tensors); down_proj's saved input is freed
     # with down_proj's backward, which runs before it
     saved_mlp = per_token([p for p in _mlp_saved(dims, s) if p[0] != DOWN_IN])
+    if expert_weights_with_lora(dims, s):
+        saved_mlp.append(Term("experts' weights with their LoRA folded in (peft)", expert_weights_with_lora(dims, s),
+                              "E x 3 d i x a"))
     held = sum(t.bytes for t in saved_attn)
     mlp = (reload + [Term("attention block's saved tensors (as above)", held, "sum of the attention parts")]
            + saved_mlp if ckpt else []) + grads_mlp

@@ -22,7 +22,8 @@ def estimate(dims: Dims, s: Setup, budget: int | None = None) -> Estimate:
     terms.append(Term("fixed overhead", GPU_FIXED if gpu else CPU_BASELINE,
                       "CUDA context, cuBLAS/NCCL workspaces (stated)" if gpu else "CPU process baseline (measured)"))
     flops, flops_terms = step_flops(dims, s, trainable)
-    return Estimate(terms, sum(t.bytes for t in terms), budget, s, flops, flops_terms, dims.params, trainable)
+    return Estimate(terms, sum(t.bytes for t in terms), budget, s, flops, flops_terms, dims.params, trainable,
+                    active=dims.matmul_params, breakdown=dims.breakdown(), model=dims.describe())
 
 
 def _weight_terms(dims: Dims, s: Setup, trainable: int) -> list[Term]:

@@ -37,14 +37,17 @@ class Dims:
     sliding_window: int | None = None
     attn_softcap: float | None = None  # Gemma 2: tanh soft-capping of the attention scores
     final_softcap: float | None = None  # Gemma 2: of the logits
+    fusable_norm: bool = True  # longext's fused RMSNorm computes this family's norm (not Gemma's, OLMo 2's)
+    label: str = ""  # the family's name (longext.families)
 
     @classmethod
     def from_config(cls, config) -> "Dims":
-        from longext.families import family_of
+        from longext.families import FAMILIES, family_of
 
         get = config.get if isinstance(config, dict) else lambda k, default=None: getattr(config, k, default)
         heads = get("num_attention_heads")
-        model_type = family_of(config).model_type if get("model_type") else "llama"
+        family = family_of(config) if get("model_type") else FAMILIES["llama"]
+        model_type = family.model_type
         layers = get("num_hidden_layers")
         experts = get("num_local_experts") or get("num_experts") or 0
         moe_layers = _moe_layers(get, layers) if experts else 0
@@ -62,7 +65,8 @@ class Dims:
                    experts=experts, active_experts=get("num_experts_per_tok") or 0 if experts else 0,
                    expert_intermediate=(get("moe_intermediate_size") or get("intermediate_size")) if experts else 0,
                    moe_layers=moe_layers, sliding_layers=sliding if window else 0, sliding_window=window if sliding else None,
-                   attn_softcap=get("attn_logit_softcapping"), final_softcap=get("final_logit_softcapping"))
+                   attn_softcap=get("attn_logit_softcapping"), final_softcap=get("final_logit_softcapping"),
+                   fusable_norm=family.fused_norm, label=family.label)
 
     @property
     def moe(self) -> bool:
@@ -156,6 +160,23 @@ class Dims:
         attn = sum(a * b for a, b in self.attention_shapes().values())
         moe = self.router_params + self.active_experts * self.expert_params
         return self.layers * attn + self.dense_layers * self.mlp_params + self.moe_layers * moe + self.embed_params
+
+    def describe(self) -> str:
+        """The shapes that set this model apart, in words (for `longext plan`)."""
+        parts = [f"{self.label or 'model'}: {self.layers} layers, hidden {self.hidden}, {self.heads} heads / "
+                 f"{self.kv_heads} kv heads x {self.head_dim}"]
+        if self.moe:
+            dense = f", {self.dense_layers} dense" if self.dense_layers else ""
+            parts.append(f"{self.experts} experts (top {self.active_experts}, intermediate {self.expert_intermediate}) "
+                         f"in {self.moe_layers} layers{dense}")
+        if self.fused_qkv or self.fused_gate_up:
+            parts.append("fused qkv_proj and gate_up_proj")
+        if self.sliding_layers:
+            parts.append(f"{self.sliding_layers} sliding-window layers (window {self.sliding_window})")
+        if self.attn_softcap or self.final_softcap:
+            caps = [f"{n} {v:g}" for n, v in (("scores", self.attn_softcap), ("logits", self.final_softcap)) if v]
+            parts.append(f"soft-capped {', '.join(caps)}")
+        return "; ".join(parts)
 
     def breakdown(self) -> list[tuple[str, int]]:
         """(part, parameters) of the whole model, for `longext plan`."""
@@ -260,6 +281,7 @@ def resolve_auto(dims: Dims, s: Setup) -> Setup:
     from longext.savers import auto_savers
 
     rules = auto_savers(s.micro_batch * s.seq_len // s.sequence_parallel, s.sequence_parallel, dims.vocab)
+    rules["fused_norm"] = rules["fused_norm"] and dims.fusable_norm
     return replace(s, **{k: v for k, v in rules.items() if getattr(s, k) == "auto"})
 
 
@@ -282,6 +304,9 @@ class Estimate:
     params: int
     trainable: int
     notes: list[str] = field(default_factory=list)
+    active: int = 0  # parameters a token multiplies with (all but the idle experts and the embedding lookup)
+    breakdown: list[tuple[str, int]] = field(default_factory=list)  # (part, parameters): attention, experts, ...
+    model: str = ""  # the model's shapes in words (experts, fused projections, sliding windows, soft-capping)
 
     @property
     def fits(self) -> bool | None:
@@ -291,7 +316,8 @@ class Estimate:
         return {"total_bytes": self.total, "budget_bytes": self.budget, "fits": self.fits,
                 "terms": [asdict(t) for t in self.terms], "setup": asdict(self.setup), "params": self.params,
                 "trainable_params": self.trainable, "flops_per_step": self.flops_per_step,
-                "flops_terms": self.flops_terms, "notes": self.notes}
+                "flops_terms": self.flops_terms, "notes": self.notes, "active_params": self.active,
+                "breakdown": dict(self.breakdown), "model": self.model}
 
 
 def element_bytes(s: Setup) -> int:
