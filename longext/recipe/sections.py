@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from longext.recipe.base import Auto, Length, Section
 from longext.recipe.methods import MethodSpec
@@ -84,13 +84,21 @@ class LongRope(_RopeBase):
 
     kind: Literal["longrope"]
     factor: float | Auto = Field("auto", description="Scale s (sets the default attention factor). auto = target/L0.")
-    long_factor: list[Annotated[float, Field(gt=0)]] | Annotated[float, Field(gt=0)] | Auto = Field(
+    long_factor: list[float] | float | Auto = Field(
         "auto", description="Divisor per rotary pair past L0: a list (one per pair, head_dim/2 of them), one number for "
         "every pair (= PI), or auto = YaRN's per-pair divisors for s (NTK-by-parts ramp, beta_fast 32, beta_slow 1).")
-    short_factor: list[Annotated[float, Field(gt=0)]] | Annotated[float, Field(gt=0)] = Field(
+    short_factor: list[float] | float = Field(
         1.0, description="Divisor per rotary pair within L0 (a list or one number); 1.0 = the base model unchanged.")
     attention_factor: float | None = Field(
         None, gt=0, description="cos/sin multiplier past L0. Default sqrt(1 + ln(s) / ln(L0)) (transformers' rule).")
+
+    @field_validator("long_factor", "short_factor")
+    @classmethod
+    def _positive(cls, value):
+        values = value if isinstance(value, list) else [value]
+        if value != "auto" and any(v <= 0 for v in values):
+            raise ValueError("every factor is a divisor > 0")
+        return value
 
 
 RopeSpec = Annotated[
@@ -106,7 +114,7 @@ class LoraSpec(Section):
     r: int = Field(8, ge=1, description="Rank.")
     alpha: float = Field(16.0, gt=0, description="Scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    targets: Annotated[list[str], Field(min_length=1)] | Auto = Field(
+    targets: list[str] | Auto = Field(
         "auto",
         description="Module names that get adapters. auto = the model family's attention projections: q_proj, "
         "k_proj, v_proj, o_proj (Llama, Mistral, Qwen, Gemma, OLMo 2, Mixtral, Qwen3-MoE); qkv_proj, o_proj (Phi-3).",
@@ -116,6 +124,13 @@ class LoraSpec(Section):
         description="Mixture-of-experts models: also adapt every expert's weights (gate_up_proj, down_proj; peft "
         "target_parameters, needs dropout 0). Off: attention-only LoRA. The router is never adapted.",
     )
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, value):
+        if value != "auto" and not value:
+            raise ValueError("name at least one module, or auto")
+        return value
     modules_to_save: list[str] = Field(
         default_factory=list,
         description="Modules trained in full and saved with the adapter, e.g. [embed_tokens, norm] (LongLoRA).",
