@@ -36,11 +36,11 @@ def resolve(recipe: Recipe) -> Resolved:
     model_dir = expand_path(recipe.model.path)
     config = load_model_config(model_dir)
     family = family_of(config)
-    if family.refusal(recipe.method.kind):
-        raise LongextError(f"method.kind: {recipe.method.kind} does not apply to {family.label}: "
-                           f"{family.refusal(recipe.method.kind)}")
-    check_attention(recipe.model.attn_implementation, config)
     method = method_for(recipe.method.kind)
+    problem = method.family_problem(family)
+    if problem:
+        raise LongextError(f"method.kind: {recipe.method.kind} does not apply to {family.label}: {problem}")
+    check_attention(recipe.model.attn_implementation, config)
     L0 = original_context(config, recipe.model.original_context)
     recipe = method.resolve(recipe, config, L0)  # the method's own `auto`s: LongRecipe's enlarged base, E2-LLM's g_max
     state = rope_state(recipe, config)

@@ -403,21 +403,24 @@ def test_tiled_mlp_equals_the_plain_mlp(tiny_tokenizer):
         torch.testing.assert_close(tiled_grads[name], grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_norm_equals_transformers_rmsnorm(family, dtype, monkeypatch):
-    """RMSNormFunction against the family's own module under autograd: the same output bit for bit, and the same
-    input and weight gradients (row chunks of 7 here, the last one ragged)."""
+    """RMSNormFunction against the family's own module under autograd (every family whose record says its norm is
+    Llama's, longext.families): the same output bit for bit, and the same input and weight gradients (row chunks
+    of 7 here, the last one ragged)."""
     import importlib
 
     import torch
 
     from longext import savers
+    from longext.families import FAMILIES
 
+    assert FAMILIES[family].fused_norm and FAMILIES[family].norm in savers.FUSED_NORM_CLASSES
     monkeypatch.setattr(savers, "NORM_CHUNK_ELEMENTS", 7 * 48)
     dt = getattr(torch, dtype)
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-    norm = getattr(module, f"{family.capitalize()}RMSNorm")(48, eps=1e-5).to(dt)
+    norm = getattr(module, FAMILIES[family].norm)(48, eps=1e-5).to(dt)
     with torch.no_grad():
         norm.weight.normal_(1, 0.1, generator=torch.Generator().manual_seed(0))
     x = (torch.randn(2, 45, 48, generator=torch.Generator().manual_seed(1)) * 3).to(dt)

@@ -15,25 +15,22 @@ one record per transformers `model_type` (torch-free, so the schema, `plan` and 
     sdpa            False when transformers refuses SDPA for the family (Gemma 2's soft-capped attention scores):
                     `auto` then means eager on CPU
     rope_types      the rope_type values the family's config accepts (Phi-3: default and longrope only)
-    refuses         method kind -> why the method does not apply to the family (one line)
+
+Whether a method applies to a family is the method's to say (its `family_problem` hook, longext.methods.base):
+LongGen refuses the families with layer types.
 
 Adding a family: a record below; its HARPE attention and export classes in
 longext/methods/harpe/modeling_longext_harpe.py; its LongGen export classes in
-longext/methods/longgen/modeling_longext_longgen.py (or a refusal here); tests/test_families.py builds a tiny model
-of it from tests/conftest.tiny_config and compares with stock transformers.
+longext/methods/longgen/modeling_longext_longgen.py (or a refusal in that method's family_problem); tests/test_families.py
+builds a tiny model of it from tests/conftest.tiny_config and compares with stock transformers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 MOE_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")  # transformers 5: [experts, out, in] parameters
-LONGGEN_ON_GEMMA = (
-    "{label} already interleaves sliding-window (local) and full-attention layers, the hybrid LongGen builds; "
-    "making its full-attention layers sparse too would leave it no global layer to extend. Extend the "
-    "full-attention layers' RoPE instead (method.kind standard, pose, e2llm, harpe or longrecipe)"
-)
 
 
 @dataclass(frozen=True)
@@ -49,15 +46,10 @@ class Family:
     layer_rope: str | None = None  # "stock" | "longext" when layer_types
     sdpa: bool = True
     rope_types: tuple[str, ...] | None = None  # None: every rope_type transformers knows
-    refuses: dict[str, str] = field(default_factory=dict)
 
     @property
     def moe(self) -> bool:
         return bool(self.experts)
-
-    def refusal(self, method_kind: str) -> str | None:
-        reason = self.refuses.get(method_kind)
-        return reason.format(label=self.label) if reason else None
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -66,9 +58,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen2", "Qwen2", "Qwen2RMSNorm"),
     Family("qwen3", "Qwen3", "Qwen3RMSNorm"),
     Family("gemma2", "Gemma 2", "Gemma2RMSNorm", fused_norm=False, layer_types=True, layer_rope="longext",
-           sdpa=False, refuses={"longgen": LONGGEN_ON_GEMMA}),
-    Family("gemma3_text", "Gemma 3", "Gemma3RMSNorm", fused_norm=False, layer_types=True, layer_rope="stock",
-           refuses={"longgen": LONGGEN_ON_GEMMA}),
+           sdpa=False),
+    Family("gemma3_text", "Gemma 3", "Gemma3RMSNorm", fused_norm=False, layer_types=True, layer_rope="stock"),
     Family("phi3", "Phi-3", "Phi3RMSNorm", attention=("qkv_proj", "o_proj"), rope_types=("default", "longrope")),
     Family("olmo2", "OLMo 2", "Olmo2RMSNorm", fused_norm=False),
     Family("mixtral", "Mixtral", "MixtralRMSNorm", experts=MOE_EXPERTS, router="gate"),

@@ -1,5 +1,5 @@
 """Gemma 2 with one RoPE setting per layer type: its full-attention layers extended, its sliding-window layers as
-they were (longext.families).
+they were (longext's docs/models.md).
 
 Gemma 3 holds `rope_parameters` per layer type and its rotary module is called once per type; Gemma 2 has one
 setting and one cos/sin for every layer. Here, on one model instance, `install_layer_rope` puts a rotary module per
@@ -27,7 +27,7 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 class LayerTypeRotary(nn.Module):
-    """cos/sin per layer type; `layer_types` marks it as typed for longext.rotary.ScaledRotary."""
+    """cos/sin per layer type; `layer_types` marks it as typed for longext's scaled rotary."""
 
     def __init__(self, config, parameters: dict):
         super().__init__()

@@ -116,7 +116,7 @@ def _mlp_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
     if mlp_tile_count(dims, s) > 1:
         return out + [("TiledMLP input", a * d, "a d")]
     if dims.moe:
-        return out + _moe_saved(dims, s)
+        return out + moe_saved(dims, s)
     out.append(("gate, SiLU(gate), up", 3 * a * i, "3 a i"))
     if used["mlp_in"]:
         out.append(("gate/up input (norm output)", a * d, "a d"))
@@ -128,7 +128,7 @@ def _mlp_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
     return out
 
 
-def _moe_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
+def moe_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
     """What a mixture-of-experts block (transformers 5's grouped experts) saves per token, with frozen experts:
     the router's fp32 probabilities and top-k picks, and for each of the k token-expert pairs the expert's gate and
     up halves and its activation (3 a i), its output and fp32 routing weight (the weights' gradient needs them) and

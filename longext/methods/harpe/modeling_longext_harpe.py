@@ -10,7 +10,7 @@ longext installed. longext imports the same file for training and evaluation, so
 exported model share one attention forward. Nothing here modifies a transformers class or module:
 the HARPE models swap their own attention modules and rotary module, per instance.
 
-Families (longext.families): each has a HARPE attention subclass that computes q, k, v as the family does (Phi-3's
+Families (longext's docs/models.md): each has a HARPE attention subclass that computes q, k, v as the family does (Phi-3's
 fused qkv_proj, the q/k norms of Qwen3, Gemma 3 and OLMo 2, Gemma 2's soft-capped scores) and rotates them per
 head. Gemma 2/3 get the bases on their full-attention layers only; the sliding-window layers keep their own RoPE.
 """
@@ -164,9 +164,12 @@ class HarpeQwen2Attention(_HarpeAttention, Qwen2Attention):
         return {"sliding_window": self.sliding_window}
 
 
-class HarpeQwen3Attention(HarpeQwen2Attention, Qwen3Attention):
+class HarpeQwen3Attention(_HarpeAttention, Qwen3Attention):
     def _harpe_qkv(self, hidden_states):
         return _split_qkv(self, hidden_states, head_norm=True)
+
+    def _harpe_kwargs(self):
+        return {"sliding_window": self.sliding_window}
 
 
 class HarpeQwen3MoeAttention(_HarpeAttention, Qwen3MoeAttention):

@@ -101,6 +101,15 @@ def reload_check(config, state) -> str | None:
     return None
 
 
+def family_problem(family) -> str | None:
+    """Gemma 2/3 are already the hybrid LongGen builds: local (sliding-window) layers and a few global ones."""
+    if family.layer_types:
+        return (f"{family.label} already interleaves sliding-window (local) and full-attention layers, the hybrid "
+                f"LongGen builds; making its full-attention layers sparse too would leave it no global layer to extend. "
+                f"Extend the full-attention layers' RoPE instead (method.kind standard, pose, e2llm, harpe or longrecipe)")
+    return None
+
+
 def parallel_problems(recipe, sp: int) -> list[str]:
     """block_sparse shifted per head cannot be split over the heads of sequence-parallel ranks."""
     sparse = recipe.method.sparse
@@ -115,4 +124,5 @@ def parallel_problems(recipe, sp: int) -> list[str]:
 METHOD = Method(
     kind="longgen", state=longgen_state, parallel_problems=parallel_problems, setup=longgen_setup,
     eval_hook=eval_hook, export_code=write_longgen_code, reload_check=reload_check, own_attention=True,
+    family_problem=family_problem,
 )

@@ -835,7 +835,7 @@ LongGenQwen3MoeConfig, LongGenQwen3MoeForCausalLM = _export_pair("Qwen3Moe", "qw
                                                                  Qwen3MoeForCausalLM)
 
 # family model_type -> (config class, CausalLM class): what `longext export` names in auto_map (Gemma 2/3: LongGen
-# does not apply, longext.families)
+# does not apply, see longext's docs/models.md)
 EXPORT_CLASSES = {
     "llama": (LongGenLlamaConfig, LongGenLlamaForCausalLM),
     "mistral": (LongGenMistralConfig, LongGenMistralForCausalLM),
