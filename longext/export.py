@@ -32,9 +32,11 @@ from longext.export_check import (
     FP32_RTOL, Probe, build_probes, check_diff, max_abs_diff, probe_logits, result_bound, verify_export,
 )
 from longext.files import check_writable, expand_path, publish_folder, staging_folder
+from longext.families import SLIDING, family_of
 from longext.methods import trained_method
-from longext.models import load_model_config, quiet_libraries
-from longext.rope import RopeState, legacy_rope_keys
+from longext.methods.base import remote_code_keys
+from longext.models import load_model_config, quiet_libraries, reference_attention
+from longext.rope import RopeState, is_layered, legacy_rope_keys, rotary_dim, stated_for
 from longext.rundir import is_run_dir, load_run_recipe
 from longext.targets import check_target_files, load_target
 
@@ -84,6 +86,8 @@ def run_export(run: Path, out: Path, force: bool = False, dtype: str = "auto", l
     check_export_args(run, out, force, dtype)
     trained = RopeState.from_json(json.loads((run / "rope.json").read_text()))
     state = trained_method(trained).serving_state(trained, length)  # E2-LLM: PI for the window asked for
+    base_config = load_model_config(expand_path(load_run_recipe(run).model.path))
+    state = stated_for(state, family_of(base_config), rotary_dim(base_config))  # Phi-3: PI as longrope
     quiet_libraries()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # save_pretrained imports deepspeed, which warns without it
@@ -150,7 +154,8 @@ def merge_run(run: Path, state: RopeState, dtype: str) -> Merged:
     base = expand_path(recipe.model.path)
     save_dtype = resolve_dtype(dtype, base)
     if not trained_method(state).own_attention:  # LongGen's registered function already sends full layers to SDPA
-        (in_tool if full else in_tool.get_base_model()).set_attn_implementation("sdpa")  # as the reloaded side
+        kernel = reference_attention(in_tool.config)  # as the reloaded side (eager for Gemma 2)
+        (in_tool if full else in_tool.get_base_model()).set_attn_implementation(kernel)
     probes = build_probes(in_tool.config.vocab_size, state, sum(p.numel() for p in in_tool.parameters()))
     reference = probe_logits(in_tool, probes)
     scale = max(float(r.abs().max()) for r in reference)
@@ -217,26 +222,35 @@ def write_export(merged: Merged, folder: Path, state: RopeState) -> None:
     AutoTokenizer.from_pretrained(merged.base).save_pretrained(folder)
     path = folder / "config.json"
     config = json.loads(path.read_text())
-    config.update(export_config_keys(state))
+    family = family_of(config)
+    config.update(export_config_keys(state, config))
     config["dtype"] = merged.dtype
     config["longext"] = merged.longext
     method = trained_method(state)
     if method.export_code:  # HARPE, LongGen: their modeling code next to the weights, wired through auto_map
-        config.update(method.export_code(folder, config["model_type"], state.extra))
+        config.update(method.export_code(folder, family.model_type, state.extra))
+    elif family.layer_rope == "longext":  # Gemma 2: the code that gives each layer type its RoPE
+        from longext.families import modeling_longext_gemma2 as modeling
+
+        config.update(remote_code_keys(folder, modeling, modeling.LongextGemma2Config, modeling.LongextGemma2ForCausalLM))
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def export_config_keys(state: RopeState) -> dict:
-    """Both key styles: `rope_parameters` for transformers 5, `rope_theta` + `rope_scaling` for the rest.
-    max_position_embeddings stays L0 for dynamic (raising it switches the scaling off, design.md §4).
-    A method may leave the legacy keys out (HARPE: no older consumer can run per-head bases)."""
+def export_config_keys(state: RopeState, config: dict) -> dict:
+    """Both key styles: `rope_parameters` for transformers 5, `rope_theta` + `rope_scaling` for the rest (Gemma 3:
+    nested per layer type, plus `rope_local_base_freq`). max_position_embeddings stays L0 for dynamic (raising it
+    switches the scaling off, design.md §4). A method may leave the legacy keys out (HARPE: no older consumer can
+    run per-head bases). Gemma 2 (one setting in its own config) gets the sliding-window layers' setting in
+    `rope_parameters`, both in `layer_rope_parameters` (read by modeling_longext_gemma2.py) and no legacy keys."""
+    params = dict(state.parameters)
+    keys = {"rope_parameters": params, "max_position_embeddings": state.max_position_embeddings}
+    if "original_max_position_embeddings" in config:  # Phi-3 reads this one over rope_parameters' own
+        keys["original_max_position_embeddings"] = state.original_context
+    if is_layered(params) and family_of(config).layer_rope == "longext":
+        return {**keys, "rope_parameters": dict(params[SLIDING]), "layer_rope_parameters": params}
     if not trained_method(state).legacy_rope_keys:
-        return {"rope_parameters": dict(state.parameters), "max_position_embeddings": state.max_position_embeddings}
-    return {
-        "rope_parameters": dict(state.parameters),
-        **legacy_rope_keys(state.parameters),
-        "max_position_embeddings": state.max_position_embeddings,
-    }
+        return keys
+    return {**keys, **legacy_rope_keys(params)}
 
 
 

@@ -10,6 +10,7 @@ float32 compute (longext/export.py runs them):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import torch
 
 from longext.errors import LongextError
 from longext.methods import trained_method
-from longext.rope import RopeState
+from longext.models import reference_attention
+from longext.rope import RopeState, is_layered
 
 # Bounds on max |Δlogit| are relative to the logit scale: bound = RTOL * max(1, max |logit|).
 # float32 changes only summation order: ~3e-7 on the tiny test model, 3.5e-3 on SmolLM2-135M (30 layers,
@@ -105,12 +107,13 @@ def verify_export(folder: Path, state: RopeState, merged) -> tuple[float, float]
     from transformers import AutoConfig, AutoModelForCausalLM
 
     method = trained_method(state)
-    remote = method.export_code is not None  # the modeling code written next to the weights
+    # the modeling code written next to the weights (HARPE, LongGen, an extended Gemma 2): auto_map names it
+    remote = "auto_map" in json.loads((Path(folder) / "config.json").read_text())
     config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
     problem = method.reload_check(config, state)
     if problem:
         raise LongextError(problem)
-    got = reloaded_rope_parameters(config.rope_parameters)
+    got = reloaded_rope_parameters(getattr(config, "layer_rope_parameters", None) or config.rope_parameters)
     if got != state.parameters or config.max_position_embeddings != state.max_position_embeddings:
         raise LongextError(
             f"export check failed: the written config reloads as rope_parameters={got}, max_position_embeddings="
@@ -118,7 +121,7 @@ def verify_export(folder: Path, state: RopeState, merged) -> tuple[float, float]
             f"(nothing was published)"
         )
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=remote
+        folder, dtype=torch.float32, attn_implementation=reference_attention(config), trust_remote_code=remote
     )
     logits = probe_logits(model, merged.probes)
     del model
@@ -142,8 +145,11 @@ def check_diff(what: str, diff: float, bound: float, consequence: str) -> None:
 
 def reloaded_rope_parameters(params: dict | None) -> dict:
     """transformers 5 prefers the legacy `rope_scaling` over `rope_parameters` when both are present,
-    and so carries over its alias `type`; drop that alias when it agrees with `rope_type`."""
+    and so carries over its alias `type`; drop that alias when it agrees with `rope_type` (in each layer type's
+    setting when they are nested)."""
     params = dict(params or {})
+    if is_layered(params):
+        return {kind: reloaded_rope_parameters(sub) for kind, sub in params.items()}
     if "type" in params and params["type"] == params.get("rope_type"):
         del params["type"]
     return params

@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 
 from longext.errors import LongextError
+from longext.families import SUPPORTED_MODEL_TYPES, apply_family_rope, family_of, lora_targets
 from longext.recipe import LoraSpec
 from longext.rope import apply_rope_config
 
-# Families whose attention uses transformers' standard rotary embedding + `apply_rotary_pos_emb`.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def quiet_libraries() -> None:
@@ -75,7 +74,9 @@ def is_own_export(path: Path) -> bool:
     return str(config.get("model_type", "")).startswith("longext_") and "longext" in config
 
 
-def attn_implementation(requested: str) -> str:
+def attn_implementation(requested: str, config=None) -> str:
+    """The kernel for model.attn_implementation: auto = flash_attention_2 on CUDA when flash-attn is installed, else
+    sdpa; eager for families transformers runs without SDPA (Gemma 2's soft-capped attention scores)."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
@@ -85,7 +86,19 @@ def attn_implementation(requested: str) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    return "sdpa" if config is None or family_of(config).sdpa else "eager"
+
+
+def reference_attention(config) -> str:
+    """The kernel a plain reload and its reference run with: sdpa, or eager where the family has no SDPA path."""
+    return "sdpa" if family_of(config).sdpa else "eager"
+
+
+def check_attention(requested: str, config) -> None:
+    """A one-line refusal of a kernel the family cannot run (before any weights load)."""
+    if requested == "sdpa" and not family_of(config).sdpa:
+        raise LongextError(f"model.attn_implementation: {family_of(config).label} cannot run sdpa (transformers has "
+                           f"no SDPA path for its soft-capped attention scores); use auto, eager or flash_attention_2")
 
 
 def load_tokenizer(path: str, field_name: str = "model.path"):
@@ -109,28 +122,45 @@ def build_model(resolved, dtype: torch.dtype = torch.float32):
 
     config = copy.deepcopy(resolved.model_config)  # the resolved config stays as config.json says
     apply_rope_config(config, resolved.rope)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         resolved.model_dir, config=config, dtype=dtype,
-        attn_implementation=attn_implementation(resolved.recipe.model.attn_implementation),
+        attn_implementation=attn_implementation(resolved.recipe.model.attn_implementation, config),
     )
+    apply_family_rope(model, resolved.rope.parameters)  # Gemma 2: the full-attention layers' own RoPE
+    return model
 
 
 def add_lora(model, spec: LoraSpec, gradient_checkpointing: bool = False):
-    """peft LoRA on `spec.targets`, plus fully trained `modules_to_save`; returns the PeftModel."""
+    """peft LoRA on `spec.targets` (auto: the family's attention projections) and, with `spec.experts`, on the
+    experts' 3-D weights (peft target_parameters; the router is never adapted), plus fully trained
+    `modules_to_save`; returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
+    targets = lora_targets(model.config) if spec.targets == "auto" else list(spec.targets)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for field_name, wanted in (("lora.targets", spec.targets), ("lora.modules_to_save", spec.modules_to_save)):
+    for field_name, wanted in (("lora.targets", targets), ("lora.modules_to_save", spec.modules_to_save)):
         missing = [t for t in wanted if t not in names]
         if missing:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
             raise LongextError(f"{field_name}: no module named {', '.join(missing)} in this model (linear layers: {', '.join(linear)})")
     _training_mode(model, gradient_checkpointing)
     config = LoraConfig(
-        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.targets,
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+        target_parameters=expert_targets(model) if spec.experts else None,
         modules_to_save=spec.modules_to_save or None, task_type="CAUSAL_LM", bias="none",
     )
     return get_peft_model(model, config)
+
+
+def expert_targets(model) -> list[str]:
+    """peft target_parameters for LoRA on every expert: the 3-D expert weights (gate_up_proj, down_proj) named
+    as peft matches them, a suffix of the parameter name. A dense model has none: one-line error."""
+    family = family_of(model.config)
+    names = [n for n, _ in model.named_parameters()]
+    found = [p for p in family.experts if any(n.endswith("." + p) for n in names)]
+    if not found:
+        raise LongextError(f"lora.experts: {family.label} has no experts (a dense model); set lora.experts: false")
+    return found
 
 
 def apply_full_finetune(model, gradient_checkpointing: bool = False) -> None:

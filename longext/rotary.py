@@ -11,6 +11,10 @@ With per-head bases (HARPE, `apply_scaled_rotary(model, bases=...)`) it returns 
 [b, n, s, d], one set per key/value head, instead of the stock [b, s, d]; the attention modules must
 then be the HARPE ones (`longext.methods.harpe.modeling_longext_harpe.swap_harpe_attention`), which rotate
 each head with its group's set.
+
+Gemma 2/3 (sliding-window and full-attention layers, longext.families): the rotary module is asked once per layer
+type; the scale and the per-head bases apply to the full-attention layers' cos/sin only, the sliding-window layers
+get the stock ones.
 """
 
 from __future__ import annotations
@@ -19,19 +23,26 @@ import torch
 from torch import nn
 
 from longext.errors import LongextError
+from longext.families import FULL, SLIDING, apply_family_rope, family_of
+from longext.rope import rotary_dim
 
 
 class ScaledRotary(nn.Module):
     """Wraps a transformers rotary embedding; `scale` is None, a float, or a [b] tensor (one per sample).
     `head_bases` (HARPE: one base per key/value head) replaces the inner module's single base."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, dim: int):
         super().__init__()
         self.inner = inner
+        self.dim = dim  # rotated dimensions per head
+        self.layer_typed = hasattr(inner, "layer_types")  # Gemma 3's rotary, longext's for Gemma 2
         self.scale: float | torch.Tensor | None = None
         self.head_bases: list[float] | None = None
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, **kwargs):
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+        layer_type = args[0] if args else kwargs.get("layer_type")
+        if self.layer_typed and layer_type != FULL:  # a sliding-window layer: its RoPE stays as it is
+            return self.inner(x, position_ids, *args, **kwargs)
         scale = self.scale
         if scale is not None:
             if isinstance(scale, torch.Tensor) and scale.dim() > 0:
@@ -41,11 +52,10 @@ class ScaledRotary(nn.Module):
             from longext.methods.harpe.modeling_longext_harpe import harpe_cos_sin, harpe_inv_freq
 
             # [n, d/2] recomputed per forward (negligible): no buffer for a dtype cast or a device move to round
-            dim = 2 * self.inner.inv_freq.shape[-1]
             with torch.no_grad():
-                inv_freq = harpe_inv_freq(self.head_bases, dim, device=position_ids.device)
+                inv_freq = harpe_inv_freq(self.head_bases, self.dim, device=position_ids.device)
                 return harpe_cos_sin(inv_freq, position_ids, x.dtype)  # [b, n, s, d]
-        return self.inner(x, position_ids, **kwargs)
+        return self.inner(x, position_ids, *args, **kwargs)
 
 
 def _rotary_owner(model) -> nn.Module:
@@ -61,7 +71,10 @@ def apply_scaled_rotary(model, bases: list[float] | None = None) -> ScaledRotary
     Parameter names do not change: the rotary module holds only non-persistent buffers."""
     owner = _rotary_owner(model)
     if not isinstance(owner.rotary_emb, ScaledRotary):
-        owner.rotary_emb = ScaledRotary(owner.rotary_emb)
+        if family_of(owner.config).layer_rope == "longext":  # Gemma 2: a rotary per layer type first (as loaded)
+            params = owner.config.rope_parameters
+            apply_family_rope(model, params if FULL in params else {SLIDING: params, FULL: params})
+        owner.rotary_emb = ScaledRotary(owner.rotary_emb, rotary_dim(owner.config))
     if bases is not None:
         owner.rotary_emb.head_bases = [float(b) for b in bases]
     return owner.rotary_emb

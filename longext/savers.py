@@ -12,6 +12,8 @@ from types import MethodType
 
 import torch
 
+from longext.families import FAMILIES
+
 AUTO_TILED_LOSS_LOGITS = 2**28  # tiled_loss auto: on from this many logits per rank (1 GiB in fp32)
 AUTO_TILED_MLP_TOKENS = 65536  # tiled_mlp auto: on from this many tokens per rank
 AUTO_FUSED_NORM_TOKENS = 65536  # fused_norm auto: on from this many tokens per rank
@@ -26,10 +28,20 @@ def auto_savers(tokens_per_rank: int, sequence_parallel: int, vocab: int) -> dic
             "fused_norm": tokens_per_rank >= AUTO_FUSED_NORM_TOKENS}
 
 
-def resolve_switches(train, seq_len: int, vocab: int):
-    """TrainSpec with tiled_loss / tiled_mlp / fused_norm `auto` decided from the per-rank length (and vocabulary)."""
+def resolve_switches(train, seq_len: int, config):
+    """`config`: the model's transformers config or its config.json as a dict. TrainSpec with tiled_loss / tiled_mlp / fused_norm `auto` decided from the per-rank length (and vocabulary);
+    the fused norm only where it computes exactly what the family's RMSNorm computes (longext.families)."""
+    from longext.errors import LongextError
+    from longext.families import family_of
+
+    family = family_of(config)
+    if train.fused_norm is True and not family.fused_norm:
+        raise LongextError(f"train.fused_norm: {family.label}'s RMSNorm ({family.norm}) computes the norm differently "
+                           f"from the fused one (Llama's), so it cannot replace it; use false or auto (got true)")
     local = train.micro_batch_size * seq_len // train.sequence_parallel  # tokens per rank per forward
+    vocab = config["vocab_size"] if isinstance(config, dict) else config.vocab_size
     rules = auto_savers(local, train.sequence_parallel, vocab)
+    rules["fused_norm"] = rules["fused_norm"] and family.fused_norm
     update = {k: v for k, v in rules.items() if getattr(train, k) == "auto"}
     return train.model_copy(update=update) if update else train
 
@@ -73,9 +85,9 @@ def mlp_tiles(tokens: int, hidden: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ fused norm
-# The RMSNorm families longext loads (models.SUPPORTED_MODEL_TYPES) all compute the norm the same way:
-# weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)
-FUSED_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+# The RMSNorm classes that compute the norm as Llama's does (longext.families: fused_norm), which RMSNormFunction
+# reproduces: weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)
+FUSED_NORM_CLASSES = tuple(f.norm for f in FAMILIES.values() if f.fused_norm)
 
 
 class RMSNormFunction(torch.autograd.Function):

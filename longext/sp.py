@@ -171,8 +171,10 @@ def loss_tiles(tokens: int, vocab: int) -> int:
     return max(1, math.ceil(tokens * vocab / LOGITS_PER_TILE))
 
 
-def token_loss_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor, tiles: int = 1) -> torch.Tensor:
-    """Sum over tokens with labels != -100 of the next-token cross-entropy (logits in fp32, as transformers does).
+def token_loss_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor, tiles: int = 1,
+                   softcap: float | None = None) -> torch.Tensor:
+    """Sum over tokens with labels != -100 of the next-token cross-entropy (logits in fp32, as transformers does;
+    `softcap`: Gemma 2's final_logit_softcapping, cap * tanh(logits / cap) before the loss, as its CausalLM does).
 
     hidden [b, s, H], labels [b, s] already shifted. With tiles > 1 no more than one tile of [b*s/tiles, vocab]
     logits exists at a time, and the value and gradients equal the untiled sum:
@@ -183,7 +185,10 @@ def token_loss_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor, tiles: i
       .grad during the forward, before the 1/count, ZeRO and accumulation factors applied after it."""
 
     def tile_loss(head, x, y):
-        return F.cross_entropy(head(x).float(), y, ignore_index=-100, reduction="sum")
+        logits = head(x)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits.float(), y, ignore_index=-100, reduction="sum")
 
     x, y = hidden.flatten(0, 1), labels.flatten()
     tokens = y.numel()
@@ -213,8 +218,9 @@ def micro_batch_loss(engine, inputs: dict, lay: Layout, tiled: bool) -> tuple[to
     )
     hidden = out.hidden_states[-1]  # after the final norm (transformers ties it to last_hidden_state)
     head = engine.module.get_output_embeddings()
-    tiles = loss_tiles(labels.numel(), engine.module.config.vocab_size) if tiled else 1  # ZeRO-3: weight is a shard
-    total = token_loss_sum(head, hidden, labels, tiles)
+    config = engine.module.config
+    tiles = loss_tiles(labels.numel(), config.vocab_size) if tiled else 1  # ZeRO-3: weight is a shard
+    total = token_loss_sum(head, hidden, labels, tiles, getattr(config, "final_logit_softcapping", None))
     stats = torch.stack([total.detach().float(), (labels != -100).sum().float()])
     if lay.sp > 1:
         torch.distributed.all_reduce(stats, group=lay.group)

@@ -12,7 +12,8 @@ import torch
 
 from longext.errors import LongextError, Problems
 from longext.files import expand_path
-from longext.models import attn_implementation, is_own_export, load_model_config, load_tokenizer
+from longext.families import apply_family_rope
+from longext.models import attn_implementation, is_own_export, load_model_config, load_tokenizer, reference_attention
 from longext.recipe import Recipe
 from longext.rope import RopeState, apply_rope_config
 from longext.rundir import is_run_dir, load_run_recipe
@@ -100,8 +101,9 @@ def _load_run(run_dir: Path, recipe: Recipe, dtype: torch.dtype) -> Loaded:
     apply_rope_config(config, state)
     model = AutoModelForCausalLM.from_pretrained(  # model/config.json is ignored: it may carry training-time patches
         run_dir / "model" if full else base, config=config, dtype=dtype,
-        attn_implementation=attn_implementation(recipe.model.attn_implementation),
+        attn_implementation=attn_implementation(recipe.model.attn_implementation, config),
     )
+    apply_family_rope(model, state.parameters)  # Gemma 2: the full-attention layers' own RoPE
     if not full and (adapter / "adapter_config.json").is_file():
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
@@ -121,7 +123,8 @@ def _load_plain(path: Path, name: str, dtype: torch.dtype, recipe: Recipe | None
 
     config = load_model_config(str(path), "TARGET" if recipe is None else "model.path")
     model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, attn_implementation="sdpa", trust_remote_code=is_own_export(path)
+        path, config=config, dtype=dtype, attn_implementation=reference_attention(config),
+        trust_remote_code=is_own_export(path),
     ).eval()
     written = (getattr(config, "longext", None) or {}).get("original_context")  # an export says what L0 was
     L0 = original_context(config, recipe.model.original_context if recipe else written)

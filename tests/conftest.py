@@ -50,6 +50,22 @@ def build_tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
+# What each family needs besides the common tiny dimensions (longext.families): Gemma's sliding window of 32 tokens
+# on layer 0 and full attention on layer 1 (the tests' sequences are longer than the window), Phi-3's original
+# window equal to its max_position_embeddings, special tokens inside the 400-token vocabulary, 4 experts (top 2).
+FAMILY_EXTRAS = {
+    "qwen3": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=32, pad_token_id=0, eos_token_id=1,
+                   bos_token_id=2, layer_types=["sliding_attention", "full_attention"]),
+    "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=32, pad_token_id=0, eos_token_id=1,
+                        bos_token_id=2, layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(pad_token_id=0, eos_token_id=1, bos_token_id=2),
+    "olmo2": dict(pad_token_id=0, eos_token_id=1),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True),
+}
+
+
 def tiny_config(arch: str = "llama", vocab_size: int = 400, **overrides):
     """A few-layer GQA model of the given family; 16-dim heads so RoPE has 8 rotary pairs."""
     from transformers import AutoConfig
@@ -58,9 +74,10 @@ def tiny_config(arch: str = "llama", vocab_size: int = 400, **overrides):
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
     )
-    if arch in ("qwen3",):
-        kw["head_dim"] = 16
+    kw.update(FAMILY_EXTRAS.get(arch, {}))
     kw.update(overrides)
+    if arch == "phi3":
+        kw.setdefault("original_max_position_embeddings", kw["max_position_embeddings"])
     return AutoConfig.for_model(arch, **kw)
 
 
@@ -69,7 +86,9 @@ def build_tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
+    config = tiny_config(arch, **overrides)
+    attn = "eager" if arch == "gemma2" else "sdpa"  # transformers runs Gemma 2's soft-capped scores eagerly only
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
     return model.eval()
 
 

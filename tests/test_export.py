@@ -238,7 +238,7 @@ def test_an_empty_out_folder_is_used_without_force(trained, tmp_path):
     assert not result.replaced and (tmp_path / "empty" / "config.json").is_file()
 
 
-def _wrong_rope(state):
+def _wrong_rope(state, config):
     return {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_theta": 10000.0,
             "rope_scaling": None, "max_position_embeddings": state.max_position_embeddings}
 

@@ -140,7 +140,7 @@ def test_book_files_by_split(prepared_books):
 
 
 def test_prepare_rejects_unknown_material_at_once(cache):
-    with pytest.raises(LongextError, match="unknown material 'nonsense'; choose one of: smollm2, books, all"):
+    with pytest.raises(LongextError, match="unknown material 'nonsense'; choose one of: smollm2, books, gemma3, all"):
         prepare("nonsense")
     assert not cache.exists()
 

@@ -247,7 +247,7 @@ def test_unknown_top_level_section_lists_the_sections(tmp_path):
 def test_unknown_field_without_a_close_match_still_lists_the_allowed_ones(tmp_path):
     [(_, field, message)] = problems(write(tmp_path, MINIMAL + "lora:\n  zzz: 1\n"))
     assert field == "lora.zzz"
-    assert message == "unknown field (allowed: alpha, dropout, modules_to_save, r, targets)"
+    assert message == "unknown field (allowed: alpha, dropout, experts, modules_to_save, r, targets)"
 
 
 def test_unknown_field_of_a_kind_variant_lists_that_variants_fields(tmp_path):

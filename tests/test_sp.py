@@ -430,21 +430,24 @@ def test_tiled_mlp_equals_the_plain_mlp(tiny_tokenizer):
         torch.testing.assert_close(tiled_grads[name], grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_norm_equals_transformers_rmsnorm(family, dtype, monkeypatch):
-    """RMSNormFunction against the family's own module under autograd: the same output bit for bit, and the same
-    input and weight gradients (row chunks of 7 here, the last one ragged)."""
+    """RMSNormFunction against the family's own module under autograd (every family whose record says its norm is
+    Llama's, longext.families): the same output bit for bit, and the same input and weight gradients (row chunks
+    of 7 here, the last one ragged)."""
     import importlib
 
     import torch
 
     from longext import savers
+    from longext.families import FAMILIES
 
+    assert FAMILIES[family].fused_norm and FAMILIES[family].norm in savers.FUSED_NORM_CLASSES
     monkeypatch.setattr(savers, "NORM_CHUNK_ELEMENTS", 7 * 48)
     dt = getattr(torch, dtype)
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-    norm = getattr(module, f"{family.capitalize()}RMSNorm")(48, eps=1e-5).to(dt)
+    norm = getattr(module, FAMILIES[family].norm)(48, eps=1e-5).to(dt)
     with torch.no_grad():
         norm.weight.normal_(1, 0.1, generator=torch.Generator().manual_seed(0))
     x = (torch.randn(2, 45, 48, generator=torch.Generator().manual_seed(1)) * 3).to(dt)
@@ -516,10 +519,18 @@ def test_auto_switches_follow_the_per_rank_length(tmp_path, tiny_model_dir, corp
     assert kept.tiled_loss is False
     auto = {"tiled_loss": "auto", "tiled_mlp": "auto", "fused_norm": "auto"}
     sp4 = plain.model_copy(update={**auto, "sequence_parallel": 4})
-    long = resolve_switches(sp4, 4 * AUTO_TILED_MLP_TOKENS, 128_256)
+    long = resolve_switches(sp4, 4 * AUTO_TILED_MLP_TOKENS, {"model_type": "llama", "vocab_size": 128_256})
     assert long.tiled_mlp is True and long.tiled_loss is True and long.fused_norm is True
-    short = resolve_switches(plain.model_copy(update=auto), AUTO_TILED_MLP_TOKENS - 1, 1000)
+    short = resolve_switches(plain.model_copy(update=auto), AUTO_TILED_MLP_TOKENS - 1,
+                             {"model_type": "llama", "vocab_size": 1000})
     assert short.tiled_mlp is False and short.tiled_loss is False and short.fused_norm is False
+    # Gemma's RMSNorm is not Llama's: auto leaves the fused norm off, true is refused in one line
+    gemma = resolve_switches(sp4, 4 * AUTO_TILED_MLP_TOKENS, {"model_type": "gemma3_text", "vocab_size": 1000})
+    assert gemma.tiled_mlp is True and gemma.fused_norm is False
+    from longext.errors import LongextError
+
+    with pytest.raises(LongextError, match="train.fused_norm: Gemma 3's RMSNorm"):
+        resolve_switches(sp4.model_copy(update={"fused_norm": True}), 1024, {"model_type": "gemma3_text", "vocab_size": 10})
 
 
 def test_tiled_loss_run_equals_the_plain_run(tmp_path, tiny_model_dir, corpus_dir):

@@ -2,9 +2,13 @@
 
 A memory case is a JSON-able dict:
 
-    {"kind": "memory", "name": "mem-tiny-1k-z2", "model": "tiny" | "smollm2", "seq_len": 1024,
+    {"kind": "memory", "name": "mem-tiny-1k-z2", "model": "tiny" | "tiny-moe" | "smollm2", "seq_len": 1024,
      "zero_stage": 2, "gradient_checkpointing": false, "steps": 2,
-     "tiled_loss": false, "tiled_mlp": false, "fused_norm": false}   (the last three optional: longext.sp's savers)
+     "tiled_loss": false, "tiled_mlp": false, "fused_norm": false,   (optional: longext.sp's savers)
+     "lora_experts": false}                                           (optional: LoRA on a tiny-moe's experts too)
+
+tiny-moe is the tiny model's dimensions as a Mixtral: 8 experts of the tiny MLP's size, top 2 (transformers 5's
+grouped experts, a router per layer), LoRA on the attention by default.
 
 Each case runs in its own process (`run_case`), which does exactly what `longext train` does around the
 model: `init_distributed` (world of one, gloo), `models.add_lora` (LoRA r8 on q/k/v/o, as the schema's
@@ -75,14 +79,21 @@ def _model(name: str):
 
     from longext.bench.throughput import TINY
 
-    if name == "tiny":
+    if name in ("tiny", "tiny-moe"):
         torch.manual_seed(0)
-        config = AutoConfig.for_model("llama", **TINY)
+        arch, dims = _tiny_moe() if name == "tiny-moe" else ("llama", TINY)
+        config = AutoConfig.for_model(arch, **dims)
         config._attn_implementation = "sdpa"
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     from longext.materials import smollm2_dir
 
     return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32, attn_implementation="sdpa")
+
+
+def _tiny_moe() -> tuple:
+    from longext.bench.throughput import TINY
+
+    return "mixtral", {**TINY, "num_local_experts": 8, "num_experts_per_tok": 2}
 
 
 def _warm_up(case: dict) -> None:
@@ -101,9 +112,11 @@ def _warm_up(case: dict) -> None:
     from longext.models import add_lora
     from longext.recipe import LoraSpec, TrainSpec
 
-    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1)
-    model = add_lora(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"), LoraSpec(r=2),
+    moe = {"num_local_experts": 2, "num_experts_per_tok": 1} if case["model"] == "tiny-moe" else {}
+    config = AutoConfig.for_model("mixtral" if moe else "llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, **moe)
+    lora = LoraSpec(r=2, experts=bool(case.get("lora_experts")))
+    model = add_lora(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"), lora,
                      case["gradient_checkpointing"])
     engine = make_engine(model, TrainSpec(steps=1, zero_stage=case["zero_stage"], precision="fp32"), world_size=1)
     ids = torch.arange(8)[None]
@@ -128,7 +141,7 @@ def measure(case: dict) -> dict:
     baseline = rss_kb()
     model = _model(case["model"])
     config = model.config.to_dict()
-    lora = LoraSpec(r=8, alpha=16.0)
+    lora = LoraSpec(r=8, alpha=16.0, experts=bool(case.get("lora_experts")))
     train = TrainSpec(steps=case["steps"], lr=1e-4, zero_stage=case["zero_stage"], precision="fp32",
                       gradient_checkpointing=case["gradient_checkpointing"], memory_check="off")
     model = add_lora(model, lora, train.gradient_checkpointing)
@@ -192,13 +205,14 @@ if __name__ == "__main__":
 
 # ------------------------------------------------------------------------------------------ estimate
 def case_setup(case: dict):
-    """The plan's Setup for a case: one CPU rank, fp32, sdpa, LoRA r8 on q/k/v/o (what `measure` runs)."""
+    """The plan's Setup for a case: one CPU rank, fp32, sdpa, LoRA r8 on q/k/v/o (and the experts with
+    lora_experts; what `measure` runs)."""
     from longext.plan import Setup
 
     return Setup(seq_len=case["seq_len"], device="cpu", precision="fp32", zero_stage=case["zero_stage"],
                  gradient_checkpointing=case["gradient_checkpointing"], tiled_loss=case.get("tiled_loss", False),
                  tiled_mlp=case.get("tiled_mlp", False), fused_norm=case.get("fused_norm", False), lora_r=8,
-                 allocator="live" if case.get("live_peak") else "glibc")
+                 allocator="live" if case.get("live_peak") else "glibc", lora_experts=bool(case.get("lora_experts")))
 
 
 def case_estimate(case: dict, model_config: dict):

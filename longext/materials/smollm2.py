@@ -42,7 +42,12 @@ def prepare_smollm2(force: bool) -> Iterator[str]:
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
-    """GGUF (Q4_1) -> dequantized, plain LlamaForCausalLM + tokenizer saved in `out`, then verified.
+    """GGUF (Q4_1) -> dequantized, plain LlamaForCausalLM + tokenizer saved in `out`, then verified."""
+    verify_smollm2(dequantized_copy(gguf, out, "smollm2"), out)
+
+
+def dequantized_copy(gguf: Path, out: Path, name: str):
+    """GGUF -> a plain fp32 transformers model + tokenizer saved in `out`; returns the model (eval mode).
 
     transformers 5 keeps GGUF-loaded models behind a quantizer that refuses to save or train, so
     the weights are copied into a model built from the bare config (offline-material.md §1.1).
@@ -53,11 +58,11 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     except ImportError as exc:
-        raise LongextError(f"smollm2: converting the GGUF needs {exc.name!r}; `make install` installs it") from None
-    src, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        raise LongextError(f"{name}: converting the GGUF needs {exc.name!r}; `make install` installs it") from None
+    src, file = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=file)
     quantized = AutoModelForCausalLM.from_pretrained(
-        src, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        src, gguf_file=file, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
     )
     config = quantized.config
     if hasattr(config, "quantization_config"):
@@ -67,9 +72,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     del quantized
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    for file in out.iterdir():  # safetensors is written 0600; a shared cache must be readable
-        file.chmod(0o644)
-    verify_smollm2(model.eval(), out)
+    for path in out.iterdir():  # safetensors is written 0600; a shared cache must be readable
+        path.chmod(0o644)
+    return model.eval()
 
 
 def verify_smollm2(model, out: Path) -> None:

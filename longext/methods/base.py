@@ -12,6 +12,7 @@ Where each hook is called:
     serving_state  longext.export            the RoPE state written for the window the export serves
     export_code    longext.export            modeling code copied next to the weights (+ the config keys that select it)
     reload_check   longext.export            the reloaded config still carries the method's state
+    family_problem longext.resolve           why the method does not apply to a model family (longext.families)
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ def nothing_to_check(config, state) -> str | None:
     return None
 
 
+def any_family(family) -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Method:
     """One method's hooks (module docstring). `config` is the model's transformers config, `state` a
@@ -117,6 +122,7 @@ class Method:
     serving_state: Callable[[Any, int | None], Any] = trained_window  # (state, --length) -> state to export
     export_code: Callable[[Path, str, dict], dict] | None = None  # (folder, model_type, extra) -> config keys
     reload_check: Callable[[Any, Any], str | None] = nothing_to_check  # (reloaded config, state) -> problem
+    family_problem: Callable[[Any], str | None] = any_family  # (longext.families.Family) -> why it does not apply
     legacy_rope_keys: bool = True  # export writes rope_theta / rope_scaling for older consumers too
     own_attention: bool = False  # the loaded run routes attention itself; export keeps it (LongGen)
 

@@ -15,6 +15,7 @@ import torch
 from longext.errors import LongextError
 from longext.methods.base import Method, MethodSetup
 from longext.positions import e2llm_eval_scale, e2llm_positions, e2llm_scales
+from longext.rope import full_parameters, with_full_parameters
 from longext.rotary import apply_scaled_rotary, set_rope_scale
 
 
@@ -79,9 +80,12 @@ def serving_state(state, length: int | None):
             f"e.g. --length {state.target_len}"
         )
     g = e2llm_eval_scale(length, state.original_context, state.extra["eval_rule"])
-    params = {"rope_type": "linear", "factor": g, "rope_theta": state.parameters["rope_theta"]}
+    theta = full_parameters(state.parameters)["rope_theta"]
+    params = {"rope_type": "linear", "factor": g, "rope_theta": theta}
     if g == 1.0:
-        params = {"rope_type": "default", "rope_theta": state.parameters["rope_theta"]}
+        params = {"rope_type": "default", "rope_theta": theta}
+    # Gemma 2/3: the full-attention layers are interpolated, the sliding-window layers keep their setting
+    params = with_full_parameters(state.parameters, params)
     return dataclasses.replace(
         state, kind="linear", parameters=params, factor=g, target_len=length,
         max_position_embeddings=max(length, state.original_context), extra={**state.extra, "served_length": length},

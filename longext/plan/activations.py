@@ -20,7 +20,7 @@ def activation_terms(dims: Dims, s: Setup) -> list[Term]:
     a, gpu, n, T = element_bytes(s), s.device == "cuda", dims.layers, device_tokens(s)
     d, V = dims.hidden, dims.vocab
     per_layer = sum(b for _, b, _ in _attention_saved(dims, s) + _mlp_saved(dims, s))
-    attn_sq = _eager_probs(dims, s)
+    attn_sq = _eager_probs(dims, s) + expert_weights_with_lora(dims, s)  # per layer, whatever the length
     full_layer = T * per_layer + attn_sq
     if s.gradient_checkpointing and s.checkpoint_offload and gpu:  # save_on_cpu wraps the whole forward
         out = [Term("kept activations", 0, "layer inputs and final norm input offloaded to CPU")]
@@ -30,11 +30,11 @@ def activation_terms(dims: Dims, s: Setup) -> list[Term]:
     else:
         # the final norm keeps its input (4d); layer 0's norm keeps none unless the embedding trains (its input
         # does not require grad): the two cancel for LoRA
-        eager = f" + eager scores {attn_sq:,} B/layer" if attn_sq else ""
+        eager = f" + eager scores / expert weights {attn_sq:,} B/layer" if attn_sq else ""
         out = [Term("kept activations", n * full_layer + (T * 4 * d if s.full else 0),
                     f"{n} layers x T={T:,} x {per_layer:,} B/token{eager}")]
     backward = layer_backward(dims, s)
-    loss, loss_formula = _loss_term(T, V, d, a, s.tiled_loss)
+    loss, loss_formula = _loss_term(T, V, d, a, s.tiled_loss, bool(dims.final_softcap))
     out.append(Term("loss (logits)", loss, loss_formula) if loss >= backward.bytes else backward)
     if not gpu and s.allocator == "glibc":
         out.append(Term("CPU heap retention", int(CPU_HEAP_RETENTION * n * T * per_layer),
@@ -48,9 +48,9 @@ def _used_inputs(dims: Dims, s: Setup) -> dict[str, bool]:
     autograd function, which saves the input even of a frozen weight."""
     keep = set(dims.linear_shapes()) if s.full or s.zero_stage == 3 else set(s.lora_targets)
     tiled = mlp_tile_count(dims, s) > 1  # TiledMLP keeps its own input and recomputes the rest per tile
-    return {"attn_in": bool(keep & {"q_proj", "k_proj", "v_proj"}), "o_in": "o_proj" in keep,
-            "mlp_in": bool(keep & {"gate_proj", "up_proj"}) and not tiled,
-            "down_in": "down_proj" in keep and not tiled}
+    return {"attn_in": bool(keep & {"q_proj", "k_proj", "v_proj", "qkv_proj"}), "o_in": "o_proj" in keep,
+            "mlp_in": bool(keep & {"gate_proj", "up_proj", "gate_up_proj"}) and not tiled and not dims.moe,
+            "down_in": "down_proj" in keep and not tiled and not dims.moe}
 
 
 def _lora_outputs(s: Setup, group: set[str]) -> tuple[int, int]:
@@ -60,6 +60,12 @@ def _lora_outputs(s: Setup, group: set[str]) -> tuple[int, int]:
 
 
 NORM_IN, POST_NORM_IN, DOWN_IN = "input norm: fp32 input", "post-attention norm: fp32 input", "down_proj input"
+# the norms whose input each half of a layer keeps, by norm layout (longext.plan.shapes.Dims.norm_layout)
+ATTENTION_NORMS = {"pre": (NORM_IN,), "sandwich": (NORM_IN, "post-attention norm (of the attention output): fp32 input"),
+                   "post": ("post-attention norm (of the attention output): fp32 input",)}
+MLP_NORMS = {"pre": (POST_NORM_IN,), "sandwich": ("pre-feedforward norm: fp32 input",
+                                                  "post-feedforward norm (of the MLP output): fp32 input"),
+             "post": ("post-feedforward norm (of the MLP output): fp32 input",)}
 
 
 def _norm_input(name: str, s: Setup, d: int) -> tuple[str, int, str]:
@@ -70,16 +76,24 @@ def _norm_input(name: str, s: Setup, d: int) -> tuple[str, int, str]:
     return name, 4 * d, "4d"
 
 
+def _normalized(norm: str, a: int, d: int) -> tuple[str, int, str]:
+    """A norm whose weight trains also keeps its normalized input (for the weight's gradient)."""
+    return f"{norm.split(':')[0]}: normalized input (the weight trains)", a * d, "a d"
+
+
 def _attention_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
     """(name, bytes per local token, formula) of what a decoder layer's attention block saves for backward
     (sdpa / flash kernels; eager's O(L^2) probabilities are _eager_probs)."""
     a, d, H, h = element_bytes(s), dims.hidden, dims.heads, dims.head_dim
     q, Gk, used = H * h, kernel_kv_heads(dims, s), _used_inputs(dims, s)
-    out = [_norm_input(NORM_IN, s, d)]
+    out = [_norm_input(name, s, d) for name in ATTENTION_NORMS[dims.norm_layout]]
     if s.full:
-        out.append(("input norm: normalized input (the weight trains)", a * d, "a d"))
+        out += [_normalized(name, a, d) for name in ATTENTION_NORMS[dims.norm_layout]]
     if used["attn_in"]:
-        out.append(("q/k/v input (norm output)", a * d, "a d"))
+        what = "the layer input" if dims.norm_layout == "post" else "norm output"
+        out.append((f"q/k/v input ({what})", a * d, "a d"))
+    if dims.qk_norm or dims.qk_norm_full:  # Qwen3, Gemma 3 (per head), OLMo 2 (whole projection): fp32 inputs
+        out.append(("q/k norms: fp32 inputs", 4 * (q + dims.kv_heads * h), "4 (H h + G h)"))
     kv = "G" if Gk == dims.kv_heads else "sp"
     out += [("q, k, v after RoPE (kernel layout)", a * (q + 2 * Gk * h), f"a (H h + 2 {kv} h), {kv}={Gk}"),
             ("attention output + log-sum-exp", a * q + 4 * H, "a H h + 4H")]
@@ -96,11 +110,13 @@ def _attention_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
 def _mlp_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
     """(name, bytes per local token, formula) of what a decoder layer's MLP half saves for backward."""
     a, d, i, used = element_bytes(s), dims.hidden, dims.intermediate, _used_inputs(dims, s)
-    out = [_norm_input(POST_NORM_IN, s, d)]
+    out = [_norm_input(name, s, d) for name in MLP_NORMS[dims.norm_layout]]
     if s.full:
-        out.append(("post-attention norm: normalized input (the weight trains)", a * d, "a d"))
+        out += [_normalized(name, a, d) for name in MLP_NORMS[dims.norm_layout]]
     if mlp_tile_count(dims, s) > 1:
         return out + [("TiledMLP input", a * d, "a d")]
+    if dims.moe:
+        return out + moe_saved(dims, s)
     out.append(("gate, SiLU(gate), up", 3 * a * i, "3 a i"))
     if used["mlp_in"]:
         out.append(("gate/up input (norm output)", a * d, "a d"))
@@ -112,11 +128,36 @@ def _mlp_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
     return out
 
 
+def moe_saved(dims: Dims, s: Setup) -> list[tuple[str, int, str]]:
+    """What a mixture-of-experts block (transformers 5's grouped experts) saves per token, with frozen experts:
+    the router's fp32 probabilities and top-k picks, and for each of the k token-expert pairs the expert's gate and
+    up halves and its activation (3 a i), its output and fp32 routing weight (the weights' gradient needs them) and
+    three int64 indices (sort, gather). LoRA on the experts (lora.experts) keeps their two inputs too. Measured
+    against the saved tensors of a real block (tests/test_families.py)."""
+    a, d, i, k, E = element_bytes(s), dims.hidden, dims.expert_intermediate, dims.active_experts, dims.experts
+    out = [("router: fp32 probabilities, top-k indices and weights", 4 * E + 12 * k + 4, "4E + 12k + 4"),
+           ("experts: gate, up and activation per routed pair", k * 3 * a * i, f"{k} x 3 a i"),
+           ("experts: output, routing weight, indices per routed pair", k * (a * d + 28), f"{k} x (a d + 28)")]
+    if s.lora_experts and not s.full:
+        out.append(("experts' LoRA: the two expert inputs per routed pair", k * a * (d + i), f"{k} x a (d + i)"))
+    return out
+
+
+def expert_weights_with_lora(dims: Dims, s: Setup) -> int:
+    """LoRA on the experts (peft 0.21's ParamWrapper) folds each LoRA delta into its expert weight in the forward and
+    the grouped matmul keeps that new [experts, out, in] tensor for backward: a copy of the layer's expert weights."""
+    if not (dims.moe and s.lora_experts and not s.full):
+        return 0
+    return dims.experts * dims.expert_params * element_bytes(s)
+
+
 def _eager_probs(dims: Dims, s: Setup) -> int:
-    """Eager attention keeps the [H, T, L] softmax per layer (fp32, plus its cast to bf16): O(L^2)."""
+    """Eager attention keeps the [H, T, L] softmax per layer (fp32, plus its cast to bf16): O(L^2); with soft-capped
+    scores (Gemma 2) also the tanh output."""
     if s.attn != "eager":
         return 0
-    return dims.heads * device_tokens(s) * s.seq_len * (4 if element_bytes(s) == 4 else 4 + element_bytes(s))
+    per = (4 if element_bytes(s) == 4 else 4 + element_bytes(s)) + (element_bytes(s) if dims.attn_softcap else 0)
+    return dims.heads * device_tokens(s) * s.seq_len * per
 
 
 def backward_moments(dims: Dims, s: Setup) -> dict[str, list[Term]]:
@@ -138,6 +179,8 @@ def backward_moments(dims: Dims, s: Setup) -> dict[str, list[Term]]:
     with H heads, and max(G/sp, 1) kv heads: k/v at max(G, sp) heads per local token. Without checkpointing the
     saved tensors are in the kept activations and only the gradients count here."""
     T, a, d, i = device_tokens(s), element_bytes(s), dims.hidden, dims.intermediate
+    if dims.moe:  # a token's MLP activations: those of its k experts
+        i = dims.active_experts * dims.expert_intermediate
     h, q, Gk = dims.head_dim, dims.heads * dims.head_dim, kernel_kv_heads(dims, s)
     ckpt = s.gradient_checkpointing
 
@@ -170,9 +213,15 @@ def backward_moments(dims: Dims, s: Setup) -> dict[str, list[Term]]:
                               f"{tile:,} tokens x (6 a i + a d{extra}) B, {tiles} tiles"))
     else:
         grads_mlp += per_token([("gradients of down input, SiLU(gate), up", 3 * a * i, "3 a i")])
+        if dims.moe:
+            k = dims.active_experts
+            grads_mlp += per_token([("gradients of the experts' outputs", k * a * d, f"{k} x a d")])
     # the peak is the product's backward (3 saved + 3 gradient [T, i] tensors); down_proj's saved input is freed
     # with down_proj's backward, which runs before it
     saved_mlp = per_token([p for p in _mlp_saved(dims, s) if p[0] != DOWN_IN])
+    if expert_weights_with_lora(dims, s):
+        saved_mlp.append(Term("experts' weights with their LoRA folded in (peft)", expert_weights_with_lora(dims, s),
+                              "E x 3 d i x a"))
     held = sum(t.bytes for t in saved_attn)
     mlp = (reload + [Term("attention block's saved tensors (as above)", held, "sum of the attention parts")]
            + saved_mlp if ckpt else []) + grads_mlp
@@ -227,14 +276,17 @@ def _attention_workspace(dims: Dims, s: Setup) -> list[Term]:
     return out
 
 
-def _loss_term(T: int, V: int, d: int, a: int, tiled: bool) -> tuple[int, str]:
+def _loss_term(T: int, V: int, d: int, a: int, tiled: bool, softcap: bool = False) -> tuple[int, str]:
     """Peak bytes of the cross-entropy: three fp32 [tokens, V] tensors, for all T tokens or for one tile (then the
-    final hidden states and their gradient, which the tiled loss computes in the forward, are alive too)."""
+    final hidden states and their gradient, which the tiled loss computes in the forward, are alive too). Soft-capped
+    logits (Gemma 2) add two [tokens, V] tensors in the activation dtype: the head's raw output and the tanh output
+    its backward keeps."""
     from longext.sp import loss_tiles
 
+    per, cap = 12 + (2 * a if softcap else 0), f" + 2 x {a} B soft-capping" if softcap else ""
     if not tiled:
-        return 12 * T * V, f"12 B x T={T:,} x V={V:,} (logits, log-softmax, grad; fp32)"
+        return per * T * V, f"{per} B x T={T:,} x V={V:,} (logits, log-softmax, grad; fp32{cap})"
     tiles = loss_tiles(T, V)
     tokens = math.ceil(T / tiles)
-    return (12 * tokens * V + 2 * a * T * d,
-            f"{tiles} tiles: 12 B x {tokens:,} tokens x V={V:,} + hidden and its grad 2 a T d")
+    return (per * tokens * V + 2 * a * T * d,
+            f"{tiles} tiles: {per} B x {tokens:,} tokens x V={V:,}{cap} + hidden and its grad 2 a T d")

@@ -15,13 +15,15 @@ ZERO3_MAX_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters / stage
 def estimate(dims: Dims, s: Setup, budget: int | None = None) -> Estimate:
     """Peak bytes per device of one training step, term by term (module docstring)."""
     s = resolve_auto(dims, s)
-    trainable = dims.params if s.full else lora_params(dims, s.lora_targets, s.lora_r, s.modules_to_save)
+    trainable = dims.params if s.full else lora_params(dims, s.lora_targets, s.lora_r, s.modules_to_save,
+                                                       s.lora_experts)
     terms = [*_weight_terms(dims, s, trainable), *_state_terms(s, trainable), *activation_terms(dims, s)]
     gpu = s.device == "cuda"
     terms.append(Term("fixed overhead", GPU_FIXED if gpu else CPU_BASELINE,
                       "CUDA context, cuBLAS/NCCL workspaces (stated)" if gpu else "CPU process baseline (measured)"))
     flops, flops_terms = step_flops(dims, s, trainable)
-    return Estimate(terms, sum(t.bytes for t in terms), budget, s, flops, flops_terms, dims.params, trainable)
+    return Estimate(terms, sum(t.bytes for t in terms), budget, s, flops, flops_terms, dims.params, trainable,
+                    active=dims.matmul_params, breakdown=dims.breakdown(), model=dims.describe())
 
 
 def _weight_terms(dims: Dims, s: Setup, trainable: int) -> list[Term]:
@@ -39,7 +41,7 @@ def _weight_terms(dims: Dims, s: Setup, trainable: int) -> list[Term]:
     else:
         out = [Term("weights", P * w, f"{P:,} params x {w} B")]
     if not s.full and s.modules_to_save:  # peft trains a copy next to the frozen original
-        copies = trainable - lora_params(dims, s.lora_targets, s.lora_r)
+        copies = trainable - lora_params(dims, s.lora_targets, s.lora_r, experts=s.lora_experts)
         out.append(Term("modules_to_save copies", copies * w, f"{copies:,} x {w} B"))
     return out
 
@@ -69,13 +71,16 @@ def _state_terms(s: Setup, Nt: int) -> list[Term]:
 
 
 def step_flops(dims: Dims, s: Setup, trainable: int) -> tuple[float, dict]:
-    """FLOPs of one optimizer step over all devices: forward 2*N_mm*L + attention 4*L^2*q per layer (dense count;
-    causal kernels skip about half), backward = input gradients (same as forward) + weight gradients of the
-    trainable weights (2*N_trainable*L) + attention x2; gradient checkpointing recomputes the layers' forward."""
+    """FLOPs of one optimizer step over all devices: forward 2*N_mm*L (N_mm: the weights a token multiplies with;
+    for a mixture of experts its router and top-k experts only) + attention 4*L*K*q per layer with K = L keys
+    (dense count; causal kernels skip about half) or K = min(L, window) in sliding-window layers, backward = input
+    gradients (same as forward) + weight gradients of the trainable weights (2*N_trainable*L) + attention x2;
+    gradient checkpointing recomputes the layers' forward."""
     L, n, q = s.seq_len, dims.layers, dims.heads * dims.head_dim
     samples = s.micro_batch * s.grad_accum * max(1, s.gpus // s.sequence_parallel)
     dense = 2 * dims.matmul_params * L
-    attention = 4 * n * L * L * q
+    window = min(L, dims.sliding_window or L)
+    attention = 4 * L * q * ((n - dims.sliding_layers) * L + dims.sliding_layers * window)
     forward = dense + attention
     backward = dense + 2 * min(trainable, dims.matmul_params) * L + 2 * attention
     recompute = (dense - 2 * dims.embed_params * L + attention) if s.gradient_checkpointing else 0

@@ -41,7 +41,7 @@ def _candidates(dims: Dims, s: Setup):
         yield "tiled_loss", True
     if not s.tiled_mlp:
         yield "tiled_mlp", True
-    if not s.fused_norm:
+    if not s.fused_norm and dims.fusable_norm:
         yield "fused_norm", True
     degrees = [k for k in _sp_degrees(dims, s) if k > s.sequence_parallel]
     if degrees:

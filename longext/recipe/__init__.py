@@ -17,13 +17,15 @@ from longext.recipe.methods import (
     E2LLMMethod, HarpeMethod, LongGenMethod, LongRecipeMethod, MethodSection, MethodSpec, PoseMethod, StandardMethod,
 )
 from longext.recipe.sections import (
-    ROPE_KINDS, DataSpec, DynamicRope, EvalSpec, Llama3Rope, LinearRope, LmEvalSpec, LoraSpec, ModelSpec, NiahSpec,
-    NoRope, NtkRope, OutputSpec, PasskeySpec, PerplexitySpec, Recipe, RopeSpec, RulerSpec, TrainSpec, YarnRope,
+    ROPE_KINDS, DataSpec, DynamicRope, EvalSpec, Llama3Rope, LinearRope, LmEvalSpec, LongRope, LoraSpec, ModelSpec,
+    NiahSpec, NoRope, NtkRope, OutputSpec, PasskeySpec, PerplexitySpec, Recipe, RopeSpec, RulerSpec, TrainSpec,
+    YarnRope,
 )
 
 __all__ = [
     "ROPE_KINDS", "Auto", "DataSpec", "DynamicRope", "E2LLMMethod", "EvalSpec", "HarpeMethod", "Length", "Llama3Rope",
-    "LinearRope", "LmEvalSpec", "LongGenMethod", "LongRecipeMethod", "LoraSpec", "MethodSection", "MethodSpec", "ModelSpec",
+    "LinearRope", "LmEvalSpec", "LongRope", "LongGenMethod", "LongRecipeMethod", "LoraSpec", "MethodSection",
+    "MethodSpec", "ModelSpec",
     "NiahSpec", "NoRope", "NtkRope", "OutputSpec", "PasskeySpec", "PerplexitySpec", "PoseMethod", "Recipe", "RopeSpec",
     "RulerSpec", "Section", "StandardMethod", "TrainSpec", "YarnRope", "apply_override", "compose_yaml", "cross_checks",
     "dump_recipe", "line_of", "load_recipe", "load_yaml", "located", "to_issue", "validate_recipe",

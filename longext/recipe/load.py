@@ -87,6 +87,8 @@ def cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
     if t.full_finetune and "lora" in recipe.model_fields_set:
         out.append(("lora", "LoRA is not used when train.full_finetune is true (every weight trains); "
                             "remove the lora section or set full_finetune: false"))
+    if recipe.lora.experts and recipe.lora.dropout:
+        out.append(("lora.dropout", f"LoRA on the experts (lora.experts: true) needs dropout 0 (got {recipe.lora.dropout})"))
     if t.offload_params and t.zero_stage != 3:
         out.append(("train.offload_params", f"parameter offload needs train.zero_stage 3 (got zero_stage {t.zero_stage})"))
     if recipe.data.seq_len != "auto" and recipe.data.seq_len > recipe.method.target_len:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from longext.evaluate.ruler.tasks import TASKS as RULER_TASKS
 from longext.recipe.base import Auto, Length, Section
@@ -79,10 +79,33 @@ class Llama3Rope(_RopeBase):
     high_freq_factor: float = Field(4.0, gt=0, description="Wavelengths below L0/high_freq_factor are kept.")
 
 
+class LongRope(_RopeBase):
+    """LongRoPE's per-pair rescaling (`longrope`, the setting of Phi-3's 128k models): pair j's frequency is divided
+    by short_factor[j] while the sequence fits in L0 and by long_factor[j] past it, cos/sin times attention_factor."""
+
+    kind: Literal["longrope"]
+    factor: float | Auto = Field("auto", description="Scale s (sets the default attention factor). auto = target/L0.")
+    long_factor: list[float] | float | Auto = Field(
+        "auto", description="Divisor per rotary pair past L0: a list (one per pair, head_dim/2 of them), one number for "
+        "every pair (= PI), or auto = YaRN's per-pair divisors for s (NTK-by-parts ramp, beta_fast 32, beta_slow 1).")
+    short_factor: list[float] | float = Field(
+        1.0, description="Divisor per rotary pair within L0 (a list or one number); 1.0 = the base model unchanged.")
+    attention_factor: float | None = Field(
+        None, gt=0, description="cos/sin multiplier past L0. Default sqrt(1 + ln(s) / ln(L0)) (transformers' rule).")
+
+    @field_validator("long_factor", "short_factor")
+    @classmethod
+    def _positive(cls, value):
+        values = value if isinstance(value, list) else [value]
+        if value != "auto" and any(v <= 0 for v in values):
+            raise ValueError("every factor is a divisor > 0")
+        return value
+
+
 RopeSpec = Annotated[
-    Union[NoRope, LinearRope, NtkRope, DynamicRope, YarnRope, Llama3Rope], Field(discriminator="kind")
+    Union[NoRope, LinearRope, NtkRope, DynamicRope, YarnRope, Llama3Rope, LongRope], Field(discriminator="kind")
 ]
-ROPE_KINDS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
+ROPE_KINDS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
 
 
 # ------------------------------------------------------------------------------------------ lora
@@ -92,11 +115,23 @@ class LoraSpec(Section):
     r: int = Field(8, ge=1, description="Rank.")
     alpha: float = Field(16.0, gt=0, description="Scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    targets: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        min_length=1,
-        description="Module names that get adapters.",
+    targets: list[str] | Auto = Field(
+        "auto",
+        description="Module names that get adapters. auto = the model family's attention projections: q_proj, "
+        "k_proj, v_proj, o_proj (Llama, Mistral, Qwen, Gemma, OLMo 2, Mixtral, Qwen3-MoE); qkv_proj, o_proj (Phi-3).",
     )
+    experts: bool = Field(
+        False,
+        description="Mixture-of-experts models: also adapt every expert's weights (gate_up_proj, down_proj; peft "
+        "target_parameters, needs dropout 0). Off: attention-only LoRA. The router is never adapted.",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, value):
+        if value != "auto" and not value:
+            raise ValueError("name at least one module, or auto")
+        return value
     modules_to_save: list[str] = Field(
         default_factory=list,
         description="Modules trained in full and saved with the adapter, e.g. [embed_tokens, norm] (LongLoRA).",

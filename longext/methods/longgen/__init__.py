@@ -86,9 +86,10 @@ def write_longgen_code(folder, family: str, extra: dict) -> dict:
     the folder instead of loading it as an all-full-attention model (which it was not trained as).
     """
     modeling = _modeling()
-    if family != "llama":
-        raise LongextError(f"LongGen export: no modeling code for model type {family!r} (have llama)")
-    keys = remote_code_keys(folder, modeling, modeling.LongGenLlamaConfig, modeling.LongGenLlamaForCausalLM)
+    if family not in modeling.EXPORT_CLASSES:
+        have = ", ".join(modeling.EXPORT_CLASSES)
+        raise LongextError(f"LongGen export: no modeling code for model type {family!r} (have {have})")
+    keys = remote_code_keys(folder, modeling, *modeling.EXPORT_CLASSES[family])
     return {**keys, "longgen": dict(extra["longgen"])}
 
 
@@ -97,6 +98,15 @@ def reload_check(config, state) -> str | None:
     if dict(getattr(config, "longgen", None) or {}) != state.extra["longgen"]:
         return (f"export check failed: the written config reloads with longgen={getattr(config, 'longgen', None)}; "
                 f"expected {state.extra['longgen']} (nothing was published)")
+    return None
+
+
+def family_problem(family) -> str | None:
+    """Gemma 2/3 are already the hybrid LongGen builds: local (sliding-window) layers and a few global ones."""
+    if family.layer_types:
+        return (f"{family.label} already interleaves sliding-window (local) and full-attention layers, the hybrid "
+                f"LongGen builds; making its full-attention layers sparse too would leave it no global layer to extend. "
+                f"Extend the full-attention layers' RoPE instead (method.kind standard, pose, e2llm, harpe or longrecipe)")
     return None
 
 
@@ -114,4 +124,5 @@ def parallel_problems(recipe, sp: int) -> list[str]:
 METHOD = Method(
     kind="longgen", state=longgen_state, parallel_problems=parallel_problems, setup=longgen_setup,
     eval_hook=eval_hook, export_code=write_longgen_code, reload_check=reload_check, own_attention=True,
+    family_problem=family_problem,
 )

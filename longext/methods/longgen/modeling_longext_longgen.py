@@ -47,7 +47,11 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+    MixtralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+)
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -771,18 +775,9 @@ def kv_bytes(cache) -> int:
 
 
 # ---------------------------------------------------------------------------------- exported model
-class LongGenLlamaConfig(LlamaConfig):
-    """Llama config with `longgen` (LongGenSpec.to_dict()); its own model_type, so that transformers
-    without trust_remote_code refuses the folder instead of loading it as all-full attention."""
-
-    model_type = "longext_longgen_llama"
-    longgen: dict | None = None
-
-
-class LongGenLlamaForCausalLM(LlamaForCausalLM):
-    """Llama with LongGen applied from config.longgen at init; generate uses LongGenCache by default."""
-
-    config_class = LongGenLlamaConfig
+class _LongGenCausalLM:
+    """Mixin for the exported CausalLM classes: the family's model with LongGen applied from config.longgen at init;
+    generate uses LongGenCache by default."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -800,3 +795,54 @@ class LongGenLlamaForCausalLM(LlamaForCausalLM):
             model_kwargs["past_key_values"] = LongGenCache(self.config)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+def _same_checkpoint_layout(model_type: str, family: str) -> None:
+    """transformers saves some families in the hub's layout (Mixtral's and Qwen3-MoE's experts one tensor per
+    expert) and converts them when it loads its own model types; our model_type gets the family's conversions too."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # a transformers without conversions saves what it loads
+        return
+    mapping = get_checkpoint_conversion_mapping(family)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)
+
+
+def _export_pair(name: str, model_type: str, config_cls, model_cls):
+    """The exported config and CausalLM classes of one family. Their model_type is LongGen's own, so that
+    transformers without trust_remote_code refuses the folder instead of loading it as all-full attention."""
+    config = type(f"LongGen{name}Config", (config_cls,), {
+        "__module__": __name__, "model_type": f"longext_longgen_{model_type}",
+        "__annotations__": {"longgen": "dict | None"}, "longgen": None,
+    })
+    model = type(f"LongGen{name}ForCausalLM", (_LongGenCausalLM, model_cls),
+                 {"__module__": __name__, "config_class": config})
+    _same_checkpoint_layout(config.model_type, model_type)
+    return config, model
+
+
+LongGenLlamaConfig, LongGenLlamaForCausalLM = _export_pair("Llama", "llama", LlamaConfig, LlamaForCausalLM)
+LongGenMistralConfig, LongGenMistralForCausalLM = _export_pair("Mistral", "mistral", MistralConfig, MistralForCausalLM)
+LongGenQwen2Config, LongGenQwen2ForCausalLM = _export_pair("Qwen2", "qwen2", Qwen2Config, Qwen2ForCausalLM)
+LongGenQwen3Config, LongGenQwen3ForCausalLM = _export_pair("Qwen3", "qwen3", Qwen3Config, Qwen3ForCausalLM)
+LongGenPhi3Config, LongGenPhi3ForCausalLM = _export_pair("Phi3", "phi3", Phi3Config, Phi3ForCausalLM)
+LongGenOlmo2Config, LongGenOlmo2ForCausalLM = _export_pair("Olmo2", "olmo2", Olmo2Config, Olmo2ForCausalLM)
+LongGenMixtralConfig, LongGenMixtralForCausalLM = _export_pair("Mixtral", "mixtral", MixtralConfig, MixtralForCausalLM)
+LongGenQwen3MoeConfig, LongGenQwen3MoeForCausalLM = _export_pair("Qwen3Moe", "qwen3_moe", Qwen3MoeConfig,
+                                                                 Qwen3MoeForCausalLM)
+
+# family model_type -> (config class, CausalLM class): what `longext export` names in auto_map (Gemma 2/3: LongGen
+# does not apply, see longext's docs/models.md)
+EXPORT_CLASSES = {
+    "llama": (LongGenLlamaConfig, LongGenLlamaForCausalLM),
+    "mistral": (LongGenMistralConfig, LongGenMistralForCausalLM),
+    "qwen2": (LongGenQwen2Config, LongGenQwen2ForCausalLM),
+    "qwen3": (LongGenQwen3Config, LongGenQwen3ForCausalLM),
+    "phi3": (LongGenPhi3Config, LongGenPhi3ForCausalLM),
+    "olmo2": (LongGenOlmo2Config, LongGenOlmo2ForCausalLM),
+    "mixtral": (LongGenMixtralConfig, LongGenMixtralForCausalLM),
+    "qwen3_moe": (LongGenQwen3MoeConfig, LongGenQwen3MoeForCausalLM),
+}
