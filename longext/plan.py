@@ -19,6 +19,7 @@ class Resolved:
 def resolve(recipe: Recipe) -> Resolved:
     import dataclasses
 
+    from longext.data.spec import document_mask_enabled
     from longext.engine import resolve_precision
     from longext.errors import LongextError
     from longext.methods import rope_extra
@@ -46,7 +47,7 @@ def resolve(recipe: Recipe) -> Resolved:
     resolved = recipe.model_copy(update={
         "rope": rope,
         "method": method,
-        "data": recipe.data.model_copy(update={"seq_len": seq_len}),
+        "data": recipe.data.model_copy(update={"seq_len": seq_len, "document_mask": document_mask_enabled(recipe)}),
         "model": recipe.model.model_copy(update={"original_context": L0}),
         "train": recipe.train.model_copy(update={"precision": resolve_precision(recipe.train.precision)}),
     })

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Sequence, Union, get_args, get_origi
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from longext.data.spec import DataSpec, TrainSource, data_checks
 from longext.errors import Issue, LongextError, Problems, RecipeError
 from longext.lengths import ALLOWED as LENGTH_ALLOWED
 from longext.lengths import parse_length
@@ -271,8 +272,8 @@ class LongRecipeReplay(Section):
 
     steps: int = Field(ge=1, description="Optimizer steps of the replay stage (after train.steps of extension).")
     lr: float | None = Field(None, gt=0, description="Constant learning rate. Default train.lr / 10 (paper: 5e-5 -> 5e-6).")
-    data: list[str] | None = Field(
-        None, min_length=1, description="Files or folders like data.train (paper: instruction data). Default: data.train."
+    data: list[TrainSource] | None = Field(
+        None, min_length=1, description="Sources like data.train (paper: instruction data). Default: data.train."
     )
     seq_len: Length | Auto = Field("auto", description="Tokens per replay sample. auto = L0.")
 
@@ -392,33 +393,6 @@ class LoraSpec(Section):
     modules_to_save: list[str] = Field(
         default_factory=list,
         description="Modules trained in full and saved with the adapter, e.g. [embed_tokens, norm] (LongLoRA).",
-    )
-
-
-# ------------------------------------------------------------------------------------------ data
-class DataSpec(Section):
-    """Training text: tokenized, packed to seq_len, with labels and attention masks."""
-
-    train: list[str] = Field(
-        default_factory=lambda: ["books"],
-        min_length=1,
-        description="Files (.txt, .jsonl, .json, .parquet) or folders of them; `books` = the offline "
-        "public-domain books set up by `longext models prepare books`.",
-    )
-    text_field: str = Field("text", description="Column holding the text in .jsonl/.json/.parquet files.")
-    seq_len: Length | Auto = Field(
-        "auto",
-        description="Tokens per training sample. auto = the method's default: target_len (standard, harpe, longgen), "
-        "L0 (pose, e2llm), round(train_len_ratio * target_len) (longrecipe).",
-    )
-    packing: Literal["concat", "per_doc"] = Field(
-        "concat",
-        description="concat: documents joined with EOS and cut into seq_len blocks; per_doc: one document per "
-        "sample, truncated, shorter ones padded (padding masked out of loss and attention).",
-    )
-    max_docs: int | None = Field(None, ge=1, description="Use at most this many documents.")
-    holdout_docs: int = Field(
-        0, ge=0, description="Documents at the end of the list kept out of training (for your own eval)."
     )
 
 
@@ -651,6 +625,7 @@ def cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
         out += _longrecipe_checks(recipe)
     if recipe.method.kind == "longgen":
         out += _longgen_checks(recipe)
+    out += data_checks(recipe)
     if getattr(recipe.method, "scales", None) and any(g < 1 for g in recipe.method.scales):
         out.append(("method.scales", f"every scale is >= 1 (got {recipe.method.scales})"))
     for i, depth in enumerate(recipe.eval.passkey.depths):

@@ -1,0 +1,172 @@
+"""The recipe's `data` section: sources (files, folders, globs, `books`, a `datasets` folder, a hub name) with
+mixture weights and length filters, packing, the document mask, chat loss, bad-input limits and the cache.
+
+No torch here and nothing from longext.recipe (which imports this module): `recipes validate` stays instant.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
+
+from longext.lengths import parse_length
+
+Length = Annotated[int, BeforeValidator(parse_length)]
+
+
+class _Section(BaseModel):
+    # the rules of longext.recipe.Section (unknown keys are errors, strict types, finite floats), repeated here
+    # because recipe.py imports this module
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class SourceSpec(_Section):
+    """One entry of `data.train`. A plain string is the same as `{path: <string>}`."""
+
+    path: str | None = Field(
+        None, description="A .txt (one document per file), .jsonl, .json or .parquet file; a folder of them; a glob "
+        "(`data/*.jsonl`, `**` recurses); a folder written by `datasets` save_to_disk; or `books` (the offline "
+        "public-domain books).",
+    )
+    hub: str | None = Field(
+        None, description="A `datasets` hub name (`owner/name`), streamed; needs a reachable hub (HF_HUB_OFFLINE unset). "
+        "A local folder laid out like a hub dataset repo works too, and offline.",
+    )
+    subset: str | None = Field(None, description="hub only: the dataset's configuration name.")
+    split: str = Field("train", description="hub only: the split to read.")
+    revision: str | None = Field(None, description="hub only: a branch, tag or commit; part of the cache key.")
+    weight: float = Field(
+        1.0, gt=0, description="Times each document of this source is used per pass over the data: 3 = three copies "
+        "(long-document upsampling), 0.5 = a seeded half. Fractions pick documents from train.seed.",
+    )
+    min_tokens: int | None = Field(None, ge=1, description="Drop documents with fewer tokens (counted before packing).")
+    max_tokens: int | None = Field(None, ge=1, description="Drop documents with more tokens.")
+    text_field: str | None = Field(None, description="Column holding the text for this source. Default: data.text_field.")
+
+    @model_serializer(mode="wrap")
+    def _plain_when_only_a_path(self, handler):
+        # `- books` stays `- books` in the resolved recipe.yaml of a run
+        if self.model_fields_set <= {"path"} and self.path is not None:
+            return self.path
+        return handler(self)
+
+    @property
+    def label(self) -> str:
+        """How messages and summaries name this source."""
+        return self.path if self.path is not None else f"hub:{self.hub}"
+
+
+def _entry(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"path": value}
+    if isinstance(value, dict):
+        return value
+    raise ValueError("expected a path (file, folder, glob or `books`) or a mapping with `path` or `hub`")
+
+
+TrainSource = Annotated[SourceSpec, BeforeValidator(_entry)]
+
+
+class DataSpec(_Section):
+    """Training text: tokenized once into a cache, packed to seq_len, with labels and attention masks (docs/data.md)."""
+
+    train: list[TrainSource] = Field(
+        default_factory=lambda: [SourceSpec(path="books")],
+        min_length=1,
+        description="Sources, each a path (files, folders, globs, a `datasets` save_to_disk folder, `books`) or a "
+        "mapping with a weight and filters (see data.train entries below). Rows with `messages` are chat data.",
+    )
+    text_field: str = Field("text", description="Column holding the text in .jsonl/.json/.parquet/datasets rows.")
+    messages_field: str = Field(
+        "messages", description="Column holding a chat (a list of {role, content}); such rows go through the "
+        "tokenizer's chat template.",
+    )
+    seq_len: Length | Literal["auto"] = Field(
+        "auto",
+        description="Tokens per training sample. auto = the method's default: target_len (standard, harpe, longgen), "
+        "L0 (pose, e2llm), round(train_len_ratio * target_len) (longrecipe).",
+    )
+    packing: Literal["concat", "per_doc"] = Field(
+        "concat",
+        description="concat: documents joined with EOS and cut into seq_len blocks; per_doc: one document per "
+        "sample, truncated, shorter ones padded (padding masked out of loss and attention).",
+    )
+    document_mask: bool | Literal["auto"] = Field(
+        "auto",
+        description="With concat packing, each document attends only to itself and its positions restart at 0 "
+        "(ProLong). auto = on for concat packing with contiguous positions (standard method, one sequence-parallel "
+        "rank); PoSE, E2-LLM, LongRecipe, LongGen and sequence parallelism keep whole-row attention for now.",
+    )
+    loss_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Chat rows: learn only the assistant turns (the rest is context), or every token.",
+    )
+    max_docs: int | None = Field(None, ge=1, description="Use at most this many documents.")
+    holdout_docs: int = Field(
+        0, ge=0, description="Documents at the end of the list kept out of training (for your own eval)."
+    )
+    max_bad_rows: int = Field(
+        0, ge=0, description="Malformed rows (invalid JSON, missing or non-text field, empty text) skipped before "
+        "the run stops; each is reported with file:line.",
+    )
+    encoding_errors: Literal["strict", "replace"] = Field(
+        "strict", description="Text that is not valid UTF-8: refuse it (naming file and byte offset), or replace "
+        "the bad bytes with U+FFFD. Mostly non-printable text is refused either way.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Where tokenized data is cached. Default $LONGEXT_CACHE/data.",
+    )
+
+
+# ----------------------------------------------------------------------------------- document mask
+# Position samplers and attention kernels that phase 2 makes document-aware (docs/data.md, "Document mask").
+_SAMPLERS = {"pose": "PoSE's skipped positions", "e2llm": "E2-LLM's offsets", "longrecipe": "LongRecipe's gaps",
+             "longgen": "LongGen's sparse attention layers"}
+
+
+def document_mask_problems(recipe) -> list[tuple[str, str]]:
+    """(field, message) for a document_mask: true that this version cannot honour."""
+    data = recipe.data
+    if data.document_mask is not True:
+        return []
+    if data.packing != "concat":
+        return [("data.document_mask", "applies to concat packing; per_doc rows hold one document already "
+                                       "(set data.packing: concat or remove document_mask)")]
+    if recipe.method.kind in _SAMPLERS:
+        return [("data.document_mask", f"cannot yet be combined with {_SAMPLERS[recipe.method.kind]} "
+                                       f"(method.kind {recipe.method.kind}); use document_mask: auto or false")]
+    if recipe.train.sequence_parallel > 1:
+        return [("data.document_mask", f"cannot yet be combined with train.sequence_parallel "
+                                       f"{recipe.train.sequence_parallel} (Ulysses attends over whole rows); use "
+                                       f"document_mask: auto or false")]
+    return []
+
+
+def document_mask_enabled(recipe) -> bool:
+    """What data.document_mask means for this recipe: true/false as written, auto = on where it is supported."""
+    data = recipe.data
+    if data.document_mask != "auto":
+        return data.document_mask
+    probe = recipe.model_copy(update={"data": data.model_copy(update={"document_mask": True})})
+    return not document_mask_problems(probe)
+
+
+def data_checks(recipe) -> list[tuple[str, str]]:
+    """Rules of the data section that span fields (recipe.cross_checks adds them)."""
+    out = document_mask_problems(recipe)
+    if recipe.method.kind == "longrecipe":  # its sentence selection reads whole documents (longext.data.documents)
+        out += [(f"data.train.{i}", "LongRecipe selects sentences from plain path sources; weights, filters and hub "
+                                    "sources are not supported for it yet (write the path alone)")
+                for i, s in enumerate(recipe.data.train) if s.model_fields_set - {"path"}]
+    for i, source in enumerate(recipe.data.train):
+        where = f"data.train.{i}"
+        if (source.path is None) == (source.hub is None):
+            out.append((where, "give exactly one of path or hub (got "
+                               f"{'both' if source.path is not None else 'neither'})"))
+        hub_only = sorted(source.model_fields_set & {"subset", "split", "revision"})
+        if source.path is not None and hub_only:
+            out.append((f"{where}.{hub_only[0]}", "is for hub sources; a path source has none"))
+        if source.min_tokens and source.max_tokens and source.min_tokens > source.max_tokens:
+            out.append((f"{where}.max_tokens", f"must be at least min_tokens {source.min_tokens} "
+                                               f"(got {source.max_tokens})"))
+    return out
