@@ -1,6 +1,6 @@
 """The token cache of one source: its key, its manifest, one builder at a time, atomic publication, validation.
 
-    $LONGEXT_CACHE/data/<name>-<hash>/     (or data.cache_dir)
+    $LONGEXT_CACHE/data/<name>-<hash>/     (or data.cache_dir, or $LONGEXT_DATA_CACHE)
         tokens.u32 docs.i64 [loss.u8]      see longext.data.tokenize
         manifest.json                      written last: format, key, what was read, counts, file sizes, checksums
 
@@ -74,9 +74,11 @@ class SourceCache:
 
 # --------------------------------------------------------------------------------------------- keys
 def cache_root(cache_dir: str | None) -> Path:
+    """data.cache_dir, else $LONGEXT_DATA_CACHE, else $LONGEXT_CACHE/data."""
     from longext.materials import cache_dir as default_cache, expand_path
 
-    return Path(expand_path(cache_dir)) if cache_dir else default_cache() / "data"
+    chosen = cache_dir or os.environ.get("LONGEXT_DATA_CACHE")
+    return Path(expand_path(chosen)).absolute() if chosen else default_cache() / "data"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -97,3 +97,21 @@ def build_progress(live: bool = True, console=None) -> Iterator[tuple[Callable, 
 
     with bar:
         yield progress, say
+
+
+# ------------------------------------------------------------------------------------ longext data prepare
+def prepare_data(recipe, console) -> Corpus:
+    """`longext data prepare`: resolve the recipe (model config only), build or check every cache with a progress
+    bar, print the summary."""
+    from longext.data.summary import render_summary
+    from longext.models import load_tokenizer
+    from longext.plan import resolve
+
+    resolved = resolve(recipe).recipe
+    tokenizer = load_tokenizer(resolved.model.path)
+    with build_progress(console.is_terminal) as (progress, say):
+        corpus = prepare_corpus(resolved.data, tokenizer, resolved.seq_len, resolved.train.seed, resolved.model.path,
+                                progress=progress, say=say)
+    for item in render_summary(corpus, resolved):
+        console.print(item, markup=False) if isinstance(item, str) else console.print(item)
+    return corpus
