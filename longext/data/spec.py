@@ -60,7 +60,7 @@ class SourceSpec(_Section):
 def _entry(value: Any) -> Any:
     if isinstance(value, str):
         return {"path": value}
-    if isinstance(value, dict):
+    if isinstance(value, (dict, SourceSpec)):
         return value
     raise ValueError("expected a path (file, folder, glob or `books`) or a mapping with `path` or `hub`")
 
