@@ -283,7 +283,9 @@ PATHS = """\
 - `books` in `data.train` or `eval.perplexity.texts` means the offline public-domain books
   (`longext models prepare books`): training uses their train split, evaluation their held-out split.
   Other entries are `.txt` files (one document each), `.jsonl`/`.json`/`.parquet` files (one document
-  per row, text in `data.text_field`), or folders searched recursively for those.
+  per row, text in `data.text_field`), folders searched recursively for those, globs, folders written by
+  `datasets`' `save_to_disk`, or mappings with a weight and filters (`{path: ..., weight: 3}`, `{hub: ...}`);
+  see [`data.train`](#datatrain) and [data.md](data.md).
 """
 
 OVERRIDES = """\
@@ -312,6 +314,8 @@ AUTO = """\
 - `rope.factor: auto` is `method.target_len / L0`, where L0 (`model.original_context`) is read from
   the model's `config.json` (rope `original_max_position_embeddings`, else `max_position_embeddings`).
 - `data.seq_len: auto` trains at `method.target_len`.
+- `data.document_mask: auto` is on for `concat` packing with contiguous positions (methods `standard` and
+  `harpe`, one sequence-parallel rank), off otherwise.
 - `train --dry-run` prints the recipe with these filled in, and the run directory keeps that resolved
   copy as `recipe.yaml`.
 """

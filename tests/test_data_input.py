@@ -29,8 +29,23 @@ def jsonl(path: Path, lines: list) -> Path:
 
 
 def prepare(tmp_path, tiny_model_dir, corpus, capsys, *sets) -> list[str]:
+    """The error lines of `data prepare`, without the recipe location every line starts with (checked here)."""
     recipe = write_recipe(tmp_path, tiny_model_dir, corpus, data={"seq_len": 16})
-    return bad_input(capsys, "data", "prepare", recipe, *[a for s in sets for a in ("-s", s)])
+    return unlocated(bad_input(capsys, "data", "prepare", recipe, *[a for s in sets for a in ("-s", s)]), recipe)
+
+
+def unlocated(lines: list[str], recipe: Path) -> list[str]:
+    """`error: recipe.yaml:N data.x: ...` -> `error: data.x: ...`, checking that lines naming a recipe field from
+    the file point at the file and a line."""
+    out = []
+    for line in lines:
+        where = f"error: {recipe}:"
+        if line.startswith(where):
+            line = "error: " + line[len(where):].split(" ", 1)[1]
+        else:
+            assert not line.startswith("error: data.train."), line  # data.train entries are in the file
+        out.append(line)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ bad rows
@@ -65,7 +80,8 @@ def test_max_bad_rows_skips_them_and_the_summary_counts_them(tmp_path, tiny_mode
 
 def test_a_bad_row_file_stops_train_with_the_same_lines(tmp_path, tiny_model_dir, capsys):
     path = jsonl(tmp_path / "rows.jsonl", [GOOD, {"text": 7}])
-    lines = bad_input(capsys, "train", write_recipe(tmp_path, tiny_model_dir, path, data={"seq_len": 16}))
+    recipe = write_recipe(tmp_path, tiny_model_dir, path, data={"seq_len": 16})
+    lines = unlocated(bad_input(capsys, "train", recipe), recipe)
     assert lines[0] == f"error: data.train.0: {path}:2: field 'text' is a number (got 7); expected text"
 
 
@@ -105,7 +121,15 @@ def test_random_bytes_are_refused_with_replace_too(tmp_path, tiny_model_dir, cap
 
 def test_random_bytes_never_train(tmp_path, tiny_model_dir, capsys, random_txt):
     (line,) = bad_input(capsys, "train", write_recipe(tmp_path, tiny_model_dir, random_txt, data={"seq_len": 16}))
-    assert "not UTF-8 text" in line
+    assert f"data.train.0: {random_txt}: not UTF-8 text" in line
+
+
+def test_a_target_len_below_the_models_window_names_both(tmp_path, tiny_model_dir, capsys):
+    recipe = write_recipe(tmp_path, tiny_model_dir, tmp_path, method={"kind": "standard", "target_len": 64},
+                          data={"seq_len": 64})
+    (line,) = bad_input(capsys, "train", recipe, "--dry-run")
+    assert line.endswith("method.target_len: 64 is below the model's own window L0 128 (from the model's "
+                         "config.json); set a target_len of at least 128")
 
 
 def test_replace_keeps_a_text_with_a_few_bad_bytes(tmp_path, tiny_tokenizer):
@@ -161,7 +185,7 @@ def test_a_hub_name_offline_is_one_line(tmp_path, tiny_model_dir, capsys, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = write_recipe(tmp_path, tiny_model_dir, tmp_path, data={"train": [{"hub": "someone/corpus"}]})
     (line,) = bad_input(capsys, "data", "prepare", recipe)
-    assert line.endswith("data.train.0.hub: 'someone/corpus' is a hub dataset and HF_HUB_OFFLINE is set, so it cannot "
+    assert line.startswith(f"error: {recipe}:") and line.endswith("data.train.0.hub: 'someone/corpus' is a hub dataset and HF_HUB_OFFLINE is set, so it cannot "
                          "be streamed; unset it, or download the dataset and give its folder as path")
 
 

@@ -36,13 +36,18 @@ def packed_batches(tmp_path_factory, tiny_tokenizer):
     return batches
 
 
-def _model(tokenizer, attn: str):
+def _model(tokenizer, attn: str, harpe: bool = False):
     from conftest import tiny_config
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = tiny_config("llama", vocab_size=len(tokenizer), initializer_range=0.2)  # peaked attention
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn).eval()
+    if harpe:  # a RoPE base per key/value head: document_mask auto is on for HARPE too
+        from longext.methods.harpe import apply_harpe
+
+        apply_harpe(model, [2e3, 5e4])
+    return model
 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,9 +70,9 @@ def _alone_losses(model, batch) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_every_packed_token_has_the_loss_of_its_document_alone(packed_batches, tiny_tokenizer, attn):
-    model = _model(tiny_tokenizer, attn)
+@pytest.mark.parametrize(("attn", "harpe"), [("sdpa", False), ("eager", False), ("sdpa", True), ("eager", True)])
+def test_every_packed_token_has_the_loss_of_its_document_alone(packed_batches, tiny_tokenizer, attn, harpe):
+    model = _model(tiny_tokenizer, attn, harpe)
     for batch in packed_batches:
         inputs = model_inputs(batch, attn, torch.float32)
         with torch.no_grad():

@@ -2,7 +2,7 @@
 
 Every micro-batch is a pure function of (seed, global micro-batch index, rank): resuming from a checkpoint replays
 exactly the batches an uninterrupted run would have seen, and position samplers (PoSE, E2-LLM, LongRecipe) draw from
-a generator seeded the same way. The rows come from longext.data.pack.PackedRows (memory-mapped, the training path)
+a generator seeded the same way. The rows come from longext.data.packing.PackedRows (memory-mapped, the training path)
 or from Samples (tensors in memory: LongRecipe's selected sentences, small tests); both answer `rows(indices)`.
 """
 

@@ -7,7 +7,7 @@
 The key hashes everything the token files depend on: the data files' identity (resolved path, size, mtime in ns;
 a hub dataset's name, split and commit), the tokenizer (a hash of its serialized state and chat template), the
 text and messages fields, data.loss_on, data.encoding_errors, and the format version. Filters, weights and packing
-are applied when reading (longext.data.pack), so changing them never re-tokenizes.
+are applied when reading (longext.data.packing), so changing them never re-tokenizes.
 
 A build runs in `.tmp-<pid>-…` next to its target, under an exclusive file lock (`.<key>.lock`): ranks started by
 torchrun or DeepSpeed wait while one process builds, then read what it published. The manifest is written last and

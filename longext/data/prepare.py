@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from longext.data.cache import SourceCache, cache_root, load_or_build
 from longext.data.checks import bad_rows_error
-from longext.data.pack import PackedRows, Selection, select_documents
+from longext.data.packing import PackedRows, Selection, select_documents
 from longext.data.sources import Source, resolve_sources
 
 

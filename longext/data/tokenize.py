@@ -148,13 +148,16 @@ def _flush(pending: list, tokenizer, files: _TokenFiles, out: BuildResult) -> No
 
 @contextmanager
 def tokenizer_threads():
-    """The Rust tokenizer's own threads for the build (TOKENIZERS_PARALLELISM; a user's explicit `false` wins)."""
+    """The Rust tokenizer's threads for one batch. TOKENIZERS_PARALLELISM=false, which the Makefile and many users
+    set to silence the warning tokenizers prints when a process forks after using threads, is restored right after:
+    nothing forks inside the build, and only one process per node builds."""
     key = "TOKENIZERS_PARALLELISM"
     before = os.environ.get(key)
-    if before is None:
-        os.environ[key] = "true"
+    os.environ[key] = "true"
     try:
         yield
     finally:
         if before is None:
             os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
