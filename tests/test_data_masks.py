@@ -18,18 +18,23 @@ DOC_CHARS = (20, 60, 35, 90, 15, 45, 130, 25, 70, 40, 20, 160, 50, 30, 60, 25)  
 
 
 @pytest.fixture(scope="module")
-def packed_batches(tmp_path_factory, tiny_tokenizer):
-    """Two micro-batches of 2 rows with document mask on, from a jsonl of short documents."""
+def short_docs(tmp_path_factory):
     from conftest import synthetic_text
 
+    path = tmp_path_factory.mktemp("short-docs") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": synthetic_text(60, seed=100 + i)[:n]}) + "\n"
+                            for i, n in enumerate(DOC_CHARS)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def packed_batches(short_docs, tiny_tokenizer):
+    """Two micro-batches of 2 rows with document mask on, from a jsonl of short documents."""
     from longext.data.batches import TrainData
     from longext.data.prepare import prepare_corpus
     from longext.data.spec import DataSpec
 
-    d = tmp_path_factory.mktemp("short-docs")
-    lines = [json.dumps({"text": synthetic_text(60, seed=100 + i)[:n]}) for i, n in enumerate(DOC_CHARS)]
-    (d / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    corpus = prepare_corpus(DataSpec(train=[str(d / "docs.jsonl")]), tiny_tokenizer, SEQ, seed=0)
+    corpus = prepare_corpus(DataSpec(train=[str(short_docs)]), tiny_tokenizer, SEQ, seed=0)
     data = TrainData(corpus.rows, micro_batch_size=2, seed=3, document_mask=True)
     batches = [data.micro_batch(i) for i in range(2)]
     assert all(int(b["segment_ids"].max()) >= 2 for b in batches)  # every row pair packs 3+ document pieces
@@ -159,3 +164,33 @@ def test_other_kernels_are_refused_in_one_line(packed_batches):
 
     with pytest.raises(LongextError, match="no document mask for attention 'flex_attention' yet"):
         model_inputs(packed_batches[0], "flex_attention")
+
+
+def test_train_logs_the_loss_of_the_documents_alone(tmp_path, short_docs, tiny_model_dir):
+    """End to end: `longext train` with document_mask auto (on for the standard method) logs, at step 1 (LoRA B = 0),
+    the mean token loss of the stock model run on each document piece alone."""
+    from helpers import losses, write_recipe
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from longext.cli import main
+    from longext.data.prepare import build_train_data
+    from longext.plan import resolve
+    from longext.recipe import load_recipe
+
+    path = write_recipe(tmp_path, tiny_model_dir, short_docs, train={"steps": 1}, data={"seq_len": SEQ})
+    recipe = resolve(load_recipe(path)).recipe
+    assert recipe.data.document_mask is True
+    assert main(["train", str(path)]) == 0
+    got = losses(recipe.run_dir)[1]
+    batch = build_train_data(recipe, AutoTokenizer.from_pretrained(tiny_model_dir)).micro_batch(0)
+    assert int(batch["segment_ids"].max()) >= 1  # the first micro-batch packs several documents
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1.0e4}  # target_len 256 / L0 128
+    stock = AutoModelForCausalLM.from_pretrained(tiny_model_dir, config=config, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    alone = _alone_losses(stock, batch)
+    counted = batch["labels"][:, 1:] != -100
+    assert got == pytest.approx(alone[:, :-1][counted].mean().item(), rel=1e-5)
+    with torch.no_grad():
+        whole = stock(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "position_ids")}).loss.item()
+    assert abs(whole - got) > 1e-5  # the unmasked row would have logged something else

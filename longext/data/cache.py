@@ -100,7 +100,7 @@ def source_key(source: Source, fingerprint: str, settings: dict) -> str:
 
 # ----------------------------------------------------------------------------------- load or build
 def load_or_build(source: Source, tokenizer, root: Path, settings: dict, bad_budget: int, *,
-                  progress: Callable[[Source], Callable] = lambda s: (lambda *a: None),
+                  progress: Callable[[Source], Callable] | None = None,
                   say: Callable[[str], None] = lambda line: None, model_path: str = "") -> SourceCache:
     """The source's valid cache: reused, or built (once per node: other processes wait on the lock)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -117,8 +117,8 @@ def load_or_build(source: Source, tokenizer, root: Path, settings: dict, bad_bud
         _remove_abandoned(root)
         with _staging(root, key) as tmp:
             began = time.perf_counter()
-            result = build_token_files(source, tokenizer, tmp, settings["loss_on"], bad_budget, progress(source),
-                                       model_path)
+            result = build_token_files(source, tokenizer, tmp, settings["loss_on"], bad_budget,
+                                       progress(source) if progress else lambda *a: None, model_path)
             _write_manifest(tmp, key, source, settings, result, time.perf_counter() - began)
             _publish(tmp, target)
     cache = open_cache(target, key, source)

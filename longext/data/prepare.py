@@ -43,8 +43,8 @@ def prepare_corpus(data, tokenizer, seq_len: int, seed: int, model_path: str = "
     sources = resolve_sources(data.train, data.text_field, settings)
     root, caches, bad = cache_root(data.cache_dir), [], 0
     for source in sources:
-        cache = load_or_build(source, tokenizer, root, settings, data.max_bad_rows - bad, say=say,
-                              model_path=model_path, **({"progress": progress} if progress else {}))
+        cache = load_or_build(source, tokenizer, root, settings, data.max_bad_rows - bad, progress=progress, say=say,
+                              model_path=model_path)
         caches.append(cache)
         bad += cache.bad_rows
         if bad > data.max_bad_rows:

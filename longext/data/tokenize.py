@@ -82,26 +82,18 @@ def build_token_files(source: Source, tokenizer, folder: Path, loss_on: str, bad
     """Tokenize every row of `source` into `folder`. Bad rows are skipped and counted; once there are more than
     `bad_budget`, tokenizing stops but reading goes on (to name them all) and bad_rows_error is raised."""
     out, files = BuildResult(), _TokenFiles(folder)
-    pending: list[tuple[str, str, list | None]] = []  # (kind, text, loss spans) in row order
-    chars, checked_template = 0, False
+    rows = _Rows(source, tokenizer, loss_on, model_path)
+    pending: list[tuple[str, str, list | None]] = []  # (kind, text, loss spans or None) in row order
+    chars = 0
     try:
         for row, done in read_rows(source):
-            doc = document_of(row.value, source.text_field, source.settings["messages_field"]) \
-                if row.problem is None else row.problem
-            if not isinstance(doc, str) and doc[0] == "chat":
-                if not checked_template:
-                    require_chat_template(tokenizer, source.field, model_path)
-                    checked_template = True
-                try:
-                    doc = ("chat", *chat_text(tokenizer, doc[1], loss_on))
-                except ChatProblem as problem:
-                    doc = str(problem)
+            doc = rows.document(row)
             if isinstance(doc, str):
                 _count_bad(out, BadRow(row.where, doc))
                 continue
             if out.bad_rows > bad_budget:
                 continue  # over the limit: only checking the rest now
-            pending.append((doc[0], doc[1], doc[2] if doc[0] == "chat" and loss_on == "assistant" else None))
+            pending.append(doc)
             chars += len(doc[1])
             if chars >= BATCH_CHARS or len(pending) >= BATCH_DOCS:
                 _flush(pending, tokenizer, files, out)
@@ -115,6 +107,30 @@ def build_token_files(source: Source, tokenizer, folder: Path, loss_on: str, bad
     progress(source.total_bytes() or 0, files.n_tokens, len(files.lengths), True)
     out.documents, out.tokens, out.has_loss_mask = len(files.lengths), files.n_tokens, files.loss is not None
     return out
+
+
+class _Rows:
+    """A raw row as a document to tokenize: ("text", text, None) or ("chat", text, learned spans or None), or the
+    reason it is a bad row."""
+
+    def __init__(self, source: Source, tokenizer, loss_on: str, model_path: str):
+        self.source, self.tokenizer, self.loss_on, self.model_path = source, tokenizer, loss_on, model_path
+        self.template_checked = False
+
+    def document(self, row) -> tuple[str, str, list | None] | str:
+        if row.problem is not None:
+            return row.problem
+        doc = document_of(row.value, self.source.text_field, self.source.settings["messages_field"])
+        if isinstance(doc, str) or doc[0] == "text":
+            return doc if isinstance(doc, str) else ("text", doc[1], None)
+        if not self.template_checked:  # a tokenizer without a template is one error for the source, not a bad row
+            require_chat_template(self.tokenizer, self.source.field, self.model_path)
+            self.template_checked = True
+        try:
+            text, spans = chat_text(self.tokenizer, doc[1], self.loss_on)
+        except ChatProblem as problem:
+            return str(problem)
+        return "chat", text, spans if self.loss_on == "assistant" else None
 
 
 def _count_bad(out: BuildResult, bad: BadRow) -> None:
