@@ -19,14 +19,15 @@ class Resolved:
 def resolve(recipe: Recipe) -> Resolved:
     import dataclasses
 
-    from longext.data.spec import document_mask_enabled
+    from longext.data.spec import document_mask_enabled, document_mask_problems
     from longext.engine import resolve_precision
     from longext.errors import LongextError
     from longext.methods import rope_extra
-    from longext.models import load_model_config
+    from longext.models import attn_implementation, load_model_config
     from longext.rope import rope_state
 
     config = load_model_config(recipe.model.path)
+    kernel = attn_implementation(recipe.model.attn_implementation)
     state = rope_state(recipe, config)
     L0 = state.original_context
     if recipe.method.kind == "longrecipe":  # the method computes its enlarged base from L0 (methods.md §4.1.5)
@@ -41,13 +42,16 @@ def resolve(recipe: Recipe) -> Resolved:
     seq_len = recipe.data.seq_len if recipe.data.seq_len != "auto" else recipe.method.default_seq_len(L0)
     if seq_len > recipe.method.target_len:
         raise LongextError(f"data.seq_len: {seq_len} is longer than method.target_len {recipe.method.target_len}")
+    if problems := document_mask_problems(recipe, kernel, seq_len):  # e.g. a 4D mask too large for sdpa
+        raise LongextError(": ".join(problems[0]))
     method = recipe.method
     if getattr(method, "g_max", None) == "auto":
         method = method.model_copy(update={"g_max": method.resolved_g_max(L0)})
     resolved = recipe.model_copy(update={
         "rope": rope,
         "method": method,
-        "data": recipe.data.model_copy(update={"seq_len": seq_len, "document_mask": document_mask_enabled(recipe)}),
+        "data": recipe.data.model_copy(update={"seq_len": seq_len,
+                                               "document_mask": document_mask_enabled(recipe, kernel, seq_len)}),
         "model": recipe.model.model_copy(update={"original_context": L0}),
         "train": recipe.train.model_copy(update={"precision": resolve_precision(recipe.train.precision)}),
     })

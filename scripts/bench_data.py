@@ -84,7 +84,7 @@ def build_tiny_model(folder: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id)
     torch.manual_seed(0)
@@ -111,7 +111,8 @@ def write_recipe(out: Path, name: str, corpus: Path, model: Path) -> Path:
 def measure(cmd: list[str], watch: Path | None = None) -> dict:
     """Run `cmd` in a fresh process: wall seconds, peak RSS (MB, from wait4), and with `watch` the seconds until
     that file first has a line (metrics.jsonl: the first optimizer step)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(Path(cmd[-1]).parent / "hf-datasets")}  # the in-memory path's Arrow files
     load = os.getloadavg()[0]
     began, first = time.perf_counter(), None
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

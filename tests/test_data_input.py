@@ -293,3 +293,31 @@ def test_two_processes_build_a_source_once(tmp_path, tiny_model_dir, big_corpus)
     assert sorted("cache built:" in o for o in outs) == [False, True]
     assert sum("cache reused:" in o for o in outs) == 1
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] != []
+
+
+def test_document_mask_auto_and_true_weigh_the_mask_of_sdpa(tmp_path, tiny_model_dir, capsys):
+    """auto: on while sdpa's [b, 1, L, L] mask stays within 1 GiB; true: refused beyond 4 GiB (flash needs none)."""
+    import yaml
+
+    from longext.cli import main
+
+    def resolved_mask(*sets) -> bool:
+        recipe = write_recipe(tmp_path, tiny_model_dir, tmp_path, model={"path": str(tiny_model_dir),
+                                                                        "attn_implementation": "sdpa"})
+        assert main(["train", str(recipe), "--dry-run", *[a for s in sets for a in ("-s", s)]]) == 0
+        text = capsys.readouterr().out.split("# RoPE state")[0].removeprefix("# resolved recipe")
+        return yaml.safe_load(text)["data"]["document_mask"]
+
+    assert resolved_mask() is True  # 64 tokens
+    assert resolved_mask("method.target_len=32k", "data.seq_len=32k") is True  # 1 GiB
+    assert resolved_mask("method.target_len=64k", "data.seq_len=32k", "train.micro_batch_size=2") is False
+    assert resolved_mask("method.target_len=64k", "data.seq_len=64k", "data.document_mask=true") is True  # 4 GiB
+    assert resolved_mask("data.packing=per_doc") is False
+    assert resolved_mask("method.kind=pose") is False
+    recipe = write_recipe(tmp_path, tiny_model_dir, tmp_path, model={"path": str(tiny_model_dir),
+                                                                    "attn_implementation": "eager"})
+    (line,) = bad_input(capsys, "train", recipe, "--dry-run", "-s", "method.target_len=64k", "-s", "data.seq_len=64k",
+                        "-s", "data.document_mask=true")
+    assert line.endswith("data.document_mask: with attention eager the mask is a [batch, 1, 65536, 65536] tensor of "
+                         "16 GiB per micro-batch; install flash-attn (model.attn_implementation flash_attention_2 "
+                         "needs none) or set document_mask: false [from --set]")

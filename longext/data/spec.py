@@ -45,11 +45,12 @@ class SourceSpec(_Section):
     text_field: str | None = Field(None, description="Column holding the text for this source. Default: data.text_field.")
 
     @model_serializer(mode="wrap")
-    def _plain_when_only_a_path(self, handler):
-        # `- books` stays `- books` in the resolved recipe.yaml of a run
+    def _as_written(self, handler):
+        # the resolved recipe.yaml of a run shows an entry as it was written: `- books` stays `- books`, a mapping
+        # keeps only its own keys
         if self.model_fields_set <= {"path"} and self.path is not None:
             return self.path
-        return handler(self)
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
 
     @property
     def label(self) -> str:
@@ -95,8 +96,10 @@ class DataSpec(_Section):
     document_mask: bool | Literal["auto"] = Field(
         "auto",
         description="With concat packing, each document attends only to itself and its positions restart at 0 "
-        "(ProLong). auto = on for concat packing with contiguous positions (standard method, one sequence-parallel "
-        "rank); PoSE, E2-LLM, LongRecipe, LongGen and sequence parallelism keep whole-row attention for now.",
+        "(ProLong). auto = on for concat packing with contiguous positions (methods standard and harpe, one "
+        "sequence-parallel rank) when the attention kernel is flash-attn, or sdpa/eager with a [batch, 1, L, L] mask "
+        "of at most 1 GiB (32k tokens at batch 1). PoSE, E2-LLM, LongRecipe, LongGen and sequence parallelism keep "
+        "whole-row attention for now.",
     )
     loss_on: Literal["assistant", "all"] = Field(
         "assistant", description="Chat rows: learn only the assistant turns (the rest is context), or every token.",
@@ -124,8 +127,21 @@ _SAMPLERS = {"pose": "PoSE's skipped positions", "e2llm": "E2-LLM's offsets", "l
              "longgen": "LongGen's sparse attention layers"}
 
 
-def document_mask_problems(recipe) -> list[tuple[str, str]]:
-    """(field, message) for a document_mask: true that this version cannot honour."""
+MASK_BYTES_AUTO = 1 << 30  # auto: the 4D mask of sdpa/eager up to 1 GiB per micro-batch (32k tokens at batch 1)
+MASK_BYTES_MAX = 4 << 30  # true: refused above 4 GiB (use flash-attn: no mask tensor at all)
+
+
+def dense_mask_bytes(kernel: str, micro_batch_size: int, seq_len: int) -> int:
+    """Bytes of the document mask tensor for `kernel` (longext.data.masks): none for flash's varlen inputs, a
+    [b, 1, L, L] bool for sdpa, floats (4 bytes, fp32 at most) for eager."""
+    if kernel.startswith("flash_attention"):
+        return 0
+    return micro_batch_size * seq_len * seq_len * (1 if kernel == "sdpa" else 4)
+
+
+def document_mask_problems(recipe, kernel: str | None = None, seq_len: int | None = None) -> list[tuple[str, str]]:
+    """(field, message) for a document_mask: true that this version cannot honour. With the resolved attention
+    kernel and training length, also a mask tensor too large to build."""
     data = recipe.data
     if data.document_mask is not True:
         return []
@@ -139,16 +155,25 @@ def document_mask_problems(recipe) -> list[tuple[str, str]]:
         return [("data.document_mask", f"cannot yet be combined with train.sequence_parallel "
                                        f"{recipe.train.sequence_parallel} (Ulysses attends over whole rows); use "
                                        f"document_mask: auto or false")]
+    size = dense_mask_bytes(kernel, recipe.train.micro_batch_size, seq_len) if kernel and seq_len else 0
+    if size > MASK_BYTES_MAX:
+        return [("data.document_mask", f"with attention {kernel} the mask is a [batch, 1, {seq_len}, {seq_len}] tensor "
+                                       f"of {size / 2**30:.0f} GiB per micro-batch; install flash-attn "
+                                       f"(model.attn_implementation flash_attention_2 needs none) or set "
+                                       f"document_mask: false")]
     return []
 
 
-def document_mask_enabled(recipe) -> bool:
-    """What data.document_mask means for this recipe: true/false as written, auto = on where it is supported."""
+def document_mask_enabled(recipe, kernel: str = "sdpa", seq_len: int | None = None) -> bool:
+    """What data.document_mask means for this recipe: true/false as written; auto = on where it is supported and,
+    for sdpa/eager, where its mask stays within MASK_BYTES_AUTO (the resolved recipe records the answer)."""
     data = recipe.data
     if data.document_mask != "auto":
         return data.document_mask
     probe = recipe.model_copy(update={"data": data.model_copy(update={"document_mask": True})})
-    return not document_mask_problems(probe)
+    length = seq_len or (data.seq_len if isinstance(data.seq_len, int) else 0)
+    small = dense_mask_bytes(kernel, recipe.train.micro_batch_size, length) <= MASK_BYTES_AUTO
+    return small and not document_mask_problems(probe)
 
 
 def data_checks(recipe) -> list[tuple[str, str]]:
