@@ -168,3 +168,29 @@ def test_too_little_text_for_one_row_is_a_clear_error(tmp_path, tiny_tokenizer):
     (tmp_path / "tiny.jsonl").write_text(json.dumps({"text": "Hello there."}) + "\n")
     with pytest.raises(LongextError, match=r"data.train: \d+ tokens in all, fewer than one sample of data.seq_len 64"):
         corpus_of([str(tmp_path / "tiny.jsonl")], tiny_tokenizer)
+
+
+# ------------------------------------------------------------------------------------------ summary
+def test_summary_counts_against_the_documents(tmp_path, jsonl, texts, tiny_model_dir, capsys):
+    from helpers import write_recipe
+
+    from longext.cli import main
+    from longext.data.summary import length_histogram
+
+    from transformers import AutoTokenizer
+
+    lengths = np.array([len(ids) for ids in tokenize_documents(texts, AutoTokenizer.from_pretrained(tiny_model_dir))])
+    hist = length_histogram(np.array([10, 255, 256, 1023, 5000, 300_000]))
+    assert [(n, d) for n, d, _ in hist] == [("< 256", 2), ("256 - 1k", 2), ("1k - 4k", 0), ("4k - 16k", 1),
+                                            ("16k - 64k", 0), ("64k - 256k", 0), (">= 256k", 1)]
+    recipe = write_recipe(tmp_path, tiny_model_dir, jsonl, data={"seq_len": 64, "holdout_docs": 2},
+                          train={"steps": 3, "micro_batch_size": 2})
+    assert main(["data", "prepare", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    used = lengths[:-2]
+    rows = (used + 1).sum() // 64
+    assert f"used: {len(used):,} documents, {used.sum():,} tokens; {(used > 64).sum():,} longer than seq_len 64" in out
+    assert f"rows: {rows:,} of 64 tokens (concat packing, document mask on); train.steps 3 x 2 rows" in out
+    assert f"= {6 / rows:.2f} epochs" in out
+    assert f"dropped: {(used + 1).sum() - rows * 64:,} tokens by the last partial row (concat), 0 tokens by " \
+           f"min_tokens/max_tokens, 0 bad rows, 2 documents held out" in out
