@@ -166,9 +166,10 @@ def test_other_kernels_are_refused_in_one_line(packed_batches):
         model_inputs(packed_batches[0], "flex_attention")
 
 
-def test_train_logs_the_loss_of_the_documents_alone(tmp_path, short_docs, tiny_model_dir):
+@pytest.mark.parametrize("tiled_loss", [False, True])
+def test_train_logs_the_loss_of_the_documents_alone(tmp_path, short_docs, tiny_model_dir, tiled_loss):
     """End to end: `longext train` with document_mask auto (on for the standard method) logs, at step 1 (LoRA B = 0),
-    the mean token loss of the stock model run on each document piece alone."""
+    the mean token loss of the stock model run on each document piece alone; also through the tiled loss path."""
     from helpers import losses, write_recipe
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -177,7 +178,8 @@ def test_train_logs_the_loss_of_the_documents_alone(tmp_path, short_docs, tiny_m
     from longext.plan import resolve
     from longext.recipe import load_recipe
 
-    path = write_recipe(tmp_path, tiny_model_dir, short_docs, train={"steps": 1}, data={"seq_len": SEQ})
+    path = write_recipe(tmp_path, tiny_model_dir, short_docs, train={"steps": 1, "tiled_loss": tiled_loss},
+                        data={"seq_len": SEQ})
     recipe = resolve(load_recipe(path)).recipe
     assert recipe.data.document_mask is True
     assert main(["train", str(path)]) == 0

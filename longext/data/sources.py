@@ -242,7 +242,8 @@ def _columns(names: list[str], source: Source, where: str) -> list[str]:
     """The columns to read; a file with neither the text nor the messages column is refused as a whole."""
     wanted = [c for c in (source.text_field, source.settings["messages_field"]) if c in names]
     if not wanted:
-        raise LongextError(f"data.text_field: column {source.text_field!r} not in {where} "
+        field = f"{source.field}.text_field" if source.spec.text_field else "data.text_field"
+        raise LongextError(f"{field}: column {source.text_field!r} not in {where} "
                            f"(columns: {', '.join(names)}; chat rows use data.messages_field "
                            f"{source.settings['messages_field']!r})")
     return wanted
