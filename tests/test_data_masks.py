@@ -159,6 +159,14 @@ def test_positions_restart_and_first_tokens_are_not_targets(packed_batches):
         assert (labels[starts] == -100).all() and (labels[~starts] != -100).all()
 
 
+def test_rows_of_one_document_piece_each_keep_the_plain_inputs(packed_batches):
+    batch = {**packed_batches[0], "segment_ids": torch.zeros_like(packed_batches[0]["segment_ids"])}
+    for attn in ("sdpa", "eager", "flash_attention_2", "flex_attention"):
+        inputs = model_inputs(batch, attn)
+        assert inputs.keys() == {"input_ids", "attention_mask", "labels", "position_ids"}
+        assert all(inputs[k] is batch[k] for k in inputs)
+
+
 def test_other_kernels_are_refused_in_one_line(packed_batches):
     from longext.errors import LongextError
 
