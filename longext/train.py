@@ -159,7 +159,8 @@ def _forward(engine, batch: dict, lay, t) -> tuple[torch.Tensor, torch.Tensor]:
     inputs = {**batch, **model_inputs(batch, module.config._attn_implementation, module.dtype)}
     with activation_offload(t):
         if lay.sp == 1 and not t.tiled_loss:
-            loss = engine(**{k: _to(v, engine.device) for k, v in inputs.items() if k in (*MODEL_INPUTS, *FLASH_KEYS)}).loss
+            wanted = {k: _to(v, engine.device) for k, v in inputs.items() if k in (*MODEL_INPUTS, *FLASH_KEYS)}
+            loss = engine(**wanted).loss
             return loss, loss.detach().float()
         return micro_batch_loss(engine, shard_batch(inputs, lay), lay, t.tiled_loss)
 

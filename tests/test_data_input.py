@@ -185,8 +185,9 @@ def test_a_hub_name_offline_is_one_line(tmp_path, tiny_model_dir, capsys, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = write_recipe(tmp_path, tiny_model_dir, tmp_path, data={"train": [{"hub": "someone/corpus"}]})
     (line,) = bad_input(capsys, "data", "prepare", recipe)
-    assert line.startswith(f"error: {recipe}:") and line.endswith("data.train.0.hub: 'someone/corpus' is a hub dataset and HF_HUB_OFFLINE is set, so it cannot "
-                         "be streamed; unset it, or download the dataset and give its folder as path")
+    assert line.startswith(f"error: {recipe}:")
+    assert line.endswith("data.train.0.hub: 'someone/corpus' is a hub dataset and HF_HUB_OFFLINE is set, so it "
+                         "cannot be streamed; unset it, or download the dataset and give its folder as path")
 
 
 # ---------------------------------------------------------------------------------------- damaged caches

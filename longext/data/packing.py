@@ -143,7 +143,10 @@ class PackedRows:
         out = {"input_ids": np.full((n, L), self.eos, dtype=np.int64), "real": np.zeros((n, L), dtype=bool),
                "learn": np.zeros((n, L), dtype=bool), "segments": np.zeros((n, L), dtype=np.int32)}
         for j, r in enumerate(indices):
-            pieces = self._concat_pieces(int(r)) if self.mode == "concat" else [(int(r), 0, min(self.lengths[r], L - 1) + 1)]
+            if self.mode == "concat":
+                pieces = self._concat_pieces(int(r))
+            else:  # the document's first L - 1 tokens and its EOS
+                pieces = [(int(r), 0, min(int(self.lengths[r]), L - 1) + 1)]
             at = 0
             for segment, (k, lo, hi) in enumerate(pieces):
                 ids, learn = self._piece(k, lo, hi)

@@ -56,7 +56,8 @@ class _TokenFiles:
         if docs:
             np.concatenate(docs).tofile(self.tokens)
         if self.loss is not None and docs:
-            np.concatenate([m if m is not None else np.ones(len(d), np.uint8) for d, m in zip(docs, masks)]).tofile(self.loss)
+            learned = [m if m is not None else np.ones(len(d), np.uint8) for d, m in zip(docs, masks)]
+            np.concatenate(learned).tofile(self.loss)
         self.lengths += [len(d) for d in docs]
         self.n_tokens += sum(len(d) for d in docs)
 
