@@ -32,8 +32,10 @@ app = typer.Typer(
 )
 recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
 models_app = typer.Typer(help="Set up offline models and texts (SmolLM2-135M, public-domain books).", no_args_is_help=True)
+data_app = typer.Typer(help="Tokenize training data once into the cache, and see what a recipe trains on.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
 
 
 @app.callback()
@@ -300,6 +302,24 @@ def models_where() -> None:
     from longext.materials import describe_cache
 
     _console().print(describe_cache())
+
+
+# ------------------------------------------------------------------------------------------ data
+@data_app.command("prepare")
+def data_prepare(
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML whose data section to prepare.", show_default=False)],
+    overrides: SetOpt = None,
+) -> None:
+    """Tokenize RECIPE's data.train into the cache (once; `train` then starts at once) and print what it trains on:
+    documents, tokens, lengths, the mixture in tokens, what is dropped. Bad rows and unreadable files are errors."""
+    from longext.data.prepare import prepare_data
+    from longext.recipe import load_recipe, located
+
+    spec = load_recipe(recipe, overrides or [])
+    try:
+        prepare_data(spec, _console())
+    except LongextError as err:
+        raise located(recipe, err, overrides or []) from None
 
 
 # ------------------------------------------------------------------------------------------ main

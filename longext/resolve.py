@@ -23,11 +23,12 @@ class Resolved:
 def resolve(recipe: Recipe) -> Resolved:
     import dataclasses
 
+    from longext.data.mask_policy import document_mask_enabled, document_mask_problems
     from longext.engine import resolve_precision
     from longext.errors import LongextError
     from longext.files import expand_path
     from longext.methods import method_for
-    from longext.models import load_model_config
+    from longext.models import attn_implementation, load_model_config
     from longext.rope import original_context, rope_state
     from longext.savers import resolve_switches
     from longext.sp import check_parallel
@@ -37,6 +38,7 @@ def resolve(recipe: Recipe) -> Resolved:
     method = method_for(recipe.method.kind)
     L0 = original_context(config, recipe.model.original_context)
     recipe = method.resolve(recipe, config, L0)  # the method's own `auto`s: LongRecipe's enlarged base, E2-LLM's g_max
+    kernel = attn_implementation(recipe.model.attn_implementation)
     state = rope_state(recipe, config)
     rope = recipe.rope
     if getattr(rope, "factor", None) == "auto":
@@ -44,9 +46,12 @@ def resolve(recipe: Recipe) -> Resolved:
     seq_len = recipe.data.seq_len if recipe.data.seq_len != "auto" else recipe.method.default_seq_len(L0)
     if seq_len > recipe.method.target_len:
         raise LongextError(f"data.seq_len: {seq_len} is longer than method.target_len {recipe.method.target_len}")
+    if problems := document_mask_problems(recipe, method, kernel, seq_len):  # e.g. a 4D mask too large for sdpa
+        raise LongextError(": ".join(problems[0]))
     resolved = recipe.model_copy(update={
         "rope": rope,
-        "data": recipe.data.model_copy(update={"seq_len": seq_len}),
+        "data": recipe.data.model_copy(update={"seq_len": seq_len,
+                                               "document_mask": document_mask_enabled(recipe, method, kernel, seq_len)}),
         "model": recipe.model.model_copy(update={"original_context": L0}),
         "train": recipe.train.model_copy(update={"precision": resolve_precision(recipe.train.precision)}),
     })

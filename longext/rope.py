@@ -68,6 +68,10 @@ def rope_state(recipe: Recipe, config) -> RopeState:
     theta = float(spec.theta) if spec.theta else base_theta
     L0 = original_context(config, recipe.model.original_context)
     target = recipe.method.target_len
+    if target < L0:  # every method extends the window; a factor of target/L0 < 1 would shrink it (issue 15)
+        source = "model.original_context" if recipe.model.original_context else "the model's config.json"
+        raise LongextError(f"method.target_len: {target} is below the model's own window L0 {L0} (from {source}); "
+                           f"set a target_len of at least {L0}")
     factor = _factor(getattr(spec, "factor", None), target, L0)
     if not isinstance(spec, NoRope) and base.get("rope_type", "default") != "default":
         raise LongextError(

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from longext.data.masks import FLASH_KEYS
 from longext.errors import LongextError, Problems
 
 LOGITS_PER_TILE = 2**26  # tiled loss: at most this many logits (256 MiB in fp32) exist at once
@@ -160,7 +161,8 @@ def shard_batch(batch: dict, lay: Layout) -> dict:
     piece = slice(lay.sp_rank * n, (lay.sp_rank + 1) * n)
     out = {k: v for k, v in batch.items() if k != "labels"}
     for key in ("input_ids", "attention_mask", "position_ids"):
-        out[key] = batch[key][:, piece]
+        if batch[key] is not None:  # attention_mask None: flattened rows with flash varlen keys (longext.data.masks)
+            out[key] = batch[key][:, piece]
     out["shift_labels"] = F.pad(labels[:, 1:], (0, 1), value=-100)[:, piece]
     return out
 
@@ -207,9 +209,11 @@ def micro_batch_loss(engine, inputs: dict, lay: Layout, tiled: bool) -> tuple[to
     The forward goes through the engine (so DeepSpeed's backward hooks see its outputs) and stops before the
     logits: logits_to_keep=1 projects a single token, the loss is computed here from the final hidden states."""
     labels = inputs["shift_labels"].to(engine.device)
+    mask = inputs["attention_mask"]
+    varlen = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in inputs.items() if k in FLASH_KEYS}
     out = engine(
-        input_ids=inputs["input_ids"].to(engine.device), attention_mask=inputs["attention_mask"].to(engine.device),
-        position_ids=inputs["position_ids"].to(engine.device), output_hidden_states=True, logits_to_keep=1,
+        input_ids=inputs["input_ids"].to(engine.device), attention_mask=None if mask is None else mask.to(engine.device),
+        position_ids=inputs["position_ids"].to(engine.device), output_hidden_states=True, logits_to_keep=1, **varlen,
     )
     hidden = out.hidden_states[-1]  # after the final norm (transformers ties it to last_hidden_state)
     head = engine.module.get_output_embeddings()

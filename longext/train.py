@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from longext.data import build_train_data
+from longext.data.masks import FLASH_KEYS, model_inputs
 from longext.engine import init_distributed, make_engine, release_zero3_linear
 from longext.errors import TrainingStopped
 from longext.methods import method_for
@@ -155,12 +156,20 @@ class _Stages:
 
 def _forward(engine, batch: dict, lay, t) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss for engine.backward, the micro-batch's mean token loss): transformers' own loss on the whole sequence,
-    or longext.sp's on this rank's shard of it (sequence parallelism, tiled loss)."""
+    or longext.sp's on this rank's shard of it (sequence parallelism, tiled loss). Packed rows with a document mask
+    get the mask their attention kernel needs (longext.data.masks)."""
+    module = engine.module
+    inputs = {**batch, **model_inputs(batch, module.config._attn_implementation, module.dtype)}
     with activation_offload(t):
         if lay.sp == 1 and not t.tiled_loss:
-            loss = engine(**{k: batch[k].to(engine.device) for k in MODEL_INPUTS}).loss
+            wanted = {k: _to(v, engine.device) for k, v in inputs.items() if k in (*MODEL_INPUTS, *FLASH_KEYS)}
+            loss = engine(**wanted).loss
             return loss, loss.detach().float()
-        return micro_batch_loss(engine, shard_batch(batch, lay), lay, t.tiled_loss)
+        return micro_batch_loss(engine, shard_batch(inputs, lay), lay, t.tiled_loss)
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _due(step: int, every: int | None) -> bool:

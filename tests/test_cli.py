@@ -199,7 +199,7 @@ def test_unknown_command_lists_the_commands(capsys):
     [line] = bad_input(capsys, "trian")
     assert line == (
         "error: longext: No such command 'trian'. Did you mean 'train'? "
-        "(commands: train, plan, eval, export, analyze, bench, recipes, models)"
+        "(commands: train, plan, eval, export, analyze, bench, recipes, models, data)"
     )
 
 
@@ -530,7 +530,7 @@ def test_missing_training_texts_are_named_with_the_recipe_line(capsys, tmp_path,
     [line] = bad_input(capsys, "train", tiny_recipe, "--out", tmp_path / "run")
     lines = tiny_recipe.read_text().splitlines()
     want = next(i for i, text in enumerate(lines, 1) if text.strip().startswith("train: ["))
-    assert re.match(rf"error: {re.escape(str(tiny_recipe))}:{want} data.train: no such file or folder: ", line), line
+    assert re.match(rf"error: {re.escape(str(tiny_recipe))}:{want} data.train.0: no such file or folder: ", line), line
     assert not (tmp_path / "run").exists()
 
 

@@ -90,5 +90,5 @@ def serving_state(state, length: int | None):
 
 METHOD = Method(
     kind="e2llm", resolve=resolve_g_max, state=e2llm_state, setup=e2llm_setup, eval_hook=e2llm_eval_hook,
-    serving_state=serving_state,
+    serving_state=serving_state, document_mask_problem="E2-LLM's offsets",
 )

@@ -28,4 +28,4 @@ def pose_setup(recipe, state) -> MethodSetup:
     return MethodSetup(positions=pose_sampler(method.target_len, method.chunks), per_step=method.sample_scope == "step")
 
 
-METHOD = Method(kind="pose", state=pose_state, setup=pose_setup)
+METHOD = Method(kind="pose", state=pose_state, setup=pose_setup, document_mask_problem="PoSE's skipped positions")

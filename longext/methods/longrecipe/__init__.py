@@ -71,5 +71,5 @@ def longrecipe_setup(recipe, state) -> MethodSetup:
 
 METHOD = Method(
     kind="longrecipe", resolve=resolve_longrecipe, state=longrecipe_state, training_lengths=training_lengths,
-    setup=longrecipe_setup,
+    setup=longrecipe_setup, document_mask_problem="LongRecipe's gaps",
 )
