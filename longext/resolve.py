@@ -23,7 +23,7 @@ class Resolved:
 def resolve(recipe: Recipe) -> Resolved:
     import dataclasses
 
-    from longext.data.mask_policy import document_mask_enabled, document_mask_problems
+    from longext.data.mask_policy import document_mask_enabled, document_mask_problems, mask_kernel
     from longext.engine import resolve_precision
     from longext.errors import LongextError
     from longext.files import expand_path
@@ -38,7 +38,7 @@ def resolve(recipe: Recipe) -> Resolved:
     method = method_for(recipe.method.kind)
     L0 = original_context(config, recipe.model.original_context)
     recipe = method.resolve(recipe, config, L0)  # the method's own `auto`s: LongRecipe's enlarged base, E2-LLM's g_max
-    kernel = attn_implementation(recipe.model.attn_implementation)
+    kernel = mask_kernel(attn_implementation(recipe.model.attn_implementation), method.own_attention)
     state = rope_state(recipe, config)
     rope = recipe.rope
     if getattr(rope, "factor", None) == "auto":
@@ -46,12 +46,12 @@ def resolve(recipe: Recipe) -> Resolved:
     seq_len = recipe.data.seq_len if recipe.data.seq_len != "auto" else recipe.method.default_seq_len(L0)
     if seq_len > recipe.method.target_len:
         raise LongextError(f"data.seq_len: {seq_len} is longer than method.target_len {recipe.method.target_len}")
-    if problems := document_mask_problems(recipe, method, kernel, seq_len):  # e.g. a 4D mask too large for sdpa
+    if problems := document_mask_problems(recipe, kernel, seq_len):  # e.g. a 4D mask too large for sdpa
         raise LongextError(": ".join(problems[0]))
     resolved = recipe.model_copy(update={
         "rope": rope,
         "data": recipe.data.model_copy(update={"seq_len": seq_len,
-                                               "document_mask": document_mask_enabled(recipe, method, kernel, seq_len)}),
+                                               "document_mask": document_mask_enabled(recipe, kernel, seq_len)}),
         "model": recipe.model.model_copy(update={"original_context": L0}),
         "train": recipe.train.model_copy(update={"precision": resolve_precision(recipe.train.precision)}),
     })

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from longext.data import build_train_data
-from longext.data.masks import FLASH_KEYS, model_inputs
+from longext.data.masks import DOCUMENT_KEY, FLASH_KEYS, model_inputs
 from longext.engine import init_distributed, make_engine, release_zero3_linear
 from longext.errors import TrainingStopped
 from longext.methods import method_for
@@ -159,10 +159,10 @@ def _forward(engine, batch: dict, lay, t) -> tuple[torch.Tensor, torch.Tensor]:
     or longext.sp's on this rank's shard of it (sequence parallelism, tiled loss). Packed rows with a document mask
     get the mask their attention kernel needs (longext.data.masks)."""
     module = engine.module
-    inputs = {**batch, **model_inputs(batch, module.config._attn_implementation, module.dtype)}
+    inputs = {**batch, **model_inputs(batch, module.config._attn_implementation, module.dtype, lay.sp)}
     with activation_offload(t):
         if lay.sp == 1 and not t.tiled_loss:
-            wanted = {k: _to(v, engine.device) for k, v in inputs.items() if k in (*MODEL_INPUTS, *FLASH_KEYS)}
+            wanted = {k: _to(v, engine.device) for k, v in inputs.items() if k in (*MODEL_INPUTS, *FLASH_KEYS, DOCUMENT_KEY)}
             loss = engine(**wanted).loss
             return loss, loss.detach().float()
         return micro_batch_loss(engine, shard_batch(inputs, lay), lay, t.tiled_loss)

@@ -10,7 +10,7 @@ micro-batches (docs/data.md).
     batches   deterministic micro-batches (TrainData) over packed rows
     masks     the document mask for each attention kernel
     prepare   the whole pipeline for a recipe, its summary, `longext data prepare`
-    documents whole documents in memory (eval texts, LongRecipe's sentence selection)
+    documents whole documents in memory (eval texts, `longext analyze`)
 
 Names resolve lazily, so `import longext.data` loads no torch. The recipe's data section is longext.recipe.data;
 whether the document mask is on, longext.data.mask_policy.
@@ -23,7 +23,7 @@ import importlib
 _HOMES = {
     "Samples": "batches", "pack": "batches", "PositionSampler": "batches", "contiguous_positions": "batches",
     "TrainData": "batches",
-    "load_documents": "documents", "tokenize_documents": "documents", "training_documents": "documents",
+    "load_documents": "documents", "tokenize_documents": "documents",
     "build_train_data": "prepare", "prepare_corpus": "prepare",
 }
 

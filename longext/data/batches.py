@@ -58,26 +58,38 @@ def pack(token_docs: list[list[int]], seq_len: int, eos_id: int, mode: str = "co
 
 
 class PositionSampler(Protocol):
-    """Position ids (and extra model inputs) for one sample; must be a pure function of `gen`."""
+    """Position ids (and extra model inputs) for one row; must be a pure function of `gen`.
 
-    def __call__(self, seq_len: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    `pieces` are the lengths of the row's document pieces, in order, summing to the row's length: one piece (the
+    whole row) without data.document_mask; with it, one per document piece, and the sampler treats each piece as a
+    sample of its own (positions restart, PoSE skips inside each document, E2-LLM's offset per document). Returns
+    [sum(pieces)] positions and per-row extras (E2-LLM's scale, one per row)."""
+
+    def __call__(self, pieces: list[int], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
-def contiguous_positions(seq_len: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    return torch.arange(seq_len), {}
+def contiguous_positions(pieces: list[int], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return torch.cat([torch.arange(n) for n in pieces]), {}
+
+
+def piece_lengths(segments) -> list[int]:
+    """Lengths of the runs of equal segment numbers in one row (its document pieces), in order."""
+    segments = torch.as_tensor(segments)
+    bounds = torch.nonzero(segments[1:] != segments[:-1]).flatten() + 1
+    edges = torch.cat([torch.zeros(1, dtype=torch.long), bounds, torch.tensor([len(segments)])])
+    return edges.diff().tolist()
 
 
 class TrainData:
     """Deterministic micro-batches over packed rows, sharded by rank.
 
-    With `document_mask`, each row carries `segment_ids` (which document piece each token belongs to), positions
-    restart at 0 at every piece, and the first token of every piece is not a target (nothing of its document comes
-    before it); longext.data.masks turns the segments into what the attention kernel needs."""
+    With `document_mask`, each row carries `segment_ids` (which document piece each token belongs to), the position
+    sampler runs on every piece as on a sample of its own (positions restart at each document), and the first token
+    of every piece is not a target (nothing of its document comes before it); longext.data.masks turns the segments
+    into what the attention kernel needs."""
 
     def __init__(self, samples, micro_batch_size: int, seed: int, positions: PositionSampler = contiguous_positions,
                  draw_group: int = 1, document_mask: bool = False):
-        if document_mask and positions is not contiguous_positions:
-            raise LongextError("data.document_mask: position samplers inside documents are not supported yet")
         self.samples, self.mbs, self.seed, self.positions = samples, micro_batch_size, seed, positions
         self.draw_group = draw_group  # samples sharing one position draw (one optimizer step's worth, or 1)
         self.document_mask = document_mask
@@ -91,16 +103,21 @@ class TrainData:
 
     def micro_batch(self, index: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
         """Micro-batch number `index` (counted over the whole run) for `rank`."""
-        rows, positions, extras = [], [], []
+        counters, rows = [], []
         for j in range(self.mbs):
             k = (index * world_size + rank) * self.mbs + j  # global sample counter
             epoch, offset = divmod(k, len(self.samples))
+            counters.append(k)
             rows.append(int(self._order(epoch)[offset]))
+        block = {key: torch.as_tensor(value) for key, value in self.samples.rows(rows).items()}
+        if self.document_mask and "segments" not in block:
+            raise LongextError("data.document_mask: these rows carry no document boundaries")
+        positions, extras = [], []
+        for j, k in enumerate(counters):
             gen = torch.Generator().manual_seed(self.seed * 7_919 + k // self.draw_group)
-            pos, extra = self.positions(self.samples.seq_len, gen)
+            pos, extra = self.row_positions(block, j, gen)
             positions.append(pos)
             extras.append(extra)
-        block = {key: torch.as_tensor(value) for key, value in self.samples.rows(rows).items()}
         input_ids, real = block["input_ids"], block["real"]
         learn = real & block["learn"] if "learn" in block else real
         batch = {
@@ -112,22 +129,24 @@ class TrainData:
             "position_ids": torch.stack(positions),
         }
         if self.document_mask:
-            batch.update(_document_inputs(block, batch["labels"]))
+            segments = block["segments"].long()
+            batch["segment_ids"] = segments
+            batch["labels"] = batch["labels"].masked_fill(_piece_starts(segments), -100)
         for key in extras[0]:
             batch[key] = torch.stack([e[key] for e in extras])
         return batch
+
+    def row_positions(self, block: dict[str, torch.Tensor], j: int, gen: torch.Generator):
+        """(positions, extras) of row j of `block`: the sampler over its document pieces, or over the whole row."""
+        pieces = piece_lengths(block["segments"][j]) if self.document_mask else [self.samples.seq_len]
+        return self.positions(pieces, gen)
 
     def epochs(self, micro_batches: int, world_size: int) -> float:
         return micro_batches * world_size * self.mbs / len(self.samples)
 
 
-def _document_inputs(block: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """segment_ids, positions restarting at every segment, and no target at a segment's first token."""
-    if "segments" not in block:
-        raise LongextError("data.document_mask: these rows carry no document boundaries")
-    segments = block["segments"].long()
+def _piece_starts(segments: torch.Tensor) -> torch.Tensor:
+    """[b, L] bool: the first token of every document piece."""
     starts = torch.ones_like(segments, dtype=torch.bool)
     starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    index = torch.arange(segments.shape[1]).expand_as(segments)
-    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-    return {"segment_ids": segments, "position_ids": index - first, "labels": labels.masked_fill(starts, -100)}
+    return starts

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import numpy as np
 from longext.data.checks import BadRow
 from longext.data.sources import Source
 from longext.data.tokenize import DOCS, LOSS, TOKENS, BuildResult, build_token_files
+from longext.files import publish_folder, staging_folder
 
 FORMAT = 1  # bump when the files or their meaning change: older caches then count as foreign and are rebuilt
 MANIFEST = "manifest.json"
@@ -106,7 +106,7 @@ def load_or_build(source: Source, tokenizer, root: Path, settings: dict, bad_bud
     root.mkdir(parents=True, exist_ok=True)
     key = source_key(source, tokenizer_fingerprint(tokenizer), settings)
     target = root / key
-    with _exclusive(root / f".{key}.lock", lambda: say(f"waiting for another process to build the data cache {target}")):
+    with exclusive(root / f".{key}.lock", lambda: say(f"waiting for another process to build the data cache {target}")):
         status = "built"
         if target.exists():
             try:
@@ -114,20 +114,21 @@ def load_or_build(source: Source, tokenizer, root: Path, settings: dict, bad_bud
             except CacheDamaged as err:
                 say(f"warning: the data cache {target} is damaged ({err}); rebuilding it")
                 status = "rebuilt"
-        _remove_abandoned(root)
-        with _staging(root, key) as tmp:
+        remove_abandoned(root)
+        with staging_folder(target, prefix=f".tmp-{os.getpid()}-{key}-") as tmp:
             began = time.perf_counter()
             result = build_token_files(source, tokenizer, tmp, settings["loss_on"], bad_budget,
                                        progress(source) if progress else lambda *a: None, model_path)
             _write_manifest(tmp, key, source, settings, result, time.perf_counter() - began)
-            _publish(tmp, target)
+            publish_folder(tmp, target)  # a damaged folder there is moved aside and deleted
+            fsync_folder(root)
     cache = open_cache(target, key, source)
     cache.status = status
     return cache
 
 
 @contextmanager
-def _exclusive(lock_path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
+def exclusive(lock_path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
     with open(lock_path, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -140,27 +141,7 @@ def _exclusive(lock_path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-@contextmanager
-def _staging(root: Path, key: str) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{key}-", dir=root))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish(built: Path, target: Path) -> None:
-    """Rename the finished folder into place; a damaged one there is first moved aside (a rename cannot replace a
-    non-empty folder) and deleted."""
-    if target.exists():
-        aside = built.with_name(built.name + "-old")
-        os.replace(target, aside)
-        shutil.rmtree(aside, ignore_errors=True)
-    os.replace(built, target)
-    _fsync_dir(target.parent)
-
-
-def _remove_abandoned(root: Path) -> None:
+def remove_abandoned(root: Path) -> None:
     """Temp folders of builds whose process is gone (killed, power loss)."""
     for folder in root.glob(".tmp-*"):
         pid = folder.name.split("-")[1]
@@ -178,7 +159,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -239,8 +220,8 @@ def _open_checked(folder: Path, key: str, source: Source) -> SourceCache:
     offsets = np.fromfile(folder / DOCS, dtype=np.int64)
     if offsets[0] != 0 or offsets[-1] != manifest["tokens"] or (np.diff(offsets) < 0).any():
         raise CacheDamaged(f"{DOCS} does not describe {manifest['tokens']} tokens")
-    tokens = _map(folder / TOKENS, np.uint32, manifest["tokens"])
-    loss = _map(folder / LOSS, np.uint8, manifest["tokens"]) if manifest["has_loss_mask"] else None
+    tokens = map_file(folder / TOKENS, np.uint32, manifest["tokens"])
+    loss = map_file(folder / LOSS, np.uint8, manifest["tokens"]) if manifest["has_loss_mask"] else None
     return SourceCache(source, folder, manifest, tokens, offsets, loss)
 
 
@@ -264,7 +245,7 @@ def _read_manifest(folder: Path, key: str) -> dict:
     return manifest
 
 
-def _map(path: Path, dtype, count: int) -> np.ndarray:
+def map_file(path: Path, dtype, count: int) -> np.ndarray:
     if count == 0:  # numpy cannot map an empty file
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))

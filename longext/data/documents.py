@@ -1,5 +1,5 @@
-"""Whole documents in memory, for what needs the text itself rather than the token cache: evaluation texts
-and LongRecipe's sentence selection (which reads every document before choosing sentences)."""
+"""Whole documents in memory, for what needs the text itself rather than the token cache: evaluation texts and
+`longext analyze` (a few documents at a time). Training reads the token caches (longext.data.prepare)."""
 
 from __future__ import annotations
 
@@ -44,18 +44,3 @@ def tokenize_documents(docs: list[str], tokenizer) -> list[list[int]]:
         batched=True, remove_columns=["text"], desc=None,
     )
     return table["ids"]
-
-
-def training_documents(recipe) -> list[str]:
-    """The texts of data.train (plain path entries) after data.holdout_docs and data.max_docs."""
-    from longext.materials.texts import resolve_texts
-
-    paths = [source.path for source in recipe.data.train]
-    docs = load_documents(resolve_texts(paths, "train", "data.train"), recipe.data.text_field)
-    if recipe.data.holdout_docs:
-        docs = docs[: -recipe.data.holdout_docs]
-    if recipe.data.max_docs:
-        docs = docs[: recipe.data.max_docs]
-    if not docs:
-        raise LongextError("data.train: no documents left to train on (check data.max_docs / data.holdout_docs)")
-    return docs

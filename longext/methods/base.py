@@ -113,7 +113,6 @@ class Method:
     reload_check: Callable[[Any, Any], str | None] = nothing_to_check  # (reloaded config, state) -> problem
     legacy_rope_keys: bool = True  # export writes rope_theta / rope_scaling for older consumers too
     own_attention: bool = False  # the loaded run routes attention itself; export keeps it (LongGen)
-    document_mask_problem: str | None = None  # what keeps its training from masking packed documents (None: nothing)
 
 
 def remote_code_keys(folder, modeling, config_cls, model_cls) -> dict:

@@ -85,11 +85,13 @@ class DataSpec(Section):
     )
     document_mask: bool | Literal["auto"] = Field(
         "auto",
-        description="With concat packing, each document attends only to itself and its positions restart at 0 "
-        "(ProLong). auto = on for concat packing with contiguous positions (methods standard and harpe, one "
-        "sequence-parallel rank) when the attention kernel is flash-attn, or sdpa/eager with a [batch, 1, L, L] mask "
-        "of at most 1 GiB (32k tokens at batch 1). PoSE, E2-LLM, LongRecipe, LongGen and sequence parallelism keep "
-        "whole-row attention for now.",
+        description="With concat packing, each document attends only to itself (ProLong) and the method's positions "
+        "are drawn per document piece: they restart at 0, PoSE skips and E2-LLM offsets fall inside each document "
+        "(E2-LLM's scale stays one per row), LongRecipe transforms each document's sentences over its share of "
+        "target_len, LongGen's sparse pattern counts from each document's first token. auto = on for concat packing "
+        "when the attention kernel is flash-attn (no mask tensor), or sdpa/eager with a [batch, 1, L, L] mask of at "
+        "most 1 GiB (32k tokens at batch 1 with sdpa), at any train.sequence_parallel. false: documents attend "
+        "across their EOS boundaries.",
     )
     loss_on: Literal["assistant", "all"] = Field(
         "assistant", description="Chat rows: learn only the assistant turns (the rest is context), or every token.",

@@ -245,9 +245,6 @@ class LongRecipeMethod(MethodSection):
         if recipe.data.packing != "concat":
             out.append(("data.packing", f"LongRecipe fills every sample with whole selected sentences; use concat "
                                         f"(got {recipe.data.packing!r})"))
-        out += [(f"data.train.{i}", "LongRecipe selects sentences from plain path sources; weights, filters and hub "
-                                    "sources are not supported for it yet (write the path alone)")
-                for i, s in enumerate(recipe.data.train) if s.model_fields_set - {"path"}]
         return out
 
 

@@ -114,5 +114,4 @@ def parallel_problems(recipe, sp: int) -> list[str]:
 METHOD = Method(
     kind="longgen", state=longgen_state, parallel_problems=parallel_problems, setup=longgen_setup,
     eval_hook=eval_hook, export_code=write_longgen_code, reload_check=reload_check, own_attention=True,
-    document_mask_problem="LongGen's sparse attention layers",
 )
