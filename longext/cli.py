@@ -312,12 +312,13 @@ def data_prepare(
 ) -> None:
     """Tokenize RECIPE's data.train into the cache (once; `train` then starts at once) and print what it trains on:
     documents, tokens, lengths, the mixture in tokens, what is dropped. Bad rows and unreadable files are errors."""
-    from longext.data.prepare import prepare_data
     from longext.recipe import load_recipe, located
+    from longext.resolve import resolve
+    from longext.run_data import prepare_data
 
     spec = load_recipe(recipe, overrides or [])
     try:
-        prepare_data(spec, _console())
+        prepare_data(resolve(spec), _console())
     except LongextError as err:
         raise located(recipe, err, overrides or []) from None
 

@@ -173,14 +173,6 @@ def test_recipe_problems_of_data_entries(tmp_path, tiny_model_dir, capsys):
     ]
 
 
-def test_document_mask_true_with_a_position_sampler_is_refused(tmp_path, tiny_model_dir, capsys):
-    recipe = write_recipe(tmp_path, tiny_model_dir, tmp_path, method={"kind": "pose", "target_len": 256},
-                          data={"document_mask": True})
-    (line,) = bad_input(capsys, "train", recipe, "--dry-run")
-    assert line.endswith("data.document_mask: cannot yet be combined with PoSE's skipped positions (method.kind pose); "
-                         "use document_mask: auto or false")
-
-
 def test_a_hub_name_offline_is_one_line(tmp_path, tiny_model_dir, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = write_recipe(tmp_path, tiny_model_dir, tmp_path, data={"train": [{"hub": "someone/corpus"}]})
@@ -314,7 +306,9 @@ def test_document_mask_auto_and_true_weigh_the_mask_of_sdpa(tmp_path, tiny_model
     assert resolved_mask("method.target_len=64k", "data.seq_len=32k", "train.micro_batch_size=2") is False
     assert resolved_mask("method.target_len=64k", "data.seq_len=64k", "data.document_mask=true") is True  # 4 GiB
     assert resolved_mask("data.packing=per_doc") is False
-    assert resolved_mask("method.kind=pose") is False
+    assert resolved_mask("method.kind=pose") is True  # every method masks documents, at any sp degree
+    assert resolved_mask("method.kind=e2llm", "rope.kind=none", "data.document_mask=true") is True
+    assert resolved_mask("train.sequence_parallel=2") is True
     recipe = write_recipe(tmp_path, tiny_model_dir, tmp_path, model={"path": str(tiny_model_dir),
                                                                     "attn_implementation": "eager"})
     (line,) = bad_input(capsys, "train", recipe, "--dry-run", "-s", "method.target_len=64k", "-s", "data.seq_len=64k",

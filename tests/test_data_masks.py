@@ -204,3 +204,24 @@ def test_train_logs_the_loss_of_the_documents_alone(tmp_path, short_docs, tiny_m
     with torch.no_grad():
         whole = stock(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "position_ids")}).loss.item()
     assert abs(whole - got) > 1e-5  # the unmasked row would have logged something else
+
+
+def test_the_kernel_under_ulysses_masks_documents_from_the_whole_sequence_ids():
+    """longext.data.masks.document_attention, the kernel Ulysses calls after its all-to-all (q/k/v of the whole
+    sequence, no mask, whole-sequence document_ids): sdpa gets the block-causal mask; flash gets the rows flattened
+    with their varlen boundaries (through the reference varlen kernel). Both equal sdpa under the 4D mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from longext.data.masks import DOCUMENT_KEY, document_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 12, 8, generator=gen) for h in (4, 2, 2))
+    ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [1] * 2 + [2]])
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 2, True, False
+    want, _ = sdpa_attention_forward(module, q, k, v, block_causal_mask(ids))
+    for core, flash in ((sdpa_attention_forward, False), (_varlen_reference, True)):
+        got, _ = document_attention(core, flash)(module, q, k, v, None, **{DOCUMENT_KEY: ids})
+        assert torch.allclose(got, want, atol=1e-6), (core.__name__, (got - want).abs().max())
+    plain, _ = document_attention(sdpa_attention_forward, False)(module, q, k, v, None)  # no ids: the kernel as is
+    assert torch.equal(plain, sdpa_attention_forward(module, q, k, v, None)[0])

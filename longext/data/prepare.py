@@ -1,9 +1,9 @@
 """The data pipeline for a recipe: sources → token caches (reused or built once) → selected documents → packed rows
-→ TrainData; and `longext data prepare`, which builds the caches with a progress bar and prints a summary.
+→ TrainData, with a progress bar while a cache is built.
 
 `prepare_corpus` is what every rank calls; the first process to reach a source's lock builds it while the others
-wait (longext.data.cache). A launcher can call it once before starting the ranks (phase 2 of issue 17), after which
-every rank finds its caches ready.
+wait (longext.data.cache). `train --nproc` calls it once in the launching process before starting the ranks
+(longext.run_data), after which every rank finds its caches ready.
 """
 
 from __future__ import annotations
@@ -96,22 +96,3 @@ def build_progress(live: bool = True, console=None) -> Iterator[tuple[Callable, 
 
     with bar:
         yield progress, say
-
-
-# ------------------------------------------------------------------------------------ longext data prepare
-def prepare_data(recipe, console) -> Corpus:
-    """`longext data prepare`: resolve the recipe (model config only), build or check every cache with a progress
-    bar, print the summary."""
-    from longext.data.summary import render_summary
-    from longext.models import load_tokenizer
-    from longext.resolve import resolve
-
-    whole = resolve(recipe)
-    resolved = whole.recipe
-    tokenizer = load_tokenizer(whole.model_dir)
-    with build_progress(console.is_terminal) as (progress, say):
-        corpus = prepare_corpus(resolved.data, tokenizer, resolved.seq_len, resolved.train.seed, resolved.model.path,
-                                progress=progress, say=say)
-    for item in render_summary(corpus, resolved):
-        console.print(item, markup=False) if isinstance(item, str) else console.print(item)
-    return corpus
