@@ -92,6 +92,9 @@ def train(
         for line in warnings:
             _console(stderr=True).print(line, markup=False, soft_wrap=True)
         if nproc > 1 or hostfile:
+            from longext.run_data import prepare_run_data
+
+            prepare_run_data(resolved)  # every data cache built once, here; the ranks only open them
             argv = ctx.find_root().obj  # what main() was given; None from the console script
             raise typer.Exit(relaunch(argv if argv is not None else sys.argv[1:], nproc=nproc, hostfile=hostfile))
         from longext.train import run_training

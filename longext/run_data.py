@@ -7,7 +7,7 @@ finds what another built, and `--resume` never tokenizes again."""
 from __future__ import annotations
 
 
-def stage_data(recipe, tokenizer, setup, group: int = 1):
+def training_data(recipe, tokenizer, setup, group: int = 1):
     """(TrainData of the main stage, TrainData of the method's extra stage or None) for a resolved recipe and its
     method's MethodSetup; `group`: samples that share one position draw (per-step sampling)."""
     from longext.data.prepare import build_train_data
@@ -27,7 +27,7 @@ def prepare_run_data(resolved) -> float:
 
     began = time.perf_counter()
     recipe = resolved.recipe
-    stage_data(recipe, load_tokenizer(resolved.model_dir), method_for(recipe.method.kind).setup(recipe, resolved.rope))
+    training_data(recipe, load_tokenizer(resolved.model_dir), method_for(recipe.method.kind).setup(recipe, resolved.rope))
     return time.perf_counter() - began
 
 
@@ -44,7 +44,7 @@ def prepare_data(resolved, console):
     with build_progress(console.is_terminal) as (progress, say):
         corpus = prepare_corpus(recipe.data, tokenizer, recipe.seq_len, recipe.train.seed, recipe.model.path,
                                 progress=progress, say=say)
-    stage_data(recipe, tokenizer, method_for(recipe.method.kind).setup(recipe, resolved.rope))
+    training_data(recipe, tokenizer, method_for(recipe.method.kind).setup(recipe, resolved.rope))
     for item in render_summary(corpus, recipe):
         console.print(item, markup=False) if isinstance(item, str) else console.print(item)
     return corpus

@@ -17,7 +17,7 @@ from longext.metrics import MetricsLog, StepProgress
 from longext.models import add_lora, apply_full_finetune, build_model, load_tokenizer, quiet_libraries
 from longext.recipe import Recipe
 from longext.resolve import Resolved, resolve
-from longext.run_data import stage_data
+from longext.run_data import training_data
 from longext.rundir import Run, check_start, latest_checkpoint
 from longext.savers import activation_offload, apply_fused_norm, apply_tiled_mlp
 from longext.sp import apply_sequence_parallel, layout, micro_batch_loss, shard_batch
@@ -45,7 +45,7 @@ def _run_training(resolved: Resolved, resume: bool) -> Path:
     method = method_for(recipe.method.kind).setup(recipe, resolved.rope)
     tokenizer = load_tokenizer(resolved.model_dir)
     group = t.micro_batch_size * t.grad_accum * lay.dp if method.per_step else 1
-    data, extra_data = stage_data(recipe, tokenizer, method, group)
+    data, extra_data = training_data(recipe, tokenizer, method, group)
     model, lay = trainable_model(resolved, method, lay)
     extra = method.extra_stage
     engine = make_engine(model, t, lay.dp, lay.mpu, then_lr=extra.lr if extra else None)

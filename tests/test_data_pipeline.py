@@ -194,3 +194,33 @@ def test_summary_counts_against_the_documents(tmp_path, jsonl, texts, tiny_model
     assert f"= {6 / rows:.2f} epochs" in out
     assert f"dropped: {(used + 1).sum() - rows * 64:,} tokens by the last partial row (concat), 0 tokens by " \
            f"min_tokens/max_tokens, 0 bad rows, 2 documents held out" in out
+
+
+# ------------------------------------------------------------------------------------------------ resume
+OLD_DATA_FIELDS = ("messages_field", "document_mask", "loss_on", "max_bad_rows", "encoding_errors", "cache_dir")
+
+
+def test_resume_of_a_run_from_before_the_data_fields_reuses_the_cache(tmp_path, tiny_model_dir, texts, capsys):
+    """A run whose recipe.yaml predates data.document_mask & co. (written here in the old format: the data section
+    as it was) resumes: the missing fields take their defaults and are no change. --resume opens the token cache the
+    run started with and tokenizes nothing."""
+    import yaml
+
+    from helpers import losses, write_recipe
+    from longext.cli import main
+
+    data_file = tmp_path / "own.jsonl"  # a file of its own: its cache is built by this run
+    data_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    path = write_recipe(tmp_path, tiny_model_dir, data_file, train={"steps": 2, "save_every": 1})
+    assert main(["train", str(path), "-s", "train.steps=1"]) == 0
+    assert "data: tokenized" in capsys.readouterr().err
+    run = tmp_path / "runs" / "t"
+    stored = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert stored["data"]["document_mask"] is True  # the resolved value, recorded
+    stored["data"] = {k: v for k, v in stored["data"].items() if k not in OLD_DATA_FIELDS}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    assert main(["train", str(path), "--resume"]) == 0
+    out = capsys.readouterr()
+    assert "data: tokenized" not in out.err and "error" not in out.err
+    assert sorted(losses(run)) == [1, 2]
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["data"]["document_mask"] is True
