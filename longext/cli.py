@@ -94,7 +94,8 @@ def train(
         if nproc > 1 or hostfile:
             from longext.run_data import prepare_run_data
 
-            prepare_run_data(resolved)  # every data cache built once, here; the ranks only open them
+            seconds = prepare_run_data(resolved)  # every data cache built once, here; the ranks only open them
+            _console(stderr=True).print(f"data: prepared for the ranks in {seconds:.2f} s", markup=False)
             argv = ctx.find_root().obj  # what main() was given; None from the console script
             raise typer.Exit(relaunch(argv if argv is not None else sys.argv[1:], nproc=nproc, hostfile=hostfile))
         from longext.train import run_training
@@ -228,7 +229,7 @@ def analyze(
 # ----------------------------------------------------------------------------------------- bench
 @app.command()
 def bench(
-    suite: Annotated[str, typer.Argument(help="throughput | toy | smollm2 | longgen | memory | all", show_default=False)] = "all",
+    suite: Annotated[str, typer.Argument(help="throughput | toy | smollm2 | longgen | memory | data | all", show_default=False)] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="Reduced version that finishes in a few minutes.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-run cases even when their stored result is current.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Folder for the cases' run directories and logs (not committed).")] = Path("bench-runs"),

@@ -8,6 +8,7 @@ wait (longext.data.cache). `train --nproc` calls it once in the launching proces
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -62,6 +63,8 @@ def build_train_data(recipe, tokenizer, positions=None, draw_group: int = 1):
     with build_progress(sys.stderr.isatty()) as (progress, say):
         corpus = prepare_corpus(recipe.data, tokenizer, recipe.seq_len, recipe.train.seed, recipe.model.path,
                                 progress=progress, say=say)
+        if os.environ.get("RANK", "0") == "0":
+            say(f"data: {len(corpus.rows):,} rows of {recipe.seq_len} tokens ready in {corpus.seconds:.2f} s")
     return TrainData(corpus.rows, recipe.train.micro_batch_size, recipe.train.seed, positions or contiguous_positions,
                      draw_group, document_mask=recipe.data.document_mask is True)
 
