@@ -314,9 +314,9 @@ AUTO = """\
 - `rope.factor: auto` is `method.target_len / L0`, where L0 (`model.original_context`) is read from
   the model's `config.json` (rope `original_max_position_embeddings`, else `max_position_embeddings`).
 - `data.seq_len: auto` trains at `method.target_len`.
-- `data.document_mask: auto` is on for `concat` packing with contiguous positions (methods `standard` and
-  `harpe`, one sequence-parallel rank) when the attention kernel needs no mask tensor (flash-attn) or sdpa's
-  mask stays within 1 GiB per micro-batch, off otherwise; the resolved value depends on the machine's kernel.
+- `data.document_mask: auto` is on for `concat` packing (every method, any `train.sequence_parallel`) when the
+  attention kernel needs no mask tensor (flash-attn) or the sdpa/eager mask stays within 1 GiB per micro-batch,
+  off otherwise; the resolved value depends on the machine's kernel.
 - `train --dry-run` prints the recipe with these filled in, and the run directory keeps that resolved
   copy as `recipe.yaml`.
 """

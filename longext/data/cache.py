@@ -101,10 +101,12 @@ def source_key(source: Source, fingerprint: str, settings: dict) -> str:
 # ----------------------------------------------------------------------------------- load or build
 def load_or_build(source: Source, tokenizer, root: Path, settings: dict, bad_budget: int, *,
                   progress: Callable[[Source], Callable] | None = None,
-                  say: Callable[[str], None] = lambda line: None, model_path: str = "") -> SourceCache:
-    """The source's valid cache: reused, or built (once per node: other processes wait on the lock)."""
+                  say: Callable[[str], None] = lambda line: None, model_path: str = "",
+                  fingerprint: str | None = None) -> SourceCache:
+    """The source's valid cache: reused, or built (once per node: other processes wait on the lock). `fingerprint`:
+    tokenizer_fingerprint(tokenizer), when the caller has it (it serializes the whole vocabulary)."""
     root.mkdir(parents=True, exist_ok=True)
-    key = source_key(source, tokenizer_fingerprint(tokenizer), settings)
+    key = source_key(source, fingerprint or tokenizer_fingerprint(tokenizer), settings)
     target = root / key
     with exclusive(root / f".{key}.lock", lambda: say(f"waiting for another process to build the data cache {target}")):
         status = "built"

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from longext.data.cache import SourceCache, cache_root, load_or_build
+from longext.data.cache import SourceCache, cache_root, load_or_build, tokenizer_fingerprint
 from longext.data.checks import bad_rows_error
 from longext.data.packing import PackedRows, Selection, select_documents
 from longext.data.sources import Source, resolve_sources
@@ -43,9 +43,10 @@ def prepare_corpus(data, tokenizer, seq_len: int, seed: int, model_path: str = "
     settings = key_settings(data)
     sources = resolve_sources(data.train, data.text_field, settings)
     root, caches, bad = cache_root(data.cache_dir), [], 0
+    fingerprint = tokenizer_fingerprint(tokenizer)  # once, not once per source
     for source in sources:
         cache = load_or_build(source, tokenizer, root, settings, data.max_bad_rows - bad, progress=progress, say=say,
-                              model_path=model_path)
+                              model_path=model_path, fingerprint=fingerprint)
         caches.append(cache)
         bad += cache.bad_rows
         if bad > data.max_bad_rows:
