@@ -27,7 +27,8 @@ def prepare_run_data(resolved) -> float:
 
     began = time.perf_counter()
     recipe = resolved.recipe
-    training_data(recipe, load_tokenizer(resolved.model_dir), method_for(recipe.method.kind).setup(recipe, resolved.rope))
+    setup = method_for(recipe.method.kind).setup(recipe, resolved.rope)
+    training_data(recipe, load_tokenizer(resolved.model_dir), setup)
     return time.perf_counter() - began
 
 

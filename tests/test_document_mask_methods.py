@@ -175,3 +175,22 @@ def test_without_the_mask_a_row_is_one_sample_as_before(corpus, tiny_tokenizer):
         gen = torch.Generator().manual_seed(3 * 7_919 + j)
         assert torch.equal(batch["position_ids"][j], pose_positions(SEQ, TARGET, 3, gen))
     assert "segment_ids" not in batch
+
+
+def test_flash_inputs_keep_each_rows_e2llm_scale(corpus, tiny_tokenizer):
+    """flash_attention_2 flattens the micro-batch to one row [1, b*L] (longext.data.masks): E2-LLM's scale, one
+    per row, follows its row's tokens there (through the reference varlen kernel of tests/test_data_masks.py)."""
+    from test_data_masks import _varlen_reference
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("longext_varlen_reference", _varlen_reference)
+    data = packed_data("e2llm", corpus, tiny_tokenizer)
+    batch = next(b for b in map(data.micro_batch, range(20)) if b["rope_scale"][0] != b["rope_scale"][1])
+    flash, plain = method_model("e2llm", len(tiny_tokenizer)), method_model("e2llm", len(tiny_tokenizer))
+    flash.set_attn_implementation("longext_varlen_reference")
+    inputs = model_inputs(batch, "flash_attention_2")
+    set_scale(flash, "e2llm", batch["rope_scale"])
+    with torch.no_grad():
+        logits = flash(**inputs).logits
+    packed = token_losses(logits, inputs["labels"]).view(2, SEQ)
+    assert torch.allclose(packed, alone_losses(plain, batch, "e2llm"), atol=1e-5, rtol=0)

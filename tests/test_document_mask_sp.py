@@ -136,7 +136,7 @@ def _sequence_parallel(kind: str, rank: int, world: int, ref: dict) -> dict:
     batch = _batch(kind)
     set_scale(engine.module, kind, batch.get("rope_scale"))
     shard = shard_batch(model_inputs(batch, engine.module.config._attn_implementation, torch.float32, lay.sp), lay)
-    assert DOCUMENT_KEY in shard and shard[DOCUMENT_KEY].shape == (BATCH, SEQ) and shard["input_ids"].shape[1] == SEQ // 2
+    assert shard[DOCUMENT_KEY].shape == (BATCH, SEQ) and shard["input_ids"].shape[1] == SEQ // 2  # ids stay whole
     with torch.no_grad():  # every token's loss on this rank's shard, gathered over the group
         hidden = engine(input_ids=shard["input_ids"], attention_mask=shard["attention_mask"],
                         position_ids=shard["position_ids"], document_ids=shard[DOCUMENT_KEY],
@@ -151,8 +151,9 @@ def _sequence_parallel(kind: str, rank: int, world: int, ref: dict) -> dict:
     grads = {n: safe_get_full_grad(p) for n, p in _trainable(engine.module).items()}
     engine.destroy()
     rel = max(float((grads[n] - g).norm() / g.norm()) for n, g in ref["grads"].items())
-    return {"token_abs": float((tokens - ref["alone"]).abs().max()), "logged_abs": abs(float(logged) - ref["alone_mean"]),
-            "reference_abs": abs(ref["loss"] - ref["alone_mean"]), "grad_rel": rel, "grads": len(ref["grads"])}
+    return {"token_abs": float((tokens - ref["alone"]).abs().max()),
+            "logged_abs": abs(float(logged) - ref["alone_mean"]), "reference_abs": abs(ref["loss"] - ref["alone_mean"]),
+            "grad_rel": rel, "grads": len(ref["grads"])}
 
 
 def _worker(out: Path) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from longext.data.chat import ChatProblem, chat_text, loss_mask, require_chat_template
 from longext.data.checks import BadRow, bad_rows_error, document_of
+from longext.data.pieces import encode_texts
 from longext.data.sources import Source, read_rows
 
 TOKENS, DOCS, LOSS = "tokens.u32", "docs.i64", "loss.u8"
@@ -148,12 +149,12 @@ def _flush(pending: list, tokenizer, files: _TokenFiles, out: BuildResult) -> No
     plain = [text for kind, text, spans in pending if spans is None]
     chats = [(text, spans) for kind, text, spans in pending if spans is not None]
     with tokenizer_threads():
-        plain_ids = iter(backend.encode_batch_fast(plain, add_special_tokens=False)) if plain else iter(())
+        plain_ids = iter(encode_texts(backend, plain))  # long texts in pieces (bounded tokenizer memory)
         chat_enc = iter(backend.encode_batch([t for t, _ in chats], add_special_tokens=False)) if chats else iter(())
     docs, masks, spans_left = [], [], iter(chats)
     for kind, _, spans in pending:
         if spans is None:
-            docs.append(np.asarray(next(plain_ids).ids, dtype=np.uint32))
+            docs.append(np.asarray(next(plain_ids), dtype=np.uint32))
             masks.append(None)
         else:
             enc, (_, spans) = next(chat_enc), next(spans_left)

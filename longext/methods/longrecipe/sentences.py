@@ -140,7 +140,8 @@ def sentence_starts(doc: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], after[after < len(doc)]]).astype(np.int64)
 
 
-def kept_sentences(doc: np.ndarray, starts: np.ndarray, marked: np.ndarray | None, keep_other: float, gen) -> np.ndarray:
+def kept_sentences(doc: np.ndarray, starts: np.ndarray, marked: np.ndarray | None, keep_other: float,
+                   gen) -> np.ndarray:
     """Per sentence: kept when it holds an impactful token, or by a draw u < keep_other (one draw per sentence, in
     order, from one generator over the whole corpus); every sentence when there is no selection (mode none)."""
     if marked is None:
