@@ -33,8 +33,10 @@ app = typer.Typer(
 )
 recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
 models_app = typer.Typer(help="Set up offline models and texts (SmolLM2-135M, public-domain books, Gemma-3-270M).", no_args_is_help=True)
+data_app = typer.Typer(help="Tokenize training data once into the cache, and see what a recipe trains on.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
 
 
 def _print_version(value: bool) -> None:
@@ -153,6 +155,10 @@ def train(
             _console().print(describe_resolved(resolved), markup=False)
             return
         if nproc > 1 or hostfile:
+            from longext.run_data import prepare_run_data
+
+            seconds = prepare_run_data(resolved)  # every data cache built once, here; the ranks only open them
+            _console(stderr=True).print(f"data: prepared for the ranks in {seconds:.2f} s", markup=False)
             argv = ctx.find_root().obj  # what main() was given; None from the console script
             os.environ[RESUME_COMMAND] = _resume_command(recipe, overrides or [], out, nproc, hostfile)  # for the ranks
             raise typer.Exit(relaunch(argv if argv is not None else sys.argv[1:], nproc=nproc, hostfile=hostfile))
@@ -321,7 +327,7 @@ def analyze(
 # ----------------------------------------------------------------------------------------- bench
 @app.command()
 def bench(
-    suite: Annotated[str, typer.Argument(metavar="SUITE", help="throughput | toy | smollm2 | longgen | memory | all.")] = "all",
+    suite: Annotated[str, typer.Argument(metavar="SUITE", help="throughput | toy | smollm2 | longgen | memory | data | all.")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="Reduced version that finishes in a few minutes.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-run cases even when their stored result is current.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="Folder for the cases' run directories and logs (not committed). Default: the checkout's bench-runs/.")] = None,
@@ -415,6 +421,25 @@ def models_where() -> None:
     from longext.materials import describe_cache
 
     _console().print(describe_cache())
+
+
+# ------------------------------------------------------------------------------------------ data
+@data_app.command("prepare")
+def data_prepare(
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML whose data section to prepare.", show_default=False)],
+    overrides: SetOpt = None,
+) -> None:
+    """Tokenize RECIPE's data.train into the cache (once; `train` then starts at once) and print what it trains on:
+    documents, tokens, lengths, the mixture in tokens, what is dropped. Bad rows and unreadable files are errors."""
+    from longext.recipe import load_recipe, located
+    from longext.resolve import resolve
+    from longext.run_data import prepare_data
+
+    spec = load_recipe(recipe, overrides or [])
+    try:
+        prepare_data(resolve(spec), _console())
+    except LongextError as err:
+        raise located(recipe, err, overrides or []) from None
 
 
 plain_help(app)  # after the last command: commands added above get plain metavars too

@@ -21,12 +21,18 @@ from longext.rope import apply_rope_config
 
 def quiet_libraries() -> None:
     """Keep our progress output readable: no per-file progress bars or deprecation chatter from libraries."""
+    import os
+    import sys
     import warnings
 
-    import datasets
     import transformers
 
-    datasets.disable_progress_bars()
+    # datasets is imported only by the sources that need it (a save_to_disk folder, a hub stream): importing it here
+    # cost every start ~1 s (pandas, pyarrow); it reads this variable when it is imported
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")

@@ -46,11 +46,22 @@ def e2llm_positions(
     """E2-LLM (Liu et al. 2024, Eq. 5-7): scale g ~ U(G), offset t ~ U{0..floor(g*L0 - R)}; tokens
     m >= `sinks` get position m + t, the first `sinks` keep m. RoPE sees (m + t(m)) / g; the largest
     is (R - 1 + g*L0 - R)/g < L0, inside the pretrained range."""
-    g = scales[int(torch.randint(len(scales), (1,), generator=gen))]
-    t = int(torch.randint(0, math.floor(g * original - seq_len) + 1, (1,), generator=gen))
-    positions = torch.arange(seq_len)
+    g = e2llm_scale(scales, gen)
+    return e2llm_shifted(seq_len, original, g, sinks, gen), g
+
+
+def e2llm_scale(scales: list[float], gen: torch.Generator) -> float:
+    """g ~ U(G): one draw per sample."""
+    return scales[int(torch.randint(len(scales), (1,), generator=gen))]
+
+
+def e2llm_shifted(length: int, original: int, g: float, sinks: int, gen: torch.Generator) -> torch.Tensor:
+    """Positions of `length` tokens at scale g: m for the first `sinks`, m + t after, t ~ U{0..floor(g*L0 - length)}
+    (a document piece of a packed row draws its own t, so its largest position stays below g*L0 too)."""
+    t = int(torch.randint(0, math.floor(g * original - length) + 1, (1,), generator=gen))
+    positions = torch.arange(length)
     positions[sinks:] += t
-    return positions, g
+    return positions
 
 
 def e2llm_eval_scale(length: int, original: int, rule: str) -> float:

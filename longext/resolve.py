@@ -23,12 +23,13 @@ class Resolved:
 def resolve(recipe: Recipe) -> Resolved:
     import dataclasses
 
+    from longext.data.mask_policy import document_mask_enabled, document_mask_problems, mask_kernel
     from longext.engine import resolve_precision
     from longext.errors import LongextError
     from longext.families import family_of, lora_targets
     from longext.files import expand_path
     from longext.methods import method_for
-    from longext.models import check_attention, load_model_config
+    from longext.models import attn_implementation, check_attention, load_model_config
     from longext.rope import original_context, rope_state
     from longext.savers import resolve_switches
     from longext.sp import check_parallel
@@ -43,6 +44,7 @@ def resolve(recipe: Recipe) -> Resolved:
     check_attention(recipe.model.attn_implementation, config)
     L0 = original_context(config, recipe.model.original_context)
     recipe = method.resolve(recipe, config, L0)  # the method's own `auto`s: LongRecipe's enlarged base, E2-LLM's g_max
+    kernel = mask_kernel(attn_implementation(recipe.model.attn_implementation, config), method.own_attention)
     state = rope_state(recipe, config)
     rope = recipe.rope
     if getattr(rope, "factor", None) == "auto":
@@ -53,9 +55,12 @@ def resolve(recipe: Recipe) -> Resolved:
     lora = recipe.lora
     if lora.targets == "auto":  # the family's attention projections (Phi-3: its fused qkv_proj)
         lora = lora.model_copy(update={"targets": lora_targets(config)})
+    if problems := document_mask_problems(recipe, kernel, seq_len):  # e.g. a 4D mask too large for sdpa
+        raise LongextError(": ".join(problems[0]))
     resolved = recipe.model_copy(update={
         "rope": rope, "lora": lora,
-        "data": recipe.data.model_copy(update={"seq_len": seq_len}),
+        "data": recipe.data.model_copy(update={"seq_len": seq_len,
+                                               "document_mask": document_mask_enabled(recipe, kernel, seq_len)}),
         "model": recipe.model.model_copy(update={"original_context": L0}),
         "train": recipe.train.model_copy(update={"precision": resolve_precision(recipe.train.precision)}),
     })

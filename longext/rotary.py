@@ -47,6 +47,8 @@ class ScaledRotary(nn.Module):
         if scale is not None:
             if isinstance(scale, torch.Tensor) and scale.dim() > 0:
                 scale = scale.to(position_ids.device, torch.float32).reshape(-1, 1)  # [b, 1] over [b, s]
+                if position_ids.shape[0] == 1 < scale.shape[0]:  # flash's flattened micro-batch: b rows in [1, b*s]
+                    scale = scale.repeat_interleave(position_ids.shape[1] // scale.shape[0]).reshape(1, -1)
             position_ids = position_ids.to(torch.float32) / scale
         if self.head_bases is not None:
             from longext.methods.harpe.modeling_longext_harpe import harpe_cos_sin, harpe_inv_freq

@@ -100,10 +100,12 @@ def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
         )
 
 
-def _diff(a, b, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [p for k in sorted(set(a) | set(b)) for p in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
+def _diff(stored, now, prefix: str = "") -> list[str]:
+    """Paths where `now` differs from `stored`. A key the stored recipe lacks is a field added after the run started
+    (e.g. data.document_mask): it took its default then, so it is no change."""
+    if isinstance(stored, dict) and isinstance(now, dict):
+        return [p for k in sorted(stored) for p in _diff(stored[k], now.get(k), f"{prefix}{k}.")]
+    return [] if stored == now else [prefix.rstrip(".")]
 
 
 def read_status(run_dir: Path) -> dict:

@@ -4,7 +4,7 @@ the `auto` rules) are in longext/savers.py.
 
 Ulysses (`train.sequence_parallel: N`). The N ranks of a sequence-parallel group get the same sample and each
 keeps 1/N of its sequence: tokens, position ids (contiguous, PoSE skips, E2-LLM offsets, LongRecipe gaps: the
-positions travel with their tokens) and pre-shifted labels. Everything per token runs on the local shard:
+positions travel with their tokens) and pre-shifted labels; packed documents' ids (data.document_mask) stay whole. Everything per token runs on the local shard:
 embeddings, RoPE (also HARPE's per-head cos/sin, which is computed from the shard's own positions for every head
 before attention), MLPs, norms, the loss. Only the core attention sees the whole sequence: DeepSpeed's
 `UlyssesSPAttentionHF` all-to-alls q/k/v from [L/N tokens, all heads] to [L tokens, heads/N], runs the model's
@@ -13,7 +13,11 @@ sdpa/flash kernel causally, and all-to-alls back. Per-sample inputs (E2-LLM's sc
 `register_with_transformers` replaces `ALL_ATTENTION_FUNCTIONS[<kernel>]` for the whole process, which is why it
 runs only in a rank process with N > 1 (never in the single-process path) and only once per process. The wrapper
 drops attention masks and attends causally over the gathered sequence, so padding must sit at the end of a sample
-(data.packing per_doc does that) and packed documents attend across their EOS boundaries, as in the plain path.
+(data.packing per_doc does that). Packed documents (data.document_mask) are masked by the kernel it wraps
+(longext.data.masks.document_attention), from the whole-sequence document ids every rank of the group holds: the
+all-to-all gives a rank every token of its heads, so it needs every token's document. DeepSpeed's own packed-sample
+support (0.19.8: position ids all-gathered for flash-attn to find restarts at 0) covers flash with contiguous
+positions at batch 1 only; PoSE, E2-LLM and sinks start documents elsewhere than 0, and sdpa ignores positions.
 
 The loss (the sp-times-gradient trap, ulysses-cpu.md gotcha 1). Each rank backpropagates the sum of its tokens'
 cross-entropy divided by the valid-token count of the whole sample (all-reduced over the group): the gradients
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from longext.data.masks import DOCUMENT_KEY, FLASH, FLASH_KEYS, document_attention
 from longext.errors import LongextError, Problems
 
 LOGITS_PER_TILE = 2**26  # tiled loss: at most this many logits (256 MiB in fp32) exist at once
@@ -136,6 +141,10 @@ def apply_sequence_parallel(model, lay: Layout, micro_batch_size: int) -> Layout
             import deepspeed.runtime.sequence_parallel.parallel_state_sp as groups
 
             groups._release_sequence_parallel_groups()
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        # the kernel Ulysses calls after its all-to-all masks packed documents itself (longext.data.masks)
+        ALL_ATTENTION_FUNCTIONS[impl] = document_attention(ALL_ATTENTION_FUNCTIONS[impl], impl in FLASH)
         mpu = UlyssesSPAttentionHF.register_with_transformers(
             model_name_or_path=model, core_attn_implementation=impl, sequence_parallel_size=lay.sp,
             micro_batch_size=micro_batch_size, seq_length_is_variable=True,
@@ -160,7 +169,8 @@ def shard_batch(batch: dict, lay: Layout) -> dict:
     piece = slice(lay.sp_rank * n, (lay.sp_rank + 1) * n)
     out = {k: v for k, v in batch.items() if k != "labels"}
     for key in ("input_ids", "attention_mask", "position_ids"):
-        out[key] = batch[key][:, piece]
+        if batch[key] is not None:  # attention_mask None: flattened rows with flash varlen keys (longext.data.masks)
+            out[key] = batch[key][:, piece]
     out["shift_labels"] = F.pad(labels[:, 1:], (0, 1), value=-100)[:, piece]
     return out
 
@@ -212,9 +222,12 @@ def micro_batch_loss(engine, inputs: dict, lay: Layout, tiled: bool) -> tuple[to
     The forward goes through the engine (so DeepSpeed's backward hooks see its outputs) and stops before the
     logits: logits_to_keep=1 projects a single token, the loss is computed here from the final hidden states."""
     labels = inputs["shift_labels"].to(engine.device)
+    mask = inputs["attention_mask"]
+    varlen = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in inputs.items()
+              if k in (*FLASH_KEYS, DOCUMENT_KEY)}  # flash's varlen inputs, the whole-sequence document ids
     out = engine(
-        input_ids=inputs["input_ids"].to(engine.device), attention_mask=inputs["attention_mask"].to(engine.device),
-        position_ids=inputs["position_ids"].to(engine.device), output_hidden_states=True, logits_to_keep=1,
+        input_ids=inputs["input_ids"].to(engine.device), attention_mask=None if mask is None else mask.to(engine.device),
+        position_ids=inputs["position_ids"].to(engine.device), output_hidden_states=True, logits_to_keep=1, **varlen,
     )
     hidden = out.hidden_states[-1]  # after the final norm (transformers ties it to last_hidden_state)
     head = engine.module.get_output_embeddings()

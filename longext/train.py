@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from longext.data import build_train_data
+from longext.data.masks import DOCUMENT_KEY, FLASH_KEYS, model_inputs
 from longext.engine import init_distributed, make_engine, release_zero3_linear
 from longext.errors import TrainingStopped, WriteFailed
 from longext.methods import method_for
@@ -17,6 +17,7 @@ from longext.metrics import MetricsLog, StepProgress
 from longext.models import add_lora, apply_full_finetune, build_model, load_tokenizer, quiet_libraries
 from longext.recipe import Recipe
 from longext.resolve import Resolved, resolve
+from longext.run_data import training_data
 from longext.rundir import Run, check_start, latest_checkpoint, stopped_writing
 from longext.savers import activation_offload, apply_fused_norm, apply_tiled_mlp
 from longext.sp import apply_sequence_parallel, layout, micro_batch_loss, shard_batch
@@ -46,12 +47,11 @@ def _run_training(resolved: Resolved, resume: bool) -> Path:
     method = method_for(recipe.method.kind).setup(recipe, resolved.rope)
     tokenizer = load_tokenizer(resolved.model_dir)
     group = t.micro_batch_size * t.grad_accum * lay.dp if method.per_step else 1
-    data = method.build_data(recipe, tokenizer) if method.build_data else build_train_data(
-        recipe, tokenizer, method.positions, group)
+    data, extra_data = training_data(recipe, tokenizer, method, group)
     model, lay = trainable_model(resolved, method, lay)
     extra = method.extra_stage
     engine = make_engine(model, t, lay.dp, lay.mpu, then_lr=extra.lr if extra else None)
-    stages = _Stages(method, t.steps, data, extra.build_data(recipe, tokenizer) if extra else None)
+    stages = _Stages(method, t.steps, data, extra_data)
     run = Run(recipe.run_dir, rank, stages.total, stages.status)
     start = run.load_checkpoint(engine, resume_point) if resume else 0
     run.start(recipe, resolved.rope, start)
@@ -157,12 +157,20 @@ class _Stages:
 
 def _forward(engine, batch: dict, lay, t) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss for engine.backward, the micro-batch's mean token loss): transformers' own loss on the whole sequence,
-    or longext.sp's on this rank's shard of it (sequence parallelism, tiled loss)."""
+    or longext.sp's on this rank's shard of it (sequence parallelism, tiled loss). Packed rows with a document mask
+    get the mask their attention kernel needs (longext.data.masks)."""
+    module = engine.module
+    inputs = {**batch, **model_inputs(batch, module.config._attn_implementation, module.dtype, lay.sp)}
     with activation_offload(t):
         if lay.sp == 1 and not t.tiled_loss:
-            loss = engine(**{k: batch[k].to(engine.device) for k in MODEL_INPUTS}).loss
+            wanted = {k: _to(v, engine.device) for k, v in inputs.items() if k in (*MODEL_INPUTS, *FLASH_KEYS, DOCUMENT_KEY)}
+            loss = engine(**wanted).loss
             return loss, loss.detach().float()
-        return micro_batch_loss(engine, shard_batch(batch, lay), lay, t.tiled_loss)
+        return micro_batch_loss(engine, shard_batch(inputs, lay), lay, t.tiled_loss)
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _due(step: int, every: int | None) -> bool:

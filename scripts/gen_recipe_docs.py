@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import annotated_types
 import yaml
@@ -81,10 +81,17 @@ field not written takes the default listed below. `name`, `model`, `method` and 
 
 # ------------------------------------------------------------------------------------ schema walk
 def section_of(annotation: Any) -> list[type[BaseModel]] | None:
-    """The section classes a field holds (several for a `kind` union), or None for a plain value."""
+    """The section classes a field holds (several for a `kind` union; a list's entries, e.g. data.train), or None
+    for a plain value."""
     members = get_args(annotation) if get_origin(annotation) is not None else (annotation,)
+    if get_origin(annotation) is list and get_origin(members[0]) is Annotated:
+        members = get_args(members[0])[:1]  # list[Annotated[Section, validator]]: entries given as text or a section
     found = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
     return found or None
+
+
+def is_entry_list(annotation: Any) -> bool:
+    return get_origin(annotation) is list and section_of(annotation) is not None
 
 
 def sections(cls: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, type[BaseModel]]]:
@@ -117,6 +124,10 @@ def type_text(annotation: Any, metadata: tuple = ()) -> str:
     if is_length(annotation) or any(getattr(m, "func", None) is parse_length for m in metadata):
         return "length"
     origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return type_text(args[0])
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "source"  # a data.train entry: a path, or a mapping (its section is documented once)
     if origin is Literal:
         return ("one of " if len(args) > 1 else "") + ", ".join(f"`{yaml_value(a)}`" for a in args)
     if origin in (list, tuple):
@@ -151,6 +162,8 @@ def default_text(info: FieldInfo) -> str:
     if info.is_required():
         return "**required**"
     value = info.default_factory() if info.default_factory is not None else info.default
+    if isinstance(value, list):
+        value = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
     if isinstance(value, BaseModel):
         return f"`kind: {kind_of(type(value))}`" if kind_of(type(value)) else "(section defaults)"
     return f"`{yaml_value(value)}`"
@@ -169,6 +182,8 @@ def field_rows(prefix: str, cls: type[BaseModel]) -> list[str]:
         if members:
             kinds = [kind_of(m) for m in members]
             kind = f"section, `kind`: {', '.join(f'`{k}`' for k in kinds)}" if all(kinds) else "section"
+            if is_entry_list(info.annotation):
+                kind = "list of entries (text, or a section)"
             meaning = info.description or (members[0].__doc__ if len(members) == 1 else "") or ""
             see = f"See [`{prefix}{name}`](#{anchor(prefix + name)})."
             rows.append(f"| `{name}` | {kind} | {default_text(info)} | {cell(meaning + ' ' + see)} |")
@@ -271,7 +286,9 @@ PATHS = """\
 - `books` in `data.train` or `eval.perplexity.texts` means the offline public-domain books
   (`longext models prepare books`): training uses their train split, evaluation their held-out split.
   Other entries are `.txt` files (one document each), `.jsonl`/`.json`/`.parquet` files (one document
-  per row, text in `data.text_field`), or folders searched recursively for those.
+  per row, text in `data.text_field`), folders searched recursively for those, globs, folders written by
+  `datasets`' `save_to_disk`, or mappings with a weight and filters (`{path: ..., weight: 3}`, `{hub: ...}`);
+  see [`data.train`](#datatrain) and [data.md](data.md).
 """
 
 OVERRIDES = """\
@@ -315,6 +332,9 @@ AUTO = """\
 - `rope.factor: auto` is `method.target_len / L0`, where L0 (`model.original_context`) is read from
   the model's `config.json` (rope `original_max_position_embeddings`, else `max_position_embeddings`).
 - `data.seq_len: auto` trains at `method.target_len`.
+- `data.document_mask: auto` is on for `concat` packing (every method, any `train.sequence_parallel`) when the
+  attention kernel needs no mask tensor (flash-attn) or the sdpa/eager mask stays within 1 GiB per micro-batch,
+  off otherwise; the resolved value depends on the machine's kernel.
 - `train --dry-run` prints the recipe with these filled in, and the run directory keeps that resolved
   copy as `recipe.yaml`.
 """

@@ -13,6 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """Token caches of the tests' corpora go to a session folder, never into the user's $LONGEXT_CACHE/data."""
+    folder = tmp_path_factory.mktemp("data-cache")
+    os.environ["LONGEXT_DATA_CACHE"] = str(folder)  # subprocesses (the CLI, ranks) inherit it
+    return folder
+
 WORDS = (
     "the a of and to in is was that it he she they we you for on with as his her at by from this "
     "had not but be are were which one all there when so what who would been has more if no out "

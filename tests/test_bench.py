@@ -241,6 +241,27 @@ def test_a_run_stopped_before_its_first_case_keeps_the_old_section():
     assert "| no extension |" not in report.render({"toy": stopped})  # nothing older to keep: the empty run shows
 
 
+def test_the_data_section_shows_each_size_and_the_issue_targets():
+    from longext.bench.suites import data_cases
+
+    assert [c["name"] for c in data_cases(quick=False)] == [
+        "data-25M-cold", "data-25M-warm", "data-25M-resume", "data-100M-cold", "data-100M-warm", "data-100M-resume",
+        "data-25M-ranks"]
+    corpus = {"bytes": 93e6, "documents": 4000}
+    run = {"seconds": 20.0, "first_step_seconds": 8.5, "data_seconds": 0.2, "peak_rss_mb": 1150.0, "tokens": 25e6,
+           "corpus": corpus, "imports": {"total": 5.0, "largest": {"torch": 2.0}}}
+    cases = [{"case": {"name": f"data-{size}-{what}", "size": size, "measure": what}, "result": result, "cached": False}
+             for size, rss in (("25M", 760.0), ("100M", 900.0)) for what, result in (
+                 ("cold", {"seconds": 50.0, "tokens": 25e6, "tokens_per_s": 5e5, "build_tokens_per_s": 6e5,
+                           "peak_rss_mb": rss, "corpus": corpus}), ("warm", run), ("resume", run))]
+    cases.append({"case": {"name": "data-25M-ranks", "size": "25M", "measure": "ranks"}, "cached": False, "result": {
+        "rank_1": {"data_seconds": 40.0}, "ranks_2": {"data_seconds": 42.0}, "ratio": 1.05}})
+    text = report.render({"data": {**suite_doc([]), "cases": cases}})
+    assert "| 25M (93 MB jsonl, 4,000 docs) | 25.0M | 50.0 s | 500,000 | 600,000 | 760 | 0.20 s | 8.5 s |" in text
+    assert "+140 MB (target: at most +300 MB)" in text
+    assert "ratio 1.05 (target: at most 1.2" in text and "imports 5.0 s, largest torch 2.0 s" in text
+
+
 def test_throughput_table_has_the_engine_to_plain_ratio():
     def case(name, path, tps):
         return {"case": {"name": name, "case": "train", "path": path, "model": "tiny", "seq_len": 2048, "steps": 3},

@@ -198,7 +198,7 @@ def test_unknown_command_lists_the_commands(capsys):
     [line] = bad_input(capsys, "trian")
     assert line == (
         "error: longext: No such command 'trian'. Did you mean 'train'? "
-        "(commands: train, plan, eval, export, analyze, bench, doctor, recipes, models)"
+        "(commands: train, plan, eval, export, analyze, bench, doctor, recipes, models, data)"
     )
 
 
@@ -208,15 +208,30 @@ def test_missing_argument(capsys):
     ]
 
 
-def test_nproc_relaunches_the_arguments_main_was_given_not_sys_argv(capsys, tmp_path, tiny_model_dir, monkeypatch):
+def test_nproc_builds_the_data_once_then_relaunches_the_arguments_main_was_given(capsys, tmp_path, tiny_model_dir,
+                                                                                monkeypatch):
+    """The launching process tokenizes (before any rank starts, so the ranks only open the cache) and relaunches
+    the arguments main() was given, not sys.argv."""
+    import os
+
     import longext.launch
 
-    recipe = write(tmp_path / "ok.yaml", RECIPE.format(model=tiny_model_dir))  # pre-launch checks read its config
+    (tmp_path / "doc.txt").write_text("A short document. " * 200)
+    recipe = write(tmp_path / "ok.yaml", RECIPE.format(model=tiny_model_dir) + f"data:\n  train: [{tmp_path / 'doc.txt'}]\n")
+    caches = Path(os.environ["LONGEXT_DATA_CACHE"])
+    before = set(caches.glob("doc.txt-*")) if caches.exists() else set()
     calls = []
-    monkeypatch.setattr(longext.launch, "relaunch", lambda argv, nproc, hostfile: calls.append((argv, nproc)) or 0)
+
+    def launcher(argv, nproc, hostfile):  # instead of torchrun: what exists when the ranks would start
+        calls.append((argv, nproc, set(caches.glob("doc.txt-*")) - before))
+        return 0
+
+    monkeypatch.setattr(longext.launch, "relaunch", launcher)
     argv = ["train", str(recipe), "--nproc", "2", "-s", "train.steps=3"]
     assert main(argv) == 0
-    assert calls == [(argv, 2)]
+    [(relaunched, nproc, built)] = calls
+    assert relaunched == argv and nproc == 2 and len(built) == 1
+    assert "data: tokenized" in capsys.readouterr().err
 
 
 def test_hostfile_that_does_not_exist_is_refused_before_launching(capsys, recipe):
@@ -598,7 +613,7 @@ def test_missing_training_texts_are_named_with_the_recipe_line(capsys, tmp_path,
     [line] = bad_input(capsys, "train", tiny_recipe, "--out", tmp_path / "run")
     lines = tiny_recipe.read_text().splitlines()
     want = next(i for i, text in enumerate(lines, 1) if text.strip().startswith("train: ["))
-    assert re.match(rf"error: {re.escape(str(tiny_recipe))}:{want} data.train: no such file or folder: ", line), line
+    assert re.match(rf"error: {re.escape(str(tiny_recipe))}:{want} data.train.0: no such file or folder: ", line), line
     assert not (tmp_path / "run").exists()
 
 

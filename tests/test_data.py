@@ -73,13 +73,17 @@ THREE = ["first document", "second document", "third document"]
 
 
 def documents_of(tmp_path, tiny_model_dir, **data) -> list[str]:
+    """The documents the training pipeline uses (longext.data.prepare), in order."""
+    from transformers import AutoTokenizer
+
     from helpers import write_recipe
-    from longext.data import training_documents
+    from longext.data.prepare import prepare_corpus
     from longext.recipe import load_recipe
 
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in THREE))
     path = write_recipe(tmp_path, tiny_model_dir, tmp_path / "docs.jsonl", data=data)
-    return training_documents(load_recipe(path))
+    corpus = prepare_corpus(load_recipe(path).data, AutoTokenizer.from_pretrained(tiny_model_dir), 4, seed=0)
+    return [THREE[i] for i in corpus.selection.document.tolist()]
 
 
 @pytest.mark.parametrize(("data", "kept"), [
@@ -96,7 +100,7 @@ def test_holdout_and_max_docs_keep_the_right_documents(tmp_path, tiny_model_dir,
 
 
 def test_holding_out_every_document_is_a_clear_error(tmp_path, tiny_model_dir):
-    with pytest.raises(LongextError, match=r"data.train: no documents left to train on \(check data.max_docs / data.holdout_docs\)"):
+    with pytest.raises(LongextError, match=r"data.train: no documents left to train on \(check data.max_docs, data.holdout_docs"):
         documents_of(tmp_path, tiny_model_dir, holdout_docs=3)
     with pytest.raises(LongextError, match="no documents left to train on"):
         documents_of(tmp_path, tiny_model_dir, holdout_docs=7)

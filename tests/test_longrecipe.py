@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from helpers import losses, write_recipe
+from longext.data.batches import piece_lengths
 from longext.errors import RecipeError
-from longext.methods.longrecipe.selection import digit_ids, fill_samples, select_sentences, sentence_end_ids, split_sentences
-from longext.methods.longrecipe.selection import token_texts
+from longext.methods.longrecipe.selection import digit_ids, sentence_end_ids, token_texts
+from longext.methods.longrecipe.sentences import SentenceRows, kept_sentences, sentence_starts
 from longext.methods.longrecipe import static_ntk_base
 from longext.positions import longrecipe_positions
 from longext.recipe import load_recipe
@@ -51,11 +53,24 @@ def test_the_base_is_resolved_recorded_and_exported_as_plain_rope_theta(longreci
 
 
 # ------------------------------------------------------------------------------------- selection
+def sentences_of(ids, ends) -> list[list[int]]:
+    doc = np.asarray(ids, dtype=np.uint32)
+    starts = sentence_starts(doc, np.array(sorted(ends), dtype=np.uint32))
+    return [doc[a:b].tolist() for a, b in zip(starts, [*starts[1:], len(doc)])]
+
+
+def kept_of(sentences, impactful, keep_other, gen) -> list[list[int]]:
+    doc = np.array([t for s in sentences for t in s], dtype=np.uint32)
+    starts = np.cumsum([0] + [len(s) for s in sentences[:-1]])
+    marked = None if impactful is None else np.array(sorted(impactful), dtype=np.uint32)
+    return [s for s, k in zip(sentences, kept_sentences(doc, starts, marked, keep_other, gen)) if k]
+
+
 def test_sentences_end_at_punctuation_and_newline_tokens(tiny_tokenizer):
     texts = token_texts(tiny_tokenizer)
     ends = sentence_end_ids(texts)
     ids = tiny_tokenizer("He came home. Was it 42? Yes!\nThe end", add_special_tokens=False)["input_ids"]
-    pieces = [tiny_tokenizer.decode(s) for s in split_sentences(ids, ends)]
+    pieces = [tiny_tokenizer.decode(s) for s in sentences_of(ids, ends)]
     assert "".join(pieces) == "He came home. Was it 42? Yes!\nThe end"
     assert pieces[0] == "He came home." and pieces[1].strip() == "Was it 42?"
     assert pieces[-1].strip() == "The end"
@@ -65,9 +80,9 @@ def test_digit_selection_keeps_whole_sentences_and_the_configured_ratio(tiny_tok
     texts = token_texts(tiny_tokenizer)
     text = (corpus_dir / "doc0.txt").read_text()
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
-    sentences = split_sentences(ids, sentence_end_ids(texts))
+    sentences = sentences_of(ids, sentence_end_ids(texts))
     digits = digit_ids(texts)
-    kept = select_sentences(sentences, digits, 0.3, torch.Generator().manual_seed(0))
+    kept = kept_of(sentences, digits, 0.3, torch.Generator().manual_seed(0))
     with_digit = [s for s in sentences if not digits.isdisjoint(s)]
     others = [s for s in sentences if digits.isdisjoint(s)]
     assert with_digit and len(others) > 200
@@ -78,16 +93,52 @@ def test_digit_selection_keeps_whole_sentences_and_the_configured_ratio(tiny_tok
     # whole sentences, in their original order: kept is a subsequence of sentences
     it = iter(map(tuple, sentences))
     assert all(any(s == t for t in it) for s in map(tuple, kept))
-    assert select_sentences(sentences, None, 0.0, torch.Generator()) == sentences  # mode none
+    assert kept_of(sentences, None, 0.0, torch.Generator()) == sentences  # mode none
 
 
-def test_samples_are_filled_to_seq_len_with_the_sentences_in_order():
-    sentences = [[1] * 5, [2] * 7, [3] * 3, [4] * 9, [5] * 2]
-    rows, segments = fill_samples(sentences, 8)
-    assert [len(r) for r in rows] == [8, 8, 8]  # 26 tokens: three full samples, the rest dropped
-    assert rows[0] == [1] * 5 + [2] * 3 and segments[0] == [5, 3]
-    assert rows[1] == [2] * 4 + [3] * 3 + [4] and segments[1] == [4, 3, 1]
-    assert segments[2] == [8]
+def test_rows_are_cut_from_the_kept_sentences_in_order():
+    """26 kept tokens in sentences of 5, 7, 3, 9 and 2 (two documents) at seq_len 8: three rows, the rest dropped; a
+    sentence that does not fit continues in the next row as a piece of its own there."""
+    tokens = np.repeat(np.arange(1, 6, dtype=np.uint32), [5, 7, 3, 9, 2])
+    rows = SentenceRows(tokens, np.array([0, 5, 12, 15, 24, 26]), np.array([0, 15, 26]), 8, {})
+    block = rows.rows([0, 1, 2])
+    assert len(rows) == 3
+    assert block["input_ids"][0].tolist() == [1] * 5 + [2] * 3 and block["sentences"][0].tolist() == [0] * 5 + [1] * 3
+    assert block["input_ids"][1].tolist() == [2] * 4 + [3] * 3 + [4]
+    assert block["sentences"][1].tolist() == [0] * 4 + [1] * 3 + [2] and block["segments"][1].tolist() == [0] * 7 + [1]
+    assert block["sentences"][2].tolist() == [0] * 8 and block["segments"][2].tolist() == [0] * 8
+
+
+def test_the_cached_selection_is_the_in_memory_one(tmp_path, tiny_model_dir, tiny_tokenizer, corpus_dir):
+    """The sentence cache against the definition, in plain lists: every document plus EOS cut after each sentence
+    end, sentences kept by the digits rule with one draw each from one generator, concatenated and cut into rows."""
+    from longext.data.prepare import prepare_corpus
+    from longext.methods.longrecipe.sentences import selected_rows
+    from longext.recipe.methods import LongRecipeSelection
+
+    docs = [tiny_tokenizer((corpus_dir / f"doc{i}.txt").read_text(), add_special_tokens=False)["input_ids"]
+            for i in range(3)]
+    texts, eos = token_texts(tiny_tokenizer), tiny_tokenizer.eos_token_id
+    ends, digits = sentence_end_ids(texts) | {eos}, digit_ids(texts)
+    gen = torch.Generator().manual_seed(7)
+    stream = []
+    for doc in docs:
+        sentences, current = [], []
+        for t in [*doc, eos]:
+            current.append(t)
+            if t in ends:
+                sentences.append(current)
+                current = []
+        draws = torch.rand(len(sentences), generator=gen).tolist()
+        stream += [t for s, u in zip(sentences, draws) if u < 0.25 or not digits.isdisjoint(s) for t in s]
+    data = load_recipe(write_recipe(tmp_path, tiny_model_dir, corpus_dir)).data
+    corpus = prepare_corpus(data, tiny_tokenizer, 64, seed=7)
+    rows = selected_rows(corpus, tiny_tokenizer, LongRecipeSelection(mode="digits", keep_other=0.25), 7, 64, None)
+    n = len(stream) // 64
+    assert len(rows) == n and rows.tokens.tolist() == stream
+    assert rows.rows(list(range(n)))["input_ids"].tolist() == [stream[i * 64:(i + 1) * 64] for i in range(n)]
+    again = selected_rows(corpus, tiny_tokenizer, LongRecipeSelection(mode="digits", keep_other=0.25), 7, 64, None)
+    assert again.manifest == rows.manifest  # read back from the cache
 
 
 # ------------------------------------------------------------------------------------- positions
@@ -148,7 +199,7 @@ def test_training_batches_carry_the_transformed_positions(tiny_model_dir, corpus
     assert torch.equal(batch["input_ids"], again["input_ids"]) and torch.equal(batch["position_ids"], again["position_ids"])
     row = int(data._order(0)[3])
     start = 0
-    for n in data.segments[row]:
+    for n in piece_lengths(data.samples.rows([row])["sentences"][0]):
         assert (batch["position_ids"][0, start:start + n].diff() == 1).all()
         start += n
 
@@ -352,7 +403,7 @@ def test_logit_change_selection_keeps_sentences_with_top_types(tmp_path, tiny_to
     assert load_impactful(str(path), 0.2, len(tiny_tokenizer)) == {0, 1}
     assert load_impactful(str(path), 0.01, len(tiny_tokenizer)) == {0}
     sentences = [[5, 6], [1, 7], [8, 0, 9], [3]]
-    assert select_sentences(sentences, {0, 1}, 0.0, torch.Generator()) == [[1, 7], [8, 0, 9]]
+    assert kept_of(sentences, {0, 1}, 0.0, torch.Generator()) == [[1, 7], [8, 0, 9]]
     with pytest.raises(LongextError, match="method.selection.analysis: .* 400-token tokenizer, this model.s has 7"):
         load_impactful(str(path), 0.2, 7)
     with pytest.raises(LongextError, match="method.selection.analysis: cannot read"):
@@ -398,7 +449,7 @@ def test_logit_change_mode_builds_samples_from_the_analysis_file(tmp_path, tiny_
         method = {**LR, "selection": selection}
         path = write_recipe(tmp_path, tiny_model_dir, corpus_dir, method=method, rope={"kind": "none"}, data={"seq_len": "auto"})
         recipe = resolve(load_recipe(path)).recipe
-        return build_longrecipe_data(recipe, tiny_tokenizer).samples.input_ids
+        return torch.as_tensor(np.asarray(build_longrecipe_data(recipe, tiny_tokenizer).samples.tokens, dtype=np.int64))
 
     by_analysis = build({"mode": "logit_change", "analysis": str(analysis), "top_fraction": 1.0, "keep_other": 0.2})
     by_digits = build({"mode": "digits", "keep_other": 0.2})

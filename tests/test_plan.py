@@ -299,6 +299,26 @@ def test_train_refusal_names_the_switch_that_would_fit(capsys, tiny_recipe, monk
     assert "set train.gradient_checkpointing=true (details" in err
 
 
+def test_the_document_mask_is_one_b_l_squared_tensor_per_rank(tiny_recipe):
+    """sdpa: a [b, 1, L, L] bool per micro-batch, whole on each sequence-parallel rank; eager: 4-byte floats;
+    document_mask false: nothing."""
+    from longext.plan import plan_resolved
+    from longext.recipe import load_recipe
+    from longext.resolve import resolve
+
+    def plan(*sets, gpus=1):
+        long = ["method.target_len=16k", "data.seq_len=16k", "train.micro_batch_size=2", *sets]
+        est, _ = plan_resolved(resolve(load_recipe(tiny_recipe, long)), gpus=gpus, device="cpu")
+        return est, {t.name: t.bytes for t in est.terms}
+
+    on, terms = plan()
+    off, off_terms = plan("data.document_mask=false")
+    assert terms["document mask"] == 2 * 16384**2 and "document mask" not in off_terms
+    assert on.total - off.total == terms["document mask"]
+    assert plan("train.sequence_parallel=2", gpus=2)[1]["document mask"] == 2 * 16384**2
+    assert plan("model.attn_implementation=eager", "data.document_mask=true")[1]["document mask"] == 4 * 2 * 16384**2
+
+
 # ------------------------------------------------------------------------------ one layer's backward
 SMALL = Dims(layers=2, hidden=64, intermediate=160, heads=8, kv_heads=2, head_dim=16, vocab=100, tied=False)
 

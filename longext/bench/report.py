@@ -61,7 +61,7 @@ def render(suites: dict[str, dict | None], old_text: str = "") -> str:
             doc = None  # a run stopped before its first case measured nothing: keep what the page showed
         if doc is not None:
             body = {"throughput": throughput_section, "toy": toy_section, "smollm2": smollm2_section,
-                    "longgen": longgen_section, "memory": memory_section}[suite](doc)
+                    "longgen": longgen_section, "memory": memory_section, "data": data_section}[suite](doc)
             parts += [start, body.rstrip(), end, ""]
         elif suite in old:
             parts += [old[suite], ""]
@@ -194,3 +194,66 @@ def memory_section(doc: dict) -> str:
                      f"{max(baselines):,.0f} MiB.")
     return "\n".join(lines)
 
+
+# ------------------------------------------------------------------------------------------- data
+def data_section(doc: dict) -> str:
+    """The data pipeline (longext/bench/data.py): per corpus size, cold preparation, warm start and resume; 2 ranks
+    against 1; the issue's targets."""
+    lines = ["## Data pipeline: tokenize once, start warm (issue 17)", "", *header(doc)]
+    lines += ["Corpora cut from the offline training books (documents of 2k-60k characters, shuffled), SmolLM2's "
+              "tokenizer, a 2-layer Llama, seq_len 1024, `train` of 2 steps; every figure a fresh process "
+              "(peak RSS from wait4). cold: `longext data prepare` on an empty cache; warm: `longext train` with "
+              "the cache present (data: until the `ready` line; first step: until metrics.jsonl's first line); "
+              "resume: `train --resume` one step further.", ""]
+    by = {(c["case"]["size"], c["case"]["measure"]): c for c in case_rows(doc)}
+    sizes = list(dict.fromkeys(c["case"]["size"] for c in case_rows(doc)))
+    rows = []
+    for size in sizes:
+        cold, warm, resume = (by.get((size, m), {}).get("result") for m in ("cold", "warm", "resume"))
+        corpus = (cold or warm or resume or {}).get("corpus", {})
+        tokens = (cold or warm or {}).get("tokens")
+        rows.append([f"{size} ({corpus.get('bytes', 0) / 1e6:,.0f} MB jsonl, {corpus.get('documents', 0):,} docs)",
+                     num(tokens / 1e6 if tokens else None) + "M",
+                     _secs(cold, "seconds"), num((cold or {}).get("tokens_per_s"), 0),
+                     num((cold or {}).get("build_tokens_per_s"), 0), num((cold or {}).get("peak_rss_mb"), 0),
+                     _secs(warm, "data_seconds", 2), _secs(warm, "first_step_seconds"), _secs(warm, "seconds"),
+                     num((warm or {}).get("peak_rss_mb"), 0), _secs(resume, "first_step_seconds"),
+                     num((resume or {}).get("peak_rss_mb"), 0)])
+    lines += table(["corpus", "tokens", "cold prepare", "tokens/s", "build tokens/s", "prepare peak RSS MB",
+                    "warm: data ready", "first step", "whole run", "train peak RSS MB", "resume: first step",
+                    "resume peak RSS MB"], rows)
+    lines += ["", *_data_targets(by, sizes)]
+    return "\n".join(lines)
+
+
+def _secs(result: dict | None, key: str, digits: int = 1) -> str:
+    value = (result or {}).get(key)
+    return "–" if value is None else f"{value:,.{digits}f} s"
+
+
+def _data_targets(by: dict, sizes: list[str]) -> list[str]:
+    out = []
+    colds = [by[(s, "cold")]["result"] for s in sizes if (s, "cold") in by]
+    if len(colds) > 1:
+        grow = colds[-1]["peak_rss_mb"] - colds[0]["peak_rss_mb"]
+        out.append(f"- data-side peak RSS ({sizes[-1]} against {sizes[0]}): +{grow:,.0f} MB (target: at most +300 MB).")
+    if colds:
+        rates = ", ".join(f"{c['tokens_per_s']:,.0f}" for c in colds)
+        out.append(f"- cold preparation: {rates} tokens/s (target: at least 500,000 on 2 cores; the load averages "
+                   f"are in the JSONs).")
+    for s in sizes:
+        for what in ("warm", "resume"):
+            r = by.get((s, what), {}).get("result")
+            if r and r.get("first_step_seconds") is not None:
+                imports = r.get("imports", {})
+                extra = (f"; imports {imports['total']:.1f} s, largest " + ", ".join(
+                    f"{k} {v:.1f} s" for k, v in imports.get("largest", {}).items())) if imports else ""
+                out.append(f"- {what} start at {s}: first optimizer step after {r['first_step_seconds']:.1f} s, the "
+                           f"data ready after {r['data_seconds']:.2f} s (target: at most 10 s){extra}.")
+    for s in sizes:
+        r = by.get((s, "ranks"), {}).get("result")
+        if r:
+            out.append(f"- `--nproc 2` against one rank at {s}, cold: {r['ranks_2']['data_seconds']:.1f} s against "
+                       f"{r['rank_1']['data_seconds']:.1f} s of preparation, ratio {r['ratio']:.2f} (target: at "
+                       f"most 1.2: the launching process tokenizes once, the ranks open the cache).")
+    return out

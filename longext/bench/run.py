@@ -38,7 +38,7 @@ MODEL_CASE_CODE = ("longext/bench/retrieval.py",)
 
 # ------------------------------------------------------------------------------------------- cases
 def execute(case: dict, case_dir: Path) -> Measured:
-    """Measure one case in a fresh process: a throughput, memory, LongGen efficiency or model case."""
+    """Measure one case in a fresh process: a throughput, memory, data, LongGen efficiency or model case."""
     if case["kind"] == "throughput":
         from longext.bench.throughput import run_case
 
@@ -47,6 +47,10 @@ def execute(case: dict, case_dir: Path) -> Measured:
         from longext.bench.memory import run_case as run_memory_case
 
         return run_memory_case(case, case_dir)
+    if case["kind"] == "data":  # the data pipeline (longext/bench/data.py)
+        from longext.bench.data import run_case as run_data_case
+
+        return run_data_case(case, case_dir)
     if case["kind"] == "longgen":  # LongGen efficiency measurements (longext/bench/longgen.py)
         from longext.bench.longgen import run_case as run_longgen_case
 

@@ -4,7 +4,8 @@
 - toy: the committed toy base (bench/toy-base, L0 = 128) extended to 8 x L0 = 1024;
 - smollm2: SmolLM2-135M (L0 = 8k) extended x2 to 16k;
 - longgen: LongGen against the same model with every layer full (longext/bench/longgen.py);
-- memory: measured peak memory of a training step on CPU against `longext plan`'s estimate (bench/memory.py).
+- memory: measured peak memory of a training step on CPU against `longext plan`'s estimate (bench/memory.py);
+- data: the data pipeline at about 25M and 100M tokens: cold preparation, warm start, resume, 2 ranks (bench/data.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from longext.errors import LongextError
 
-SUITES = ("throughput", "toy", "smollm2", "longgen", "memory")
+SUITES = ("throughput", "toy", "smollm2", "longgen", "memory", "data")
 ALLOWED = (*SUITES, "all")
 TOY_DIR = Path(__file__).resolve().parents[2] / "bench" / "toy-base"
 TOY_L0, TOY_TARGET = 128, 1024
@@ -26,7 +27,7 @@ def suite_cases(suite: str, quick: bool) -> list[dict]:
     if suite not in SUITES:
         raise LongextError(f"SUITE: unknown benchmark suite {suite!r} (allowed: {', '.join(ALLOWED)})")
     cases = {"throughput": throughput_cases, "toy": toy_cases, "smollm2": smollm2_cases, "longgen": longgen_cases,
-             "memory": memory_cases}
+             "memory": memory_cases, "data": data_cases}
     return cases[suite](quick)
 
 
@@ -332,3 +333,19 @@ def moe_memory_cases() -> list[dict]:
             {**base, "name": "mem-tiny-moe-4k-z2-gc", "seq_len": 4096, "zero_stage": 2, "steps": 1,
              "gradient_checkpointing": True},
             {**base, "name": "mem-tiny-moe-2k-z2-experts", "seq_len": 2048, "zero_stage": 2, "lora_experts": True}]
+
+
+# ------------------------------------------------------------------------------------------ data
+DATA_SIZES = {"25M": 25_000_000, "100M": 100_000_000}
+DATA_QUICK = {"1M": 1_000_000}  # checks the suite end to end in minutes; its figures say little
+
+
+def data_cases(quick: bool) -> list[dict]:
+    """Per corpus size: cold preparation, warm start and resume to the first optimizer step; 2 ranks against 1 at
+    the smaller size (bench/data.py)."""
+    sizes = DATA_QUICK if quick else DATA_SIZES
+    cases = [{"kind": "data", "name": f"data-{size}-{what}", "size": size, "tokens": tokens, "measure": what,
+              "seq_len": 1024} for size, tokens in sizes.items() for what in ("cold", "warm", "resume")]
+    first, tokens = next(iter(sizes.items()))
+    return cases + [{"kind": "data", "name": f"data-{first}-ranks", "size": first, "tokens": tokens,
+                     "measure": "ranks", "seq_len": 1024}]

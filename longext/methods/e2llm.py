@@ -14,7 +14,7 @@ import torch
 
 from longext.errors import LongextError
 from longext.methods.base import Method, MethodSetup
-from longext.positions import e2llm_eval_scale, e2llm_positions, e2llm_scales
+from longext.positions import e2llm_eval_scale, e2llm_scale, e2llm_scales, e2llm_shifted
 from longext.rope import full_parameters, with_full_parameters
 from longext.rotary import apply_scaled_rotary, set_rope_scale
 
@@ -25,8 +25,11 @@ def e2llm_sampler(original: int, seq_len: int, g_max: int, scales: list[float] |
 
 
 def scale_set_sampler(original: int, usable: list[float], sinks: int):
-    def sample(length: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        positions, g = e2llm_positions(length, original, usable, sinks, gen)
+    """One scale g per row; with the document mask, every document piece gets its own offset t and sinks (the
+    pieces attend only to themselves, so each is a sample of its own at the row's scale)."""
+    def sample(pieces: list[int], gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        g = e2llm_scale(usable, gen)
+        positions = torch.cat([e2llm_shifted(n, original, g, sinks, gen) for n in pieces])
         return positions, {"rope_scale": torch.tensor(g, dtype=torch.float32)}
 
     return sample

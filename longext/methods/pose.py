@@ -13,8 +13,10 @@ from longext.positions import pose_positions
 
 
 def pose_sampler(target_len: int, chunks: int):
-    def sample(seq_len: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        return pose_positions(seq_len, target_len, chunks, gen), {}
+    """PoSE on every piece of a row (longext.data.batches.PositionSampler): with the document mask, each document
+    piece is a sample of its own, with at most `chunks` chunks whose positions span up to target_len."""
+    def sample(pieces: list[int], gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        return torch.cat([pose_positions(n, target_len, min(chunks, n), gen) for n in pieces]), {}
 
     return sample
 

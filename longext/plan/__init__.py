@@ -41,13 +41,16 @@ Every term is a formula in the model's dimensions (docs/scaling.md writes them o
   output and 3 [T, i] gradients, or one TiledMLP tile), the post-attention RMSNorm's backward (the attention
   block's saved tensors and five fp32 [T, d] tensors). Checked against the live tensors of a real checkpointed
   layer on CPU (tests/test_plan.py).
+- document mask (data.document_mask on, longext.data.masks): one [b, 1, L, L] mask per micro-batch, bool for sdpa
+  and floats (4 B) for eager, whole on every sequence-parallel rank (Ulysses' kernel masks the gathered sequence);
+  none with flash-attn (varlen inputs).
 - CPU heap retention (CPU only): glibc's malloc keeps freed blocks resident; CPU_HEAP_RETENTION (measured once)
   x the activations one forward produces.
 - fixed: on a GPU 1 GiB (CUDA context, cuBLAS/NCCL workspaces; stated, not measured here); on CPU the process
   baseline (interpreter, torch, transformers, DeepSpeed), measured by `longext bench memory`.
 
-peak = weights + trainable state + bucket + kept activations + max(loss, one layer's backward) [+ CPU heap
-retention] + fixed.
+peak = weights + trainable state + bucket + kept activations + max(loss, one layer's backward) [+ document mask]
+[+ CPU heap retention] + fixed.
 
 Modules: shapes (Dims, Setup, Term, Estimate), estimate (weights, trainable state, FLOPs), activations (kept
 activations, loss, one layer's backward), switches (what would make it fit), budget (sizes, this machine's budget,

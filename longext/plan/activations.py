@@ -36,6 +36,8 @@ def activation_terms(dims: Dims, s: Setup) -> list[Term]:
     backward = layer_backward(dims, s)
     loss, loss_formula = _loss_term(T, V, d, a, s.tiled_loss, bool(dims.final_softcap))
     out.append(Term("loss (logits)", loss, loss_formula) if loss >= backward.bytes else backward)
+    if mask := _document_mask(s):
+        out.append(mask)
     if not gpu and s.allocator == "glibc":
         out.append(Term("CPU heap retention", int(CPU_HEAP_RETENTION * n * T * per_layer),
                         f"{CPU_HEAP_RETENTION} x the forward's activations (glibc keeps freed blocks)"))
@@ -149,6 +151,18 @@ def expert_weights_with_lora(dims: Dims, s: Setup) -> int:
     if not (dims.moe and s.lora_experts and not s.full):
         return 0
     return dims.experts * dims.expert_params * element_bytes(s)
+
+
+def _document_mask(s: Setup) -> Term | None:
+    """The document mask of packed rows (longext.data.masks): one [b, 1, L, L] tensor per micro-batch for sdpa
+    (bool) and eager (floats), whole on every sequence-parallel rank; none for flash's varlen inputs."""
+    from longext.data.mask_policy import dense_mask_bytes
+
+    size = dense_mask_bytes(s.attn, s.micro_batch, s.seq_len) if s.document_mask else 0
+    if not size:
+        return None
+    return Term("document mask", size, f"[{s.micro_batch}, 1, {s.seq_len:,}, {s.seq_len:,}] x "
+                                       f"{size // (s.micro_batch * s.seq_len**2)} B ({s.attn})")
 
 
 def _eager_probs(dims: Dims, s: Setup) -> int:

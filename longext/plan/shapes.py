@@ -242,6 +242,7 @@ class Setup:
     tiled_mlp: bool | str = False
     fused_norm: bool | str = False
     attn: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    document_mask: bool = False  # packed documents masked: sdpa/eager hold a [b, 1, L, L] mask (data.document_mask)
     allocator: str = "glibc"  # CPU only: glibc (default malloc, keeps freed blocks) | live (RSS follows live tensors)
     lora_r: int | None = 8  # None = full fine-tuning
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -273,6 +274,7 @@ def setup_from_recipe(recipe, gpus: int = 1, device: str = "cuda", full: bool = 
         fused_norm="auto" if t.fused_norm == "auto" else bool(t.fused_norm), attn="sdpa" if attn == "auto" else attn,
         lora_r=None if full or t.full_finetune else lora.r, lora_targets=tuple(lora.targets),
         modules_to_save=tuple(lora.modules_to_save), lora_experts=lora.experts,
+        document_mask=recipe.data.document_mask is True,
     )
 
 

@@ -3,7 +3,8 @@
 
     base.py      the YAML dialect, Section (unknown keys are errors), Length, Auto
     methods.py   the `method` blocks, one per method, with their cross-field checks
-    sections.py  model, rope, lora, data, train, eval, output, and Recipe
+    data.py      the data section: sources (with weights and filters), packing, document mask, chat loss
+    sections.py  model, rope, lora, train, eval, output, and Recipe
     load.py      load_recipe / validate_recipe (+ --set overrides, cross-field checks), dump_recipe
     locate.py    pydantic errors and later problems as file:line field: message
 
@@ -11,13 +12,14 @@ Nothing here imports torch; `longext recipes validate` and `longext train --dry-
 """
 
 from longext.recipe.base import Auto, Length, Section, compose_yaml, load_yaml
+from longext.recipe.data import DataSpec, SourceSpec, TrainSource
 from longext.recipe.load import apply_override, cross_checks, dump_recipe, load_recipe, validate_recipe
 from longext.recipe.locate import line_of, located, to_issue
 from longext.recipe.methods import (
     E2LLMMethod, HarpeMethod, LongGenMethod, LongRecipeMethod, MethodSection, MethodSpec, PoseMethod, StandardMethod,
 )
 from longext.recipe.sections import (
-    ROPE_KINDS, DataSpec, DynamicRope, EvalSpec, Llama3Rope, LinearRope, LmEvalSpec, LongRope, LoraSpec, ModelSpec,
+    ROPE_KINDS, DynamicRope, EvalSpec, Llama3Rope, LinearRope, LmEvalSpec, LongRope, LoraSpec, ModelSpec,
     NiahSpec, NoRope, NtkRope, OutputSpec, PasskeySpec, PerplexitySpec, Recipe, RopeSpec, RulerSpec, TrainSpec,
     YarnRope,
 )
@@ -27,6 +29,7 @@ __all__ = [
     "LinearRope", "LmEvalSpec", "LongRope", "LongGenMethod", "LongRecipeMethod", "LoraSpec", "MethodSection",
     "MethodSpec", "ModelSpec",
     "NiahSpec", "NoRope", "NtkRope", "OutputSpec", "PasskeySpec", "PerplexitySpec", "PoseMethod", "Recipe", "RopeSpec",
-    "RulerSpec", "Section", "StandardMethod", "TrainSpec", "YarnRope", "apply_override", "compose_yaml", "cross_checks",
-    "dump_recipe", "line_of", "load_recipe", "load_yaml", "located", "to_issue", "validate_recipe",
+    "RulerSpec", "Section", "SourceSpec", "StandardMethod", "TrainSource", "TrainSpec", "YarnRope", "apply_override",
+    "compose_yaml", "cross_checks", "dump_recipe", "line_of", "load_recipe", "load_yaml", "located", "to_issue",
+    "validate_recipe",
 ]

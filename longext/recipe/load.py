@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from longext.errors import Issue, RecipeError
 from longext.recipe.base import MAX_YAML_BYTES, YamlLimit, compose_yaml, load_yaml, load_yaml_tree
+from longext.recipe.data import data_checks
 from longext.recipe.locate import line_of, to_issue
 from longext.recipe.sections import Recipe
 
@@ -97,6 +98,7 @@ def cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
     if isinstance(factor, float) and factor < 1.0:
         out.append(("rope.factor", f"must be >= 1 (got {factor})"))
     out += recipe.method.checks(recipe)
+    out += data_checks(recipe)
     for i, depth in enumerate(recipe.eval.passkey.depths):
         if not 0.0 <= depth <= 1.0:
             out.append((f"eval.passkey.depths.{i}", f"a depth is between 0 and 1 (got {depth})"))

@@ -49,6 +49,9 @@ def located(path: Path | str, err: LongextError, overrides: Sequence[str] = ()) 
 def _has_path(root: yaml.Node | None, parts: Sequence[str]) -> bool:
     node = root
     for part in parts:
+        if isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]  # a list entry, e.g. data.train.2
+            continue
         if not isinstance(node, yaml.MappingNode):
             return False
         node = next((v for k, v in node.value if k.value == part), None)
@@ -121,6 +124,9 @@ def _section_at(loc: Sequence[str], raw: Any) -> Any:
     cls: Any = Recipe
     node = raw
     for part in loc:
+        if isinstance(node, list) and str(part).isdigit():  # an entry of a list of sections (data.train.2)
+            node = node[int(part)] if int(part) < len(node) else None
+            continue
         node = node.get(part) if isinstance(node, dict) else None
         info = getattr(cls, "model_fields", {}).get(part)
         if info is None:

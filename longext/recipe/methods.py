@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BeforeValidator, Field
 
 from longext.recipe.base import Auto, Length, Section
+from longext.recipe.data import TrainSource
 
 
 class MethodSection(Section):
@@ -195,8 +196,8 @@ class LongRecipeReplay(Section):
 
     steps: int = Field(ge=1, description="Optimizer steps of the replay stage (after train.steps of extension).")
     lr: float | None = Field(None, gt=0, description="Constant learning rate. Default train.lr / 10 (paper: 5e-5 -> 5e-6).")
-    data: list[str] | None = Field(
-        None, min_length=1, description="Files or folders like data.train (paper: instruction data). Default: data.train."
+    data: list[TrainSource] | None = Field(
+        None, min_length=1, description="Sources like data.train (paper: instruction data). Default: data.train."
     )
     seq_len: Length | Auto = Field("auto", description="Tokens per replay sample. auto = L0.")
 

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 
 from longext.evaluate.ruler.tasks import TASKS as RULER_TASKS
 from longext.recipe.base import Auto, Length, Section
+from longext.recipe.data import DataSpec
 from longext.recipe.methods import MethodSpec
 
 
@@ -135,33 +136,6 @@ class LoraSpec(Section):
     modules_to_save: list[str] = Field(
         default_factory=list,
         description="Modules trained in full and saved with the adapter, e.g. [embed_tokens, norm] (LongLoRA).",
-    )
-
-
-# ------------------------------------------------------------------------------------------ data
-class DataSpec(Section):
-    """Training text: tokenized, packed to seq_len, with labels and attention masks."""
-
-    train: list[str] = Field(
-        default_factory=lambda: ["books"],
-        min_length=1,
-        description="Files (.txt, .jsonl, .json, .parquet) or folders of them; `books` = the offline "
-        "public-domain books set up by `longext models prepare books`.",
-    )
-    text_field: str = Field("text", description="Column holding the text in .jsonl/.json/.parquet files.")
-    seq_len: Length | Auto = Field(
-        "auto",
-        description="Tokens per training sample. auto = the method's default: target_len (standard, harpe, longgen), "
-        "L0 (pose, e2llm), round(train_len_ratio * target_len) (longrecipe).",
-    )
-    packing: Literal["concat", "per_doc"] = Field(
-        "concat",
-        description="concat: documents joined with EOS and cut into seq_len blocks; per_doc: one document per "
-        "sample, truncated, shorter ones padded (padding masked out of loss and attention).",
-    )
-    max_docs: int | None = Field(None, ge=1, description="Use at most this many documents.")
-    holdout_docs: int = Field(
-        0, ge=0, description="Documents at the end of the list kept out of training (for your own eval)."
     )
 
 

@@ -643,7 +643,10 @@ def longgen_attention(module, query, key, value, attention_mask, scaling=None, d
     are the last q_len slots (the cache update put the current tokens last).
     """
     spec = _spec_of(module.config)
+    documents = _documents(kwargs.get("document_ids"), query, key)
     if module.layer_idx in spec.full_layers:
+        if documents is not None and attention_mask is None:
+            attention_mask = _same_document_causal(documents)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     if dropout:
@@ -660,6 +663,8 @@ def longgen_attention(module, query, key, value, attention_mask, scaling=None, d
     kernel = spec.kernel
     if kernel == "auto":
         kernel = "flex" if _flex_available(query.device) else "block"
+    if documents is not None:
+        return per_document_attention(spec, kernel, query, key, value, documents, scaling), None
     contiguous = q_len == k_len == total  # a causal prefix: block / flex kernels apply
     if kernel != "dense" and contiguous:
         plain, key_valid = _key_padding(mask, k_len)
@@ -674,6 +679,49 @@ def longgen_attention(module, query, key, value, attention_mask, scaling=None, d
     if mask is not None:  # [B, 1, q, total] over absolute slots -> the columns of the keys we hold
         padding = mask[:, :, -q_len:, :].index_select(-1, slots.to(mask.device))
     return dense_attention(spec, query, key, value, q_slots, slots, padding, scaling), None
+
+
+# --------------------------------------------------------------------------- packed documents (training)
+def _documents(document_ids, query, key):
+    """The [B, S] document ids of a packed training batch (longext passes them with data.document_mask), when the
+    queries and keys are that whole sequence; None otherwise (inference, single documents)."""
+    if document_ids is None or not query.shape[2] == key.shape[2] == document_ids.shape[-1]:
+        return None
+    return document_ids.to(query.device)
+
+
+def _same_document_causal(documents: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] bool: k <= q within the same document."""
+    S = documents.shape[-1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=documents.device).tril()
+    return (causal & (documents[:, :, None] == documents[:, None, :]))[:, None]
+
+
+def per_document_attention(spec, kernel, query, key, value, documents, scaling):
+    """Sparse attention over a packed row as if each document were alone: every run of equal document ids is a
+    causal prefix of its own, whose slots (sinks, window, blocks) count from the document's first token, through the
+    spec's kernel. query [B, H, S, d], key/value [B, KV, S, d] -> [B, S, H, d]."""
+    rows = []
+    for b in range(query.shape[0]):
+        ids = documents[b]
+        cuts = (torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist()
+        outs = []
+        for start, stop in zip([0, *cuts], [*cuts, ids.shape[0]]):
+            q, k, v = (x[b:b + 1, :, start:stop] for x in (query, key, value))
+            outs.append(_prefix_attention(spec, kernel, q, k, v, scaling))
+        rows.append(torch.cat(outs, dim=1))
+    return torch.cat(rows, dim=0)
+
+
+def _prefix_attention(spec, kernel, query, key, value, scaling):
+    """One causal prefix (slots 0..S-1, no padding) through `kernel` (block, flex or dense)."""
+    if kernel == "flex":
+        return flex_attention_kernel(spec, query, key, value, None, scaling)
+    if kernel == "block":
+        fn = chunked_attention if _chunkable(spec, query) else block_attention
+        return fn(spec, query, key, value, None, scaling)
+    slots = torch.arange(query.shape[2], device=query.device)
+    return dense_attention(spec, query, key, value, slots, slots, None, scaling)
 
 
 def register_longgen_attention() -> None:

@@ -1,7 +1,7 @@
 """LongRecipe (Hu et al. 2024, methods.md §4): selected sentences at train_len_ratio·L with position ids that span
-L (data.py: sentences from selection.py, positions from longext.positions), an enlarged RoPE base computed once from
-L, and the replay and merge stages (stages.py). analysis.py is `longext analyze`, which writes the token ranking
-the logit_change selection reads.
+L (data.py: sentences selected by selection.py's rules, cached by sentences.py; positions from longext.positions),
+an enlarged RoPE base computed once from L, and the replay and merge stages (stages.py). analysis.py is `longext
+analyze`, which writes the token ranking the logit_change selection reads.
 
 The base is the method's, not a rope kind: it is the dynamic-NTK rule of transformers evaluated once at the
 target length and then frozen, b' = b (s L/L0 - (s - 1))^(d/(d-2)) (methods.md §4.1.5). `resolve_longrecipe` writes it

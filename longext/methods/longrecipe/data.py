@@ -1,82 +1,54 @@
-"""LongRecipe training data: documents → sentences → selected sentences → samples of exactly seq_len tokens,
-each with its segment (sentence) lengths, and position ids from the LongRecipe transform (methods.md §4.1.4).
+"""LongRecipe training data: the prepared corpus → selected sentences (cached once, sentences.py) → rows of exactly
+seq_len tokens, with position ids from the LongRecipe transform over each row's sentences (methods.md §4.1.4).
 
-The transform needs to know where each sample's sentences start, so the per-sample position draw takes the
-sample's segments; the draw is seeded like every other sampler (recipe seed + global sample index).
+The transform needs to know where each row's sentences start, so the rows carry their sentence pieces and the
+position draw is seeded like every other sampler (recipe seed + global sample index). With data.document_mask,
+each document piece of a row is transformed on its own, its positions spanning the same share of target_len as its
+share of the row (a piece of n of the row's B tokens spans round(n * target_len / B) positions) and restarting at
+0; a row of one document is the paper's transform unchanged.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from longext.data import Samples, TrainData, tokenize_documents, training_documents
-from longext.errors import LongextError
-from longext.methods.longrecipe.selection import (
-    digit_ids, fill_samples, load_impactful, select_sentences, sentence_end_ids, split_sentences,
-)
-from longext.methods.longrecipe.selection import token_texts
+from longext.data.batches import TrainData, piece_lengths
+from longext.data.prepare import build_progress, prepare_corpus
+from longext.methods.longrecipe.sentences import SentenceRows, selected_rows
 from longext.positions import longrecipe_positions
 
 
 class LongRecipeData(TrainData):
-    """TrainData whose position ids follow each sample's own sentence boundaries."""
+    """TrainData whose position ids follow each row's own sentence boundaries."""
 
-    def __init__(self, samples: Samples, segments: list[list[int]], micro_batch_size: int, seed: int, target_len: int,
-                 gap_mode: str, max_gap: int | None, contiguous_prefix: bool):
-        super().__init__(samples, micro_batch_size, seed)
-        self.segments, self.target_len = segments, target_len
-        self.gap_mode, self.max_gap, self.prefix = gap_mode, max_gap, contiguous_prefix
+    def __init__(self, rows: SentenceRows, micro_batch_size: int, seed: int, target_len: int, gap_mode: str,
+                 max_gap: int | None, contiguous_prefix: bool, document_mask: bool = False):
+        super().__init__(rows, micro_batch_size, seed, document_mask=document_mask)
+        self.target_len, self.gap_mode, self.max_gap, self.prefix = target_len, gap_mode, max_gap, contiguous_prefix
 
-    def micro_batch(self, index: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
-        batch = super().micro_batch(index, rank, world_size)
-        rows = []
-        for j in range(self.mbs):
-            k = (index * world_size + rank) * self.mbs + j  # the global sample counter TrainData uses
-            epoch, offset = divmod(k, len(self.samples))
-            row = int(self._order(epoch)[offset])
-            gen = torch.Generator().manual_seed(self.seed * 7_919 + k)
-            rows.append(longrecipe_positions(
-                self.segments[row], self.target_len, gen, self.gap_mode, self.max_gap, self.prefix
-            ))
-        batch["position_ids"] = torch.stack(rows)
-        return batch
-
-
-def impactful_ids(selection, texts: list[str]) -> set[int] | None:
-    """The token ids that make a sentence impactful, or None to keep every sentence."""
-    if selection.mode == "digits":
-        return digit_ids(texts)
-    if selection.mode == "logit_change":
-        return load_impactful(selection.analysis, selection.top_fraction, len(texts))
-    return None
-
-
-def selected_samples(token_docs: list[list[int]], texts: list[str], eos_id: int, seq_len: int,
-                     impactful: set[int] | None, keep_other: float, seed: int) -> tuple[Samples, list[list[int]]]:
-    """Samples of exactly seq_len tokens made of the selected sentences of all documents, in order."""
-    ends = sentence_end_ids(texts) | {eos_id}
-    gen = torch.Generator().manual_seed(seed)
-    kept = []
-    for doc in token_docs:
-        kept += select_sentences(split_sentences([*doc, eos_id], ends), impactful, keep_other, gen)
-    rows, segments = fill_samples(kept, seq_len)
-    if not rows:
-        total = sum(map(len, kept))
-        raise LongextError(
-            f"data.train: {total} tokens left after method.selection, fewer than one sample of data.seq_len {seq_len}"
-        )
-    ids = torch.tensor(rows, dtype=torch.long)
-    return Samples(ids, torch.ones_like(ids, dtype=torch.bool)), segments
+    def row_positions(self, block: dict[str, torch.Tensor], j: int, gen: torch.Generator):
+        sentences, length = block["sentences"][j], block["sentences"].shape[1]
+        pieces = piece_lengths(block["segments"][j]) if self.document_mask else [length]
+        out, at = [], 0
+        for n in pieces:
+            span = self.target_len if n == length else max(n, round(n * self.target_len / length))
+            lengths = piece_lengths(sentences[at:at + n])  # a document piece starts a sentence piece
+            out.append(longrecipe_positions(lengths, span, gen, self.gap_mode, self.max_gap, self.prefix))
+            at += n
+        return torch.cat(out), {}
 
 
 def build_longrecipe_data(recipe, tokenizer) -> LongRecipeData:
-    method = recipe.method
-    docs = training_documents(recipe)
-    texts = token_texts(tokenizer)
-    samples, segments = selected_samples(
-        tokenize_documents(docs, tokenizer), texts, tokenizer.eos_token_id, recipe.seq_len,
-        impactful_ids(method.selection, texts), method.selection.keep_other, recipe.train.seed,
-    )
+    """The resolved recipe's extension data: data.train prepared like every method's (token caches, mixture), then
+    method.selection over it, cached."""
+    method, data = recipe.method, recipe.data
+    with build_progress(sys.stderr.isatty()) as (progress, say):
+        corpus = prepare_corpus(data, tokenizer, recipe.seq_len, recipe.train.seed, recipe.model.path,
+                                progress=progress, say=say)
+        rows = selected_rows(corpus, tokenizer, method.selection, recipe.train.seed, recipe.seq_len, data.cache_dir,
+                             say)
     p = method.positions
-    return LongRecipeData(samples, segments, recipe.train.micro_batch_size, recipe.train.seed, method.target_len,
-                          p.gap_mode, p.max_gap, p.contiguous_prefix)
+    return LongRecipeData(rows, recipe.train.micro_batch_size, recipe.train.seed, method.target_len, p.gap_mode,
+                          p.max_gap, p.contiguous_prefix, document_mask=data.document_mask is True)

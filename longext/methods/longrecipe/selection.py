@@ -4,7 +4,8 @@ A sentence ends at (and includes) a token whose text ends in `.`, `?` or `!` or 
 tokenizer-independent form of the released code's id list {13, 198, 30, 0, 627} for Llama-3. Selection keeps
 every sentence that holds an impactful token (`digits`: a token with a digit, the released code's proxy for
 the paper's numeral finding) and each other sentence with probability `keep_other`; `none` keeps them all.
-Decisions are drawn from a seeded generator, so the same recipe always selects the same sentences.
+Decisions are drawn from a seeded generator, so the same recipe always selects the same sentences. The selection
+runs over the token caches and is cached itself (sentences.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-
-import torch
 
 from longext.errors import LongextError
 
@@ -34,47 +33,13 @@ def digit_ids(texts: list[str]) -> set[int]:
     return {i for i, t in enumerate(texts) if any(c.isdigit() for c in t)}
 
 
-def split_sentences(ids: list[int], ends: set[int]) -> list[list[int]]:
-    """Consecutive pieces of `ids`, each ending with a sentence-end token (the last piece may not)."""
-    out, current = [], []
-    for t in ids:
-        current.append(t)
-        if t in ends:
-            out.append(current)
-            current = []
-    if current:
-        out.append(current)
-    return out
-
-
-def select_sentences(
-    sentences: list[list[int]], impactful: set[int] | None, keep_other: float, gen: torch.Generator
-) -> list[list[int]]:
-    """Sentences holding an impactful token, plus each other one with probability keep_other (order kept).
-    `impactful` None keeps every sentence."""
-    if impactful is None:
-        return list(sentences)
-    draws = torch.rand(len(sentences), generator=gen).tolist()
-    return [s for s, u in zip(sentences, draws) if u < keep_other or not impactful.isdisjoint(s)]
-
-
-def fill_samples(sentences: list[list[int]], seq_len: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Concatenate sentences into samples of exactly seq_len tokens; returns (samples, segment lengths per
-    sample). A sentence that does not fit is continued in the next sample (a separate segment there); the
-    last, incomplete sample is dropped."""
-    samples, segments, row, segs = [], [], [], []
-    for sentence in sentences:
-        rest = sentence
-        while rest:
-            room = seq_len - len(row)
-            piece, rest = rest[:room], rest[room:]
-            row.extend(piece)
-            segs.append(len(piece))
-            if len(row) == seq_len:
-                samples.append(row)
-                segments.append(segs)
-                row, segs = [], []
-    return samples, segments
+def impactful_ids(selection, texts: list[str]) -> set[int] | None:
+    """The token ids that make a sentence impactful for method.selection, or None to keep every sentence."""
+    if selection.mode == "digits":
+        return digit_ids(texts)
+    if selection.mode == "logit_change":
+        return load_impactful(selection.analysis, selection.top_fraction, len(texts))
+    return None
 
 
 def is_analysis_file(path: Path) -> bool:
