@@ -103,7 +103,7 @@ def test_wrong_kind_lists_the_kinds(capsys, tmp_path):
     path = write(tmp_path / "r.yaml", RECIPE.format(model="m") + "rope:\n  kind: foo\n")
     [line] = bad_input(capsys, "train", path)
     assert line == (
-        f"error: {path}:10 rope.kind: must be one of 'none', 'linear', 'ntk', 'dynamic', 'yarn', 'llama3' (got 'foo')"
+        f"error: {path}:10 rope.kind: must be one of 'none', 'linear', 'ntk', 'dynamic', 'yarn', 'llama3', 'longrope' (got 'foo')"
     )
 
 
@@ -169,7 +169,7 @@ def test_dry_run_with_an_unsupported_model_type(capsys, recipe, tmp_path):
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert bad_input(capsys, "train", recipe, "--dry-run", "-s", f"model.path={model}") == [
-        f"error: {recipe}:3 model.path: model type 'gpt2' is not supported (supported: llama, mistral, qwen2, qwen3) "
+        f"error: {recipe}:3 model.path: model type 'gpt2' is not supported (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, olmo2, mixtral, qwen3_moe) "
         "[from --set]"
     ]
 
@@ -314,7 +314,7 @@ def test_recipes_validate_reports_every_problem_of_every_file(capsys, tmp_path):
     assert files == ["one.yaml", "one.yaml", "two.yaml"]  # files in the order given
     assert sorted(lines) == sorted([
         f"error: {one}:9 train.precision: Input should be 'auto', 'bf16' or 'fp32' (got 'fp16')",
-        f"error: {one}:11 lora.rnak: unknown field (allowed: alpha, dropout, modules_to_save, r, targets)",
+        f"error: {one}:11 lora.rnak: unknown field (allowed: alpha, dropout, experts, modules_to_save, r, targets)",
         f"error: {two}:3 method.target_len: expected a positive whole number of tokens like 4096, 4k, 128k or 1m "
         "(got '4q')",
     ])
@@ -322,7 +322,7 @@ def test_recipes_validate_reports_every_problem_of_every_file(capsys, tmp_path):
 
 def test_models_prepare_of_an_unknown_material(capsys):
     assert bad_input(capsys, "models", "prepare", "gpt5") == [
-        "error: WHAT: 'gpt5' is not one of 'smollm2', 'books', 'all'"
+        "error: WHAT: 'gpt5' is not one of 'smollm2', 'books', 'gemma3', 'all'"
     ]
 
 

@@ -283,7 +283,10 @@ def test_a_run_folder_made_read_only_mid_run_stops_in_one_line_and_loses_nothing
         # the next write was a metrics line, or a checkpoint (if the chmod caught a save)
         assert line.startswith((f"error: cannot write {run / 'metrics.jsonl'} (Permission denied)",
                                 f"error: cannot write {run / 'checkpoints'}")), line
-        assert snapshot(run) == frozen  # nothing lost, nothing half-written
+        # nothing lost, nothing half-written; a save the chmod caught keeps writing its staging folder through the
+        # files it had open (.partial-*: never read by --resume, removed by the next save), so that is left out
+        published = lambda snap: {k: v for k, v in snap.items() if "/.partial-" not in f"/{k}"}  # noqa: E731
+        assert published(snapshot(run)) == published(frozen)
     finally:
         for folder, dirs, files in os.walk(run):
             for name in [*dirs, *files, "."]:
