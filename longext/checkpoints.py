@@ -33,7 +33,8 @@ CHECKSUM_LIMIT = 64 * 2**20  # larger files (optimizer states of big models) are
 STAGING = ".partial-"
 _STEP_FOLDER = re.compile(r"step-(\d{6,})")
 # torch.save reports a failed write as a RuntimeError from its zip writer, without the OS's reason
-_TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "cannot be opened", "file write failed")
+_TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "cannot be opened", "file write failed",
+                       "Parent directory")  # DeepSpeed logs a failed makedirs of the tag folder and goes on
 
 
 def tag(step: int) -> str:

@@ -58,16 +58,16 @@ def preflight(recipe, nproc: int, hostfile: Path | None, resume: bool, dry_run: 
 def input_problems(resolved) -> list[str]:
     """One line per file the run needs that is missing or damaged: the model folder (config.json, tokenizer files,
     complete weights; a hub name is checked by its download), the texts of data.train and the method's own files."""
-    from longext.materials import resolve_texts
+    from longext.data.sources import resolve_sources
     from longext.methods import method_for
     from longext.modeldir import model_problems
 
     recipe = resolved.recipe
     problems = model_problems(resolved.model_dir, "model.path") if Path(resolved.model_dir).is_dir() else []
     try:
-        resolve_texts(list(recipe.data.train), "train", "data.train")
+        resolve_sources(list(recipe.data.train), recipe.data.text_field, {})  # files, globs, saved folders, hub
     except LongextError as err:
-        problems.append(str(err))
+        problems += err.lines()
     return problems + method_for(recipe.method.kind).input_problems(recipe)
 
 

@@ -288,16 +288,18 @@ def test_two_processes_build_a_source_once(tmp_path, tiny_model_dir, big_corpus)
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] != []
 
 
-def test_document_mask_auto_and_true_weigh_the_mask_of_sdpa(tmp_path, tiny_model_dir, capsys):
+def test_document_mask_auto_and_true_weigh_the_mask_of_sdpa(tmp_path, tiny_model_dir, corpus_dir, capsys):
     """auto: on while sdpa's [b, 1, L, L] mask stays within 1 GiB; true: refused beyond 4 GiB (flash needs none)."""
     import yaml
 
     from longext.cli import main
 
     def resolved_mask(*sets) -> bool:
-        recipe = write_recipe(tmp_path, tiny_model_dir, tmp_path, model={"path": str(tiny_model_dir),
+        recipe = write_recipe(tmp_path, tiny_model_dir, corpus_dir, model={"path": str(tiny_model_dir),
                                                                         "attn_implementation": "sdpa"})
-        assert main(["train", str(recipe), "--dry-run", *[a for s in sets for a in ("-s", s)]]) == 0
+        ranks = [s.split("=")[1] for s in sets if s.startswith("train.sequence_parallel=")]  # the ranks sp needs
+        argv = ["train", str(recipe), "--dry-run", *[a for s in sets for a in ("-s", s)], "--nproc", (ranks or ["1"])[0]]
+        assert main(argv) == 0
         text = capsys.readouterr().out.split("# RoPE state")[0].removeprefix("# resolved recipe")
         return yaml.safe_load(text)["data"]["document_mask"]
 
@@ -309,8 +311,8 @@ def test_document_mask_auto_and_true_weigh_the_mask_of_sdpa(tmp_path, tiny_model
     assert resolved_mask("method.kind=pose") is True  # every method masks documents, at any sp degree
     assert resolved_mask("method.kind=e2llm", "rope.kind=none", "data.document_mask=true") is True
     assert resolved_mask("train.sequence_parallel=2") is True
-    recipe = write_recipe(tmp_path, tiny_model_dir, tmp_path, model={"path": str(tiny_model_dir),
-                                                                    "attn_implementation": "eager"})
+    recipe = write_recipe(tmp_path, tiny_model_dir, corpus_dir, model={"path": str(tiny_model_dir),
+                                                                      "attn_implementation": "eager"})
     (line,) = bad_input(capsys, "train", recipe, "--dry-run", "-s", "method.target_len=64k", "-s", "data.seq_len=64k",
                         "-s", "data.document_mask=true")
     assert line.endswith("data.document_mask: with attention eager the mask is a [batch, 1, 65536, 65536] tensor of "

@@ -181,7 +181,7 @@ def test_a_config_only_folder_and_missing_data_are_all_reported_by_train_and_dry
             f"model.path: {model_copy} has no weights (model.safetensors, sharded model-*.safetensors with "
             "model.safetensors.index.json, or pytorch_model.bin); a folder with only config.json serves `longext "
             "plan`, not training or eval",
-            f"data.train: no such file or folder: '{tmp_path / 'data' / 'long-train.jsonl'}' (expected .txt, .jsonl, "
+            f"data.train.0: no such file or folder: '{tmp_path / 'data' / 'long-train.jsonl'}' (expected .txt, .jsonl, "
             ".json or .parquet files, folders of them, or `books`)",
         ]
     assert not (tmp_path / "runs").exists()

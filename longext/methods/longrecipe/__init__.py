@@ -71,8 +71,8 @@ def longrecipe_setup(recipe, state) -> MethodSetup:
 
 def longrecipe_inputs(recipe) -> list[str]:
     """The analysis file of the logit_change selection and the replay texts, before anything loads."""
+    from longext.data.sources import resolve_sources
     from longext.errors import LongextError
-    from longext.materials import resolve_texts
     from longext.methods.longrecipe.selection import analysis_problem
 
     m, problems = recipe.method, []
@@ -80,9 +80,9 @@ def longrecipe_inputs(recipe) -> list[str]:
         problems += [p for p in [analysis_problem(m.selection.analysis)] if p]
     if m.replay is not None and m.replay.data and list(m.replay.data) != list(recipe.data.train):  # not twice
         try:
-            resolve_texts(list(m.replay.data), "train", "method.replay.data")
+            resolve_sources(list(m.replay.data), recipe.data.text_field, {}, "method.replay.data")
         except LongextError as err:
-            problems.append(str(err))
+            problems += err.lines()
     return problems
 
 
