@@ -26,7 +26,7 @@ materials: install
 demo: materials
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
 
-# The import-circle check first (scripts/import_cycles.py: exit 1 on any circle among longext/ modules).
+# The import-circle check first (scripts/import_cycles.py: exit 1 on any circle among longext/ modules or its parts).
 test: install
 	$(BIN)/python scripts/import_cycles.py
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"

@@ -318,7 +318,7 @@ def analyze(
 ) -> None:
     """LongRecipe's impactful-token analysis: rank token types by how much REFERENCE raises their logit over BASE."""
     from longext.lengths import length_flag
-    from longext.methods.longrecipe.analysis import run_analysis
+    from longext.analyze import run_analysis
 
     path = run_analysis(base, reference, texts or ["books"], length_flag("--length", length), samples, out)
     _console().print(f"token ranking written to {path}  (use it as method.selection.analysis)")

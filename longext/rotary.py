@@ -7,7 +7,7 @@ stock positions, so every standard RoPE type (default, linear, dynamic, yarn, ll
 exactly. With a scale g it feeds `position_ids / g` — fractions, never rounded — which is E2-LLM's
 `(m + t)/g` (and PI with factor g at inference). The stock module casts positions to float32 itself.
 
-With per-head bases (HARPE, `apply_scaled_rotary(model, bases=...)`) it returns cos/sin of shape
+With per-head bases (HARPE, `apply_scaled_rotary(model, bases=..., cos_sin=...)`) it returns cos/sin of shape
 [b, n, s, d], one set per key/value head, instead of the stock [b, s, d]; the attention modules must
 then be the HARPE ones (`longext.methods.harpe.modeling_longext_harpe.swap_harpe_attention`), which rotate
 each head with its group's set.
@@ -29,7 +29,8 @@ from longext.rope import rotary_dim
 
 class ScaledRotary(nn.Module):
     """Wraps a transformers rotary embedding; `scale` is None, a float, or a [b] tensor (one per sample).
-    `head_bases` (HARPE: one base per key/value head) replaces the inner module's single base."""
+    `head_bases` (HARPE: one base per key/value head) replaces the inner module's single base: `head_cos_sin(bases,
+    dim, position_ids, dtype)`, given by the method with its bases, returns the [b, n, s, d] cos/sin."""
 
     def __init__(self, inner: nn.Module, dim: int):
         super().__init__()
@@ -38,6 +39,7 @@ class ScaledRotary(nn.Module):
         self.layer_typed = hasattr(inner, "layer_types")  # Gemma 3's rotary, longext's for Gemma 2
         self.scale: float | torch.Tensor | None = None
         self.head_bases: list[float] | None = None
+        self.head_cos_sin = None
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
         layer_type = args[0] if args else kwargs.get("layer_type")
@@ -51,12 +53,8 @@ class ScaledRotary(nn.Module):
                     scale = scale.repeat_interleave(position_ids.shape[1] // scale.shape[0]).reshape(1, -1)
             position_ids = position_ids.to(torch.float32) / scale
         if self.head_bases is not None:
-            from longext.methods.harpe.modeling_longext_harpe import harpe_cos_sin, harpe_inv_freq
-
-            # [n, d/2] recomputed per forward (negligible): no buffer for a dtype cast or a device move to round
             with torch.no_grad():
-                inv_freq = harpe_inv_freq(self.head_bases, self.dim, device=position_ids.device)
-                return harpe_cos_sin(inv_freq, position_ids, x.dtype)  # [b, n, s, d]
+                return self.head_cos_sin(self.head_bases, self.dim, position_ids, x.dtype)  # [b, n, s, d]
         return self.inner(x, position_ids, *args, **kwargs)
 
 
@@ -68,8 +66,9 @@ def _rotary_owner(model) -> nn.Module:
     return decoder
 
 
-def apply_scaled_rotary(model, bases: list[float] | None = None) -> ScaledRotary:
-    """Install (once) and return the ScaledRotary of this model; `bases` sets per-head bases (HARPE).
+def apply_scaled_rotary(model, bases: list[float] | None = None, cos_sin=None) -> ScaledRotary:
+    """Install (once) and return the ScaledRotary of this model; `bases` sets per-head bases and `cos_sin` the
+    function that turns them into cos/sin (HARPE).
     Parameter names do not change: the rotary module holds only non-persistent buffers."""
     owner = _rotary_owner(model)
     if not isinstance(owner.rotary_emb, ScaledRotary):
@@ -79,6 +78,7 @@ def apply_scaled_rotary(model, bases: list[float] | None = None) -> ScaledRotary
         owner.rotary_emb = ScaledRotary(owner.rotary_emb, rotary_dim(owner.config))
     if bases is not None:
         owner.rotary_emb.head_bases = [float(b) for b in bases]
+        owner.rotary_emb.head_cos_sin = cos_sin
     return owner.rotary_emb
 
 

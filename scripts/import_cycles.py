@@ -8,6 +8,11 @@ edge to the module a.b.c when that module exists, else to a.b; importing a submo
 parent package. Prints each circle as `a -> b -> a` (one shortest circle per group of modules that reach one
 another, and the whole group when it is larger) and exits 1; prints `no import circles in <package>` and exits 0
 otherwise.
+
+Then the same at the level of the package's parts: a part is a top-level module or a first-level subpackage
+(everything under `pkg/sub/` counts as `pkg.sub`). Two parts that import each other through any of their modules
+are a circle between parts (`parts circle: pkg.a -> pkg.sub -> pkg.a`, with one import that makes each step) and
+also exit 1: a subpackage is one idea, and it sits above or below each other part, never both.
 """
 
 from __future__ import annotations
@@ -126,6 +131,29 @@ def shortest_cycle(graph: dict[str, set[str]], group: list[str]) -> list[str]:
     return [start]
 
 
+def part_of(module: str, package: str) -> str:
+    """`pkg.sub` for any module under pkg/sub/, the module itself for a top-level one."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def part_graph(graph: dict[str, set[str]], package: str) -> tuple[dict[str, set[str]], dict[tuple[str, str], str]]:
+    """(part -> parts it imports, (part, part) -> one module import that makes that step)."""
+    parts: dict[str, set[str]] = {}
+    witness: dict[tuple[str, str], str] = {}
+    for module, imported in graph.items():
+        a = part_of(module, package)
+        if a == package:  # the package's face (__init__) hands names on only
+            continue
+        parts.setdefault(a, set())
+        for other in sorted(imported):
+            b = part_of(other, package)
+            if a != b and b != package:
+                parts[a].add(b)
+                witness.setdefault((a, b), f"{module} imports {other}")
+    return parts, witness
+
+
 def main(argv: list[str]) -> int:
     package = Path(argv[0]) if argv else Path(__file__).resolve().parents[1] / "longext"
     if not (package / "__init__.py").is_file():
@@ -140,7 +168,17 @@ def main(argv: list[str]) -> int:
     if groups:
         print(f"{len(groups)} import circle(s) in {package.name}/ ({len(graph)} modules)")
         return 1
-    print(f"no import circles in {package.name}/ ({len(graph)} modules)")
+    parts, witness = part_graph(graph, package.name)
+    part_groups = strongly_connected(parts)
+    for group in part_groups:
+        cycle = shortest_cycle(parts, group)
+        print("parts circle: " + " -> ".join(cycle))
+        for a, b in zip(cycle, cycle[1:]):
+            print(f"  {witness[(a, b)]}")
+    if part_groups:
+        print(f"{len(part_groups)} circle(s) between the parts of {package.name}/ ({len(parts)} parts)")
+        return 1
+    print(f"no import circles in {package.name}/ ({len(graph)} modules), nor between its {len(parts)} parts")
     return 0
 
 

@@ -59,9 +59,36 @@ def test_a_package_without_circles_passes(tmp_path):
     })
     done = check(package)
     assert done.returncode == 0, done.stdout
-    assert done.stdout.strip() == "no import circles in pkg/ (7 modules)"
+    assert done.stdout.strip() == "no import circles in pkg/ (7 modules), nor between its 4 parts"
 
 
 def test_longext_has_no_import_circle():
     done = check(SCRIPT.parents[1] / "longext")
     assert done.returncode == 0, done.stdout
+
+
+def test_two_subpackages_that_import_each_other_through_different_modules_are_a_parts_circle(tmp_path):
+    package = write_package(tmp_path, {
+        "low/__init__.py": "",
+        "low/a.py": "def f():\n    from pkg.high.b import g\n    return g\n",  # up, lazily
+        "low/c.py": "value = 1\n",
+        "high/__init__.py": "",
+        "high/b.py": "from pkg.low.c import value\ng = value\n",  # down
+        "top.py": "from pkg.high.b import g\n",
+    })
+    done = check(package)
+    assert done.returncode == 1, done.stdout
+    assert "no import circles in pkg/" not in done.stdout and "import circle:" not in done.stdout  # no module circle
+    assert "parts circle: pkg.high -> pkg.low -> pkg.high" in done.stdout
+    assert "  pkg.high.b imports pkg.low.c" in done.stdout and "  pkg.low.a imports pkg.high.b" in done.stdout
+
+
+def test_parts_that_import_downwards_only_pass(tmp_path):
+    package = write_package(tmp_path, {
+        "low/__init__.py": "", "low/c.py": "value = 1\n",
+        "high/__init__.py": "", "high/b.py": "from pkg.low.c import value\n",
+        "top.py": "from pkg.high.b import value\nfrom pkg.low import c\n",
+    })
+    done = check(package)
+    assert done.returncode == 0, done.stdout
+    assert "nor between its 3 parts" in done.stdout

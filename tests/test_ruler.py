@@ -402,3 +402,10 @@ def test_generation_stops_once_done_and_is_a_prefix_of_the_full_answer(tiny_llam
     target = full[: len(full) // 2]
     early = generate_answer(tiny_llama, tiny_tokenizer, ids, 24, done=lambda text: target in text)
     assert full.startswith(early) and target in early and len(early) < len(full)
+
+
+def test_the_recipe_schema_names_exactly_the_tasks_the_suite_defines():
+    from longext.evaluate.ruler.tasks import TASKS
+    from longext.recipe.sections import RULER_TASK_NAMES
+
+    assert RULER_TASK_NAMES == tuple(TASKS)

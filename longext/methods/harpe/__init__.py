@@ -77,8 +77,16 @@ def apply_harpe(model, bases: list[float]) -> None:
     kv = base.config.num_key_value_heads or base.config.num_attention_heads
     if len(bases) != kv:
         raise LongextError(f"HARPE: {len(bases)} bases for a model with {kv} key/value heads")
-    apply_scaled_rotary(model, bases)
+    apply_scaled_rotary(model, bases, cos_sin=head_cos_sin)
     swap_harpe_attention(base.get_decoder())
+
+
+def head_cos_sin(bases: list[float], dim: int, position_ids, dtype):
+    """[b, n, s, d] cos/sin of each kv head's base; the [n, d/2] frequencies are recomputed per forward (negligible):
+    no buffer for a dtype cast or a device move to round."""
+    from longext.methods.harpe.modeling_longext_harpe import harpe_cos_sin, harpe_inv_freq
+
+    return harpe_cos_sin(harpe_inv_freq(bases, dim, device=position_ids.device), position_ids, dtype)
 
 
 def harpe_setup(recipe, state) -> MethodSetup:
