@@ -16,7 +16,6 @@ checkpoint).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from longext.errors import LongextError, WriteFailed
-from longext.files import publish_folder, write_atomic, write_json
+from longext.files import publish_folder, sha256_of, write_atomic, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "longext-checkpoint/1"
@@ -75,17 +74,10 @@ def _file_problem(path: Path, want: dict) -> str | None:
         return "is missing"
     if size != want["bytes"]:
         return f"has {size:,} bytes, its manifest says {want['bytes']:,} (truncated or replaced)"
-    if "sha256" in want and _sha256(path) != want["sha256"]:
+    if "sha256" in want and sha256_of(path) != want["sha256"]:
         return "does not match its SHA-256 (damaged)"
     return None
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -228,7 +220,7 @@ def _publish(staging: Path, final: Path, step: int, world_size: int) -> None:
     files = {}
     for path in sorted(p for p in staging.rglob("*") if p.is_file()):
         size = path.stat().st_size
-        entry = {"bytes": size, "sha256": _sha256(path)} if size <= CHECKSUM_LIMIT else {"bytes": size}
+        entry = {"bytes": size, "sha256": sha256_of(path)} if size <= CHECKSUM_LIMIT else {"bytes": size}
         files[str(path.relative_to(staging))] = entry
         _fsync(path)
     write_json(staging / MANIFEST, {"format": FORMAT, "step": step, "world_size": world_size, "files": files})

@@ -9,6 +9,7 @@ so a bad `--out` answers at once.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -146,3 +147,29 @@ def publish_folder(built: Path, final: Path, previous: Path | None = None) -> bo
         os.rename(aside / "old", previous)
     shutil.rmtree(aside, ignore_errors=True)
     return True
+
+
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_abandoned(root: Path) -> None:
+    """Delete the staging folders `.tmp-<pid>-...` under `root` of processes that no longer run (killed, power
+    loss): a killed model conversion or cache build leaves hundreds of MB."""
+    for folder in root.glob(".tmp-*"):
+        pid = folder.name.split("-")[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    return True  # also on PermissionError: it exists, under another user

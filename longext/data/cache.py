@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import numpy as np
 from longext.data.checks import BadRow
 from longext.data.sources import Source
 from longext.data.tokenize import DOCS, LOSS, TOKENS, BuildResult, build_token_files
-from longext.files import publish_folder, staging_folder
+from longext.files import publish_folder, remove_abandoned, sha256_of, staging_folder
 
 FORMAT = 1  # bump when the files or their meaning change: older caches then count as foreign and are rebuilt
 MANIFEST = "manifest.json"
@@ -143,22 +142,6 @@ def exclusive(lock_path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def remove_abandoned(root: Path) -> None:
-    """Temp folders of builds whose process is gone (killed, power loss)."""
-    for folder in root.glob(".tmp-*"):
-        pid = folder.name.split("-")[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def fsync_folder(folder: Path) -> None:
@@ -178,7 +161,7 @@ def _write_manifest(folder: Path, key: str, source: Source, settings: dict, resu
         "chat_documents": result.chat_documents, "has_loss_mask": result.has_loss_mask,
         "bad_rows": result.bad_rows, "bad_examples": [[b.where, b.problem] for b in result.bad_examples],
         "files": {name: (folder / name).stat().st_size for name in files},
-        "sha256": {DOCS: _sha256(folder / DOCS)},  # the small file; the big ones are checked by size
+        "sha256": {DOCS: sha256_of(folder / DOCS)},  # the small file; the big ones are checked by size
         "build_seconds": round(seconds, 3), "complete": True,
     }
     path = folder / MANIFEST
@@ -187,13 +170,6 @@ def _write_manifest(folder: Path, key: str, source: Source, settings: dict, resu
         f.flush()
         os.fsync(f.fileno())
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def open_cache(folder: Path, key: str, source: Source) -> SourceCache:
@@ -217,7 +193,7 @@ def _open_checked(folder: Path, key: str, source: Source) -> SourceCache:
             raise CacheDamaged(f"{name} is missing")
         if path.stat().st_size != size:
             raise CacheDamaged(f"{name} has {path.stat().st_size} bytes, the manifest says {size}")
-    if _sha256(folder / DOCS) != manifest["sha256"][DOCS]:
+    if sha256_of(folder / DOCS) != manifest["sha256"][DOCS]:
         raise CacheDamaged(f"{DOCS} does not match its checksum")
     offsets = np.fromfile(folder / DOCS, dtype=np.int64)
     if offsets[0] != 0 or offsets[-1] != manifest["tokens"] or (np.diff(offsets) < 0).any():

