@@ -421,7 +421,7 @@ def test_every_command_has_help(capsys, path):
 def test_a_command_added_later_gets_plain_metavars_from_its_option_types(capsys):
     """plain_help covers every command of an app, so a new command's options without a metavar show one from their
     type (PATH, N, X, TEXT, the choices), not typer's <path>, <int range>."""
-    from longext.cli import plain_help
+    from longext.usage import plain_help
 
     extra = typer.Typer(rich_markup_mode=None)  # as longext's app: plain help, no rich panels
 
