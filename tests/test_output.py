@@ -48,7 +48,8 @@ def session(tmp_path_factory, tiny_model_dir, corpus_dir):
     base = tmp_path_factory.mktemp("output") / ("a-folder-name-long-enough-to-be-wrapped-" * 2).rstrip("-")
     base.mkdir()
     recipe = write_recipe(base, tiny_model_dir, corpus_dir, name="narrow", train={"steps": 2},
-                          eval={"lengths": [128], "perplexity": {"targets": 32, "windows": 1},
+                          eval={"lengths": [128],
+                                "perplexity": {"targets": 32, "windows": 1, "texts": [str(corpus_dir)]},
                                 "passkey": {"enabled": False}})
     run, model = base / "runs" / "narrow", base / "exported-model"
     outputs = {}
