@@ -236,7 +236,7 @@ def _data_targets(by: dict, sizes: list[str]) -> list[str]:
     colds = [by[(s, "cold")]["result"] for s in sizes if (s, "cold") in by]
     if len(colds) > 1:
         grow = colds[-1]["peak_rss_mb"] - colds[0]["peak_rss_mb"]
-        out.append(f"- data-side peak RSS ({sizes[-1]} against {sizes[0]}): +{grow:,.0f} MB (target: at most +300 MB).")
+        out.append(f"- data-side peak RSS ({sizes[-1]} against {sizes[0]}): {grow:+,.0f} MB (target: at most +300 MB).")
     if colds:
         rates = ", ".join(f"{c['tokens_per_s']:,.0f}" for c in colds)
         out.append(f"- cold preparation: {rates} tokens/s (target: at least 500,000 on 2 cores; the load averages "
