@@ -174,58 +174,48 @@ def toy_method_rows(texts: list[str], theta: float) -> list[tuple[str, str, dict
 
 
 # --------------------------------------------------------------------------------------- smollm2
+SMOL_LENGTHS = [4096, 8192, 12288, 16384]
+SMOL_BASE = {"path": "${LONGEXT_CACHE}/models/smollm2-135m"}
+
+
 def smollm2_cases(quick: bool) -> list[dict]:
-    """The base, training-free x2 baselines, the demo-like YaRN LoRA row and one row per method from its shipped
-    CPU recipe (recipes/<method>-smollm2-cpu.yaml, without its eval section). Order: the base and the
-    training-free baselines every method row is judged against, then the methods, the demo-like row last; the
-    suite is saved after each case, so an interrupted run still carries the baselines and the first methods.
+    """The SmolLM2-135M campaign (8k -> 16k), or with `quick` the reduced run of the training-free rows.
 
-    Full: perplexity at 4k-16k on one 256-token target window, passkey at 12k and 16k with 10 trials (a 16k
-    forward takes ~2.5 min here). quick (also the reduced run documented in docs/benchmarks.md when the full one
-    does not fit): perplexity at 8k and 16k, passkey at 4k with 10 trials, training-free rows only. Ten trials
-    at least: with 3, 0/3 and 1/3 cannot be told apart (95 % intervals 0-56 % and 6-79 %).
+    Full (longext/bench/campaign.py, issue 18): no extension; PI, NTK, dynamic NTK, YaRN x2 training-free; YaRN + LoRA,
+    PoSE, E2-LLM, HARPE, LongRecipe and LongGen each trained for the same CAMPAIGN_MINUTES on this machine (steps from
+    the measured bf16 step time of each, bench/smollm2-step-times.json); every row evaluated with CAMPAIGN_EVAL; then
+    the YaRN + LoRA dose-response: its run's checkpoints after 1/3 and 2/3 of the budget at 16k. The order puts the
+    baselines first and the dose cases last (they need the YaRN + LoRA run's folder); every case's result is committed
+    as it finishes, so the campaign is completed over several sittings (`longext bench smollm2 --only ...`).
+
+    quick: perplexity at 8k and 16k, passkey at 4k with 10 trials, training-free rows only (the wiring, in minutes
+    of CPU rather than hours).
     """
-    if quick:
-        settings = {"ppl_lengths": [8192, 16384], "targets": 256, "windows": 1,
-                    "passkey_lengths": [4096], "trials": 10, "depths": [0.25, 0.75], "filler_chars": 400_000}
-    else:
-        settings = {"ppl_lengths": [4096, 8192, 12288, 16384], "targets": 256, "windows": 1,
-                    "passkey_lengths": [12288, 16384], "trials": 10, "depths": [0.1, 0.5, 0.9], "filler_chars": 400_000}
-    settings["seed"] = 0
-    base = {"path": "${LONGEXT_CACHE}/models/smollm2-135m"}
+    if not quick:
+        from longext.bench.smollm2 import campaign_cases
 
-    def recipe(name: str, rope: dict, train: dict | None = None) -> dict:
-        return {"name": name, "model": base, "method": {"kind": "standard", "target_len": SMOL_TARGET}, "rope": rope,
-                "lora": {"r": 8, "alpha": 16.0}, "data": {"train": ["books"], "seq_len": 2048},
-                "train": train or {"steps": 1}}
+        return campaign_cases()
+    settings = {"ppl_lengths": [8192, 16384], "targets": 256, "windows": 1, "passkey_lengths": [4096], "trials": 10,
+                "depths": [0.25, 0.75], "filler_chars": 400_000, "seed": 0}
+    return [{"kind": "model", "name": f"smollm2-{name}", "label": label, "train": False,
+             "recipe": smollm2_recipe(f"smollm2-{name}", rope), "eval": settings}
+            for name, label, rope in SMOL_FREE if name != "ntk"]
 
-    def case(name: str, label: str, raw: dict, train: bool) -> dict:
-        return {"kind": "model", "name": f"smollm2-{name}", "label": label, "train": train, "recipe": raw,
-                "eval": settings}
 
-    demo_train = {"steps": 10, "micro_batch_size": 1, "lr": 2.0e-4, "warmup_steps": 2, "schedule": "cosine",
-                  "min_lr_ratio": 0.1, "zero_stage": 2, "precision": "auto", "seed": 0}
-    free = [
-        ("base", "no extension", {"kind": "none"}),
-        ("pi", "PI x2, training-free", {"kind": "linear"}),
-        ("dynamic", "dynamic NTK x2, training-free", {"kind": "dynamic"}),
-        ("yarn", "YaRN x2, training-free", {"kind": "yarn"}),
-    ]
-    if quick:
-        return [case(name, label, recipe(f"smollm2-{name}", rope), False) for name, label, rope in free]
-    methods = [
-        ("e2llm", "E2-LLM (g 1..2), trained at 2k"),
-        ("harpe", "HARPE (3 bases 2e5-1e6, per KV group), trained at 2k"),
-        ("longrecipe", "LongRecipe (30 % of 16k, digits, replay 4 + merge 0.5)"),
-        ("pose", "PoSE (YaRN x2), trained at 2k"),
-        ("longgen", "LongGen (10 of 30 layers full, sinks 64 + window 960), trained at 4k"),
-    ]
-    return [
-        case("base", "no extension", recipe("smollm2-base", {"kind": "none"}), False),
-        *[case(name, label, recipe(f"smollm2-{name}", rope), False) for name, label, rope in free[1:]],
-        *[case(name, label, shipped_recipe(f"{name}-smollm2-cpu"), True) for name, label in methods],
-        case("yarn-lora", "YaRN x2 + LoRA 10 steps at 2k (demo)", recipe("smollm2-yarn-lora", {"kind": "yarn"}, demo_train), True),
-    ]
+SMOL_FREE = [
+    ("base", "no extension", {"kind": "none"}),
+    ("pi", "PI x2, training-free", {"kind": "linear"}),
+    ("ntk", "NTK x2, training-free", {"kind": "ntk"}),
+    ("dynamic", "dynamic NTK x2, training-free", {"kind": "dynamic"}),
+    ("yarn", "YaRN x2, training-free", {"kind": "yarn"}),
+]
+
+
+def smollm2_recipe(name: str, rope: dict, train: dict | None = None, seq_len: int = 2048) -> dict:
+    """A standard-method recipe of SmolLM2-135M to 16k (LoRA r8 on the attention, books)."""
+    return {"name": name, "model": SMOL_BASE, "method": {"kind": "standard", "target_len": SMOL_TARGET}, "rope": rope,
+            "lora": {"r": 8, "alpha": 16.0}, "data": {"train": ["books"], "seq_len": seq_len},
+            "train": train or {"steps": 1}}
 
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
