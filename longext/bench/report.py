@@ -135,7 +135,8 @@ def plot_suite(suite: str, doc: dict, folder: Path) -> list[Path]:
 
     written = []
     for key, ylabel, name in (("perplexity", "perplexity (log)", "ppl"), ("passkey", "passkey accuracy", "passkey")):
-        cases = [c for c in case_rows(doc) if c["result"].get(key)]
+        # a dose-response case (a checkpoint of a trained row, at the target only) is not a method's curve
+        cases = [c for c in case_rows(doc) if c["result"].get(key) and not c["case"].get("checkpoint")]
         if not cases:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))

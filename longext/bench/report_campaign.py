@@ -88,6 +88,20 @@ def status_table(rows: list[dict]) -> list[str]:
     return table(["row", "status", "training", "commit"], out)
 
 
+def budget_line(rows: list[dict]) -> list[str]:
+    """How the measured training minutes of the trained rows compare with the stated budget."""
+    spent = [(r["case"]["label"], r["stored"]["result"]["train_seconds"] / 60, r["case"]["budget"]["minutes"])
+             for r in rows if r["stored"] and r["case"].get("budget") and r["stored"]["result"].get("train_seconds")]
+    if not spent:
+        return []
+    short = [f"{label} ({used:.0f} min)" for label, used, budget in spent if used < 0.9 * budget]
+    low, high = min(u for _, u, _ in spent), max(u for _, u, _ in spent)
+    return [f"Measured training time of the {len(spent)} trained rows: {low:.0f}-{high:.0f} min against the stated "
+            f"{spent[0][2]} (sum of the step times in each run's metrics.jsonl)"
+            + (f"; more than 10 % short: {', '.join(short)} (its steps came from a slower step time than this "
+               f"machine's: re-measure with scripts/campaign_step_times.py)." if short else "."), ""]
+
+
 def ruler_table(rows: list[dict], lengths: list[int]) -> list[str]:
     """The RULER subset's average per length, with its interval, for every measured row."""
     out = []
@@ -162,7 +176,7 @@ def campaign_section(doc: dict | None, cases: list[dict] | None = None, plots: b
     lines += header(doc) if doc else ["No row measured yet (`longext bench smollm2`).", ""]
     lines += settings_lines(cases)
     lines += ["Rows (a pending or stale row is re-run by `longext bench smollm2`; `--only NAME` runs one):", "",
-              *status_table(rows), ""]
+              *status_table(rows), "", *budget_line(rows)]
     if measured:
         shown = {**(doc or {}), "cases": [{**r["stored"], "stale": r["status"] == "stale"} for r in measured]}
         lengths = sorted({int(L) for r in measured for L in r["stored"]["result"].get("ruler", {})})
