@@ -13,9 +13,9 @@ import pytest
 from longext.bench import report, run
 from longext.bench.report_campaign import campaign_rows, campaign_section, verdict
 from longext.bench.smollm2 import (
-    CAMPAIGN_MINUTES, RULER_TASKS, STEP_SECONDS, campaign_case, campaign_cases, train_block,
+    CAMPAIGN_MINUTES, RULER_TASKS, SMOL_LENGTHS, STEP_SECONDS, campaign_case, campaign_cases, train_block,
 )
-from longext.bench.suites import SMOL_LENGTHS, smollm2_cases
+from longext.bench.suites import smollm2_cases
 from longext.errors import LongextError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,6 +211,7 @@ def test_the_section_shows_budgets_commits_and_pending_rows_never_invented_figur
     steps = next(c for c in cases if c["name"] == "smollm2-harpe")["budget"]["steps"]
     assert f"{steps} × 2k" in harpe and "60.0 min measured" in harpe and "abcdef1234" in harpe
     assert "| PoSE (YaRN x2), trained at 2k | pending |" in text
+    assert "Measured training time of the 1 trained rows: 60-60 min against the stated 60" in text
     assert "| YaRN x2, training-free | 25 % (" in text  # the RULER table, with the interval
     assert "742" not in text and "45.57" not in text  # nothing from an older page
     # a stored result measured for other settings (the 10-step rows) is not shown as this campaign's row

@@ -53,7 +53,8 @@ def trained_run(case: dict, case_dir: Path) -> dict:
         trained = json.loads(path.read_text())
     except (OSError, ValueError):
         raise LongextError(f"{case['name']}: no finished run of {of} in {path.parent} (its checkpoints are evaluated "
-                           f"here); run `longext bench smollm2 --only {of}` in this checkout first") from None
+                           f"here; bench-runs/ is not committed); run `longext bench smollm2 --only {of} --force` in this checkout "
+                           f"first") from None
     if trained["case"]["recipe"] != case["recipe"]:
         raise LongextError(f"{case['name']}: the run in {path.parent} was trained for another recipe than this case's; "
                            f"run `longext bench smollm2 --only {of} --force` first")

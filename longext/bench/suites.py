@@ -2,7 +2,7 @@
 
 - throughput: `throughput.run_case` measurements (train tokens/s engine vs plain, eval seconds);
 - toy: the committed toy base (bench/toy-base, L0 = 128) extended to 8 x L0 = 1024;
-- smollm2: SmolLM2-135M (L0 = 8k) extended x2 to 16k;
+- smollm2: the SmolLM2-135M campaign, 8k extended x2 to 16k (its cases: longext/bench/smollm2.py);
 - longgen: LongGen against the same model with every layer full (longext/bench/longgen.py);
 - memory: measured peak memory of a training step on CPU against `longext plan`'s estimate (bench/memory.py);
 - data: the data pipeline at about 25M and 100M tokens: cold preparation, warm start, resume, 2 ranks (bench/data.py).
@@ -14,13 +14,13 @@ import hashlib
 import json
 from pathlib import Path
 
+from longext.bench.smollm2 import SMOL_TARGET, smollm2_cases
 from longext.errors import LongextError
 
 SUITES = ("throughput", "toy", "smollm2", "longgen", "memory", "data")
 ALLOWED = (*SUITES, "all")
 TOY_DIR = Path(__file__).resolve().parents[2] / "bench" / "toy-base"
 TOY_L0, TOY_TARGET = 128, 1024
-SMOL_TARGET = 16384
 
 
 def suite_cases(suite: str, quick: bool) -> list[dict]:
@@ -171,63 +171,6 @@ def toy_method_rows(texts: list[str], theta: float) -> list[tuple[str, str, dict
         ("abf-mean", f"ABF single base {(b_min + b_max) / 2:.0e}, fine-tuned at 1024",
          {"kind": "none", "theta": (b_min + b_max) / 2}, {"method": standard}),
     ]
-
-
-# --------------------------------------------------------------------------------------- smollm2
-SMOL_LENGTHS = [4096, 8192, 12288, 16384]
-SMOL_BASE = {"path": "${LONGEXT_CACHE}/models/smollm2-135m"}
-
-
-def smollm2_cases(quick: bool) -> list[dict]:
-    """The SmolLM2-135M campaign (8k -> 16k), or with `quick` the reduced run of the training-free rows.
-
-    Full (longext/bench/campaign.py, issue 18): no extension; PI, NTK, dynamic NTK, YaRN x2 training-free; YaRN + LoRA,
-    PoSE, E2-LLM, HARPE, LongRecipe and LongGen each trained for the same CAMPAIGN_MINUTES on this machine (steps from
-    the measured bf16 step time of each, bench/smollm2-step-times.json); every row evaluated with CAMPAIGN_EVAL; then
-    the YaRN + LoRA dose-response: its run's checkpoints after 1/3 and 2/3 of the budget at 16k. The order puts the
-    baselines first and the dose cases last (they need the YaRN + LoRA run's folder); every case's result is committed
-    as it finishes, so the campaign is completed over several sittings (`longext bench smollm2 --only ...`).
-
-    quick: perplexity at 8k and 16k, passkey at 4k with 10 trials, training-free rows only (the wiring, in minutes
-    of CPU rather than hours).
-    """
-    if not quick:
-        from longext.bench.smollm2 import campaign_cases
-
-        return campaign_cases()
-    settings = {"ppl_lengths": [8192, 16384], "targets": 256, "windows": 1, "passkey_lengths": [4096], "trials": 10,
-                "depths": [0.25, 0.75], "filler_chars": 400_000, "seed": 0}
-    return [{"kind": "model", "name": f"smollm2-{name}", "label": label, "train": False,
-             "recipe": smollm2_recipe(f"smollm2-{name}", rope), "eval": settings}
-            for name, label, rope in SMOL_FREE if name != "ntk"]
-
-
-SMOL_FREE = [
-    ("base", "no extension", {"kind": "none"}),
-    ("pi", "PI x2, training-free", {"kind": "linear"}),
-    ("ntk", "NTK x2, training-free", {"kind": "ntk"}),
-    ("dynamic", "dynamic NTK x2, training-free", {"kind": "dynamic"}),
-    ("yarn", "YaRN x2, training-free", {"kind": "yarn"}),
-]
-
-
-def smollm2_recipe(name: str, rope: dict, train: dict | None = None, seq_len: int = 2048) -> dict:
-    """A standard-method recipe of SmolLM2-135M to 16k (LoRA r8 on the attention, books)."""
-    return {"name": name, "model": SMOL_BASE, "method": {"kind": "standard", "target_len": SMOL_TARGET}, "rope": rope,
-            "lora": {"r": 8, "alpha": 16.0}, "data": {"train": ["books"], "seq_len": seq_len},
-            "train": train or {"steps": 1}}
-
-
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
-
-
-def shipped_recipe(name: str) -> dict:
-    """A recipe of recipes/ as the bench runs it: without its eval and output sections (the bench evaluates
-    every row with the suite's own settings)."""
-    from longext.recipe import load_yaml
-
-    raw = load_yaml((RECIPES_DIR / f"{name}.yaml").read_text())
-    return {k: v for k, v in raw.items() if k not in ("eval", "output", "description")}
 
 
 # ---------------------------------------------------------------------------------------- longgen
