@@ -32,7 +32,8 @@ def test_the_campaign_has_every_row_and_equal_training_minutes():
     assert list(cases) == [f"smollm2-{n}" for n in [*FREE, *TRAINED, "yarn-lora-at-1of3", "yarn-lora-at-2of3"]]
     kinds = {n: validate_recipe(c["recipe"], n).method.kind for n, c in cases.items()}
     assert [kinds[f"smollm2-{n}"] for n in TRAINED] == ["standard", "pose", "e2llm", "harpe", "longrecipe", "longgen"]
-    assert [cases[f"smollm2-{n}"]["recipe"]["rope"]["kind"] for n in FREE] == ["none", "linear", "ntk", "dynamic", "yarn"]
+    ropes = [cases[f"smollm2-{n}"]["recipe"]["rope"]["kind"] for n in FREE]
+    assert ropes == ["none", "linear", "ntk", "dynamic", "yarn"]
     longest = max(STEP_SECONDS.values()) / 60
     for name in TRAINED:
         case = cases[f"smollm2-{name}"]
@@ -224,6 +225,7 @@ def test_the_section_shows_budgets_commits_and_pending_rows_never_invented_figur
 def test_the_page_renders_the_campaign_without_results_and_keeps_the_reduced_run():
     text = report.render({"smollm2": None})
     assert "## SmolLM2-135M campaign" in text and "**Not known yet**" in text
-    quick = {"suite": "smollm2", "quick": True, "cases": measured({"smollm2-pi": result(46.9, 0.0)}, campaign_cases())["cases"]}
+    rows = measured({"smollm2-pi": result(46.9, 0.0)}, campaign_cases())["cases"]
+    quick = {"suite": "smollm2", "quick": True, "cases": rows}
     text = report.render({"smollm2": quick})
     assert "## SmolLM2-135M campaign" in text and "(reduced run)" in text and "| PI x2, training-free | 46.90 |" in text

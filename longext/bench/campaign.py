@@ -53,8 +53,8 @@ def trained_run(case: dict, case_dir: Path) -> dict:
         trained = json.loads(path.read_text())
     except (OSError, ValueError):
         raise LongextError(f"{case['name']}: no finished run of {of} in {path.parent} (its checkpoints are evaluated "
-                           f"here; bench-runs/ is not committed); run `longext bench smollm2 --only {of} --force` in this checkout "
-                           f"first") from None
+                           f"here; bench-runs/ is not committed); run `longext bench smollm2 --only {of} --force` "
+                           f"in this checkout first") from None
     if trained["case"]["recipe"] != case["recipe"]:
         raise LongextError(f"{case['name']}: the run in {path.parent} was trained for another recipe than this case's; "
                            f"run `longext bench smollm2 --only {of} --force` first")
@@ -87,7 +87,7 @@ def campaign_row(case: dict, out_dir: Path) -> dict:
 
 def ruler(loaded, settings: dict, seed: int) -> dict:
     """RULER's tasks `settings["tasks"]`, `samples` each, at `lengths` (essay haystack: `haystack`, default the eval
-    books); per length the average, its interval and per task the score (longext.evaluate.ruler.run.ruler_at_lengths)."""
+    books); per length the average, its interval and per task the score (ruler.run.ruler_at_lengths)."""
     from longext.evaluate.ruler.run import load_sources, ruler_at_lengths
     from longext.recipe import RulerSpec
 

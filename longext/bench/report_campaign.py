@@ -81,7 +81,8 @@ def status_table(rows: list[dict]) -> list[str]:
             trained = f"checkpoint step {case['checkpoint']['step']} of {case['checkpoint']['of']} ({k}/{n})"
         else:
             trained = "training-free"
-        commit = str(stored.get("commit") or "?")[:10] + (" (dirty)" if stored.get("dirty") else "") if stored else "–"
+        commit = "–" if not stored else str(stored.get("commit") or "?")[:10] + (
+            " (dirty)" if stored.get("dirty") else "")
         status = {"stale": "**stale** (its code changed since)", "superseded": "pending (stored result is for other "
                   "settings)", "pending": "pending"}.get(r["status"], "current")
         out.append([case["label"], status, trained, commit])
@@ -181,7 +182,8 @@ def campaign_section(doc: dict | None, cases: list[dict] | None = None, plots: b
         shown = {**(doc or {}), "cases": [{**r["stored"], "stale": r["status"] == "stale"} for r in measured]}
         lengths = sorted({int(L) for r in measured for L in r["stored"]["result"].get("ruler", {})})
         if lengths:
-            lines += ["RULER subset, average score per length (95 % interval):", "", *ruler_table(measured, lengths), ""]
+            lines += ["RULER subset, average score per length (95 % interval):", "",
+                      *ruler_table(measured, lengths), ""]
         lines += model_tables(shown, TARGET) + [""]
     lines += dose_table(rows)
     if plots and measured:

@@ -156,14 +156,16 @@ def campaign_case(name: str, label: str, recipe: dict, train: bool, budget: dict
             "eval": settings, **extra}
     if budget:
         case["budget"] = {"minutes": CAMPAIGN_MINUTES, "planned_minutes": round(budget["minutes"], 1),
-                          "step_seconds": STEP_SECONDS[name], "steps": budget["steps"], "seq_len": training_length(recipe),
+                          "step_seconds": STEP_SECONDS[name], "steps": budget["steps"],
+                          "seq_len": training_length(recipe),
                           "replay_steps": budget["replay_steps"]}
     return case
 
 
 def campaign_cases() -> list[dict]:
     """Training-free rows, trained rows (YaRN + LoRA first: the dose cases need its run), then the dose cases."""
-    free = [campaign_case(name, label, smollm2_recipe(f"smollm2-{name}", rope), False) for name, label, rope in SMOL_FREE]
+    free = [campaign_case(name, label, smollm2_recipe(f"smollm2-{name}", rope), False)
+            for name, label, rope in SMOL_FREE]
     trained = []
     for name, label, shipped in TRAINED:
         budget = budget_steps(name)
