@@ -76,8 +76,8 @@ def shipped_recipe(name: str) -> dict:
 CAMPAIGN_MINUTES = 60
 PRECISION = "bf16"  # the CPU has avx512_bf16: measured speed-up in docs/bench.md
 # bf16 seconds per optimizer step at each row's training length (bench/smollm2-step-times.json, CPU time / 2)
-STEP_SECONDS = {"yarn-lora": 10.0, "pose": 10.0, "e2llm": 10.0, "harpe": 10.0, "longrecipe": 30.0,
-                "longrecipe-replay": 10.0, "longgen": 20.0}
+STEP_SECONDS = {"yarn-lora": 19.4, "pose": 21.0, "e2llm": 22.1, "harpe": 22.4, "longrecipe": 42.4,
+                "longrecipe-replay": 19.0, "longgen": 43.7}
 REPLAY_SHARE = 0.4  # LongRecipe: replay steps per extension step, as its shipped recipe (4 per 10)
 DOSE_FRACTIONS = ((1, 3), (2, 3))  # the YaRN + LoRA checkpoints evaluated besides the final one
 
