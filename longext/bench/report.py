@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from longext.bench.markdown import case_rows, header, load_cell, num, table
+from longext.bench.report_campaign import campaign_section
 from longext.bench.report_models import longgen_section, smollm2_section, toy_section
 from longext.bench.suites import SUITES
 from longext.files import write_atomic
@@ -59,7 +60,13 @@ def render(suites: dict[str, dict | None], old_text: str = "") -> str:
         start, end = _marker(suite)
         if doc is not None and not doc.get("cases") and suite in old:
             doc = None  # a run stopped before its first case measured nothing: keep what the page showed
-        if doc is not None:
+        if suite == "smollm2":
+            # the campaign lists every row, measured or pending: never an older page's rows of other settings;
+            # a reduced run's rows go in its own section below
+            quick = doc if doc is not None and doc.get("quick") else suites.get("smollm2-quick")
+            suites = {**suites, "smollm2-quick": quick}
+            parts += [start, campaign_section(None if doc is quick else doc).rstrip(), end, ""]
+        elif doc is not None:
             body = {"throughput": throughput_section, "toy": toy_section, "smollm2": smollm2_section,
                     "longgen": longgen_section, "memory": memory_section, "data": data_section}[suite](doc)
             parts += [start, body.rstrip(), end, ""]
@@ -128,7 +135,8 @@ def plot_suite(suite: str, doc: dict, folder: Path) -> list[Path]:
 
     written = []
     for key, ylabel, name in (("perplexity", "perplexity (log)", "ppl"), ("passkey", "passkey accuracy", "passkey")):
-        cases = [c for c in case_rows(doc) if c["result"].get(key)]
+        # a dose-response case (a checkpoint of a trained row, at the target only) is not a method's curve
+        cases = [c for c in case_rows(doc) if c["result"].get(key) and not c["case"].get("checkpoint")]
         if not cases:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))

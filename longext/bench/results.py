@@ -24,7 +24,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1]  # longext/
 ROOT = PACKAGE.parent  # what `code.files` paths are relative to
 NOT_A_DEPENDENCY = {"longext/bench/run.py", "longext/bench/results.py", "longext/bench/report.py",
-                    "longext/bench/report_models.py", "longext/bench/markdown.py", "longext/bench/suites.py"}
+                    "longext/bench/report_models.py", "longext/bench/markdown.py", "longext/bench/suites.py",
+                    "longext/bench/smollm2.py", "longext/bench/report_campaign.py"}
 
 
 # ------------------------------------------------------------------------------------------- code

@@ -38,7 +38,7 @@ MODEL_CASE_CODE = ("longext/bench/retrieval.py",)
 
 # ------------------------------------------------------------------------------------------- cases
 def execute(case: dict, case_dir: Path) -> Measured:
-    """Measure one case in a fresh process: a throughput, memory, data, LongGen efficiency or model case."""
+    """Measure one case in a fresh process: a throughput, memory, data, LongGen efficiency, campaign or model case."""
     if case["kind"] == "throughput":
         from longext.bench.throughput import run_case
 
@@ -55,6 +55,10 @@ def execute(case: dict, case_dir: Path) -> Measured:
         from longext.bench.longgen import run_case as run_longgen_case
 
         return run_longgen_case(case, case_dir)
+    if case["kind"] == "campaign":  # a SmolLM2 campaign row (longext/bench/campaign.py)
+        from longext.bench.campaign import run_case as run_campaign_case
+
+        return run_campaign_case(case, case_dir)
     from longext.bench.cases import run_model_case
     from longext.bench.retrieval import ensure_retrieval_docs
 

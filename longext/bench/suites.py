@@ -2,7 +2,7 @@
 
 - throughput: `throughput.run_case` measurements (train tokens/s engine vs plain, eval seconds);
 - toy: the committed toy base (bench/toy-base, L0 = 128) extended to 8 x L0 = 1024;
-- smollm2: SmolLM2-135M (L0 = 8k) extended x2 to 16k;
+- smollm2: the SmolLM2-135M campaign, 8k extended x2 to 16k (its cases: longext/bench/smollm2.py);
 - longgen: LongGen against the same model with every layer full (longext/bench/longgen.py);
 - memory: measured peak memory of a training step on CPU against `longext plan`'s estimate (bench/memory.py);
 - data: the data pipeline at about 25M and 100M tokens: cold preparation, warm start, resume, 2 ranks (bench/data.py).
@@ -14,13 +14,13 @@ import hashlib
 import json
 from pathlib import Path
 
+from longext.bench.smollm2 import SMOL_TARGET, smollm2_cases
 from longext.errors import LongextError
 
 SUITES = ("throughput", "toy", "smollm2", "longgen", "memory", "data")
 ALLOWED = (*SUITES, "all")
 TOY_DIR = Path(__file__).resolve().parents[2] / "bench" / "toy-base"
 TOY_L0, TOY_TARGET = 128, 1024
-SMOL_TARGET = 16384
 
 
 def suite_cases(suite: str, quick: bool) -> list[dict]:
@@ -171,73 +171,6 @@ def toy_method_rows(texts: list[str], theta: float) -> list[tuple[str, str, dict
         ("abf-mean", f"ABF single base {(b_min + b_max) / 2:.0e}, fine-tuned at 1024",
          {"kind": "none", "theta": (b_min + b_max) / 2}, {"method": standard}),
     ]
-
-
-# --------------------------------------------------------------------------------------- smollm2
-def smollm2_cases(quick: bool) -> list[dict]:
-    """The base, training-free x2 baselines, the demo-like YaRN LoRA row and one row per method from its shipped
-    CPU recipe (recipes/<method>-smollm2-cpu.yaml, without its eval section). Order: the base and the
-    training-free baselines every method row is judged against, then the methods, the demo-like row last; the
-    suite is saved after each case, so an interrupted run still carries the baselines and the first methods.
-
-    Full: perplexity at 4k-16k on one 256-token target window, passkey at 12k and 16k with 10 trials (a 16k
-    forward takes ~2.5 min here). quick (also the reduced run documented in docs/benchmarks.md when the full one
-    does not fit): perplexity at 8k and 16k, passkey at 4k with 10 trials, training-free rows only. Ten trials
-    at least: with 3, 0/3 and 1/3 cannot be told apart (95 % intervals 0-56 % and 6-79 %).
-    """
-    if quick:
-        settings = {"ppl_lengths": [8192, 16384], "targets": 256, "windows": 1,
-                    "passkey_lengths": [4096], "trials": 10, "depths": [0.25, 0.75], "filler_chars": 400_000}
-    else:
-        settings = {"ppl_lengths": [4096, 8192, 12288, 16384], "targets": 256, "windows": 1,
-                    "passkey_lengths": [12288, 16384], "trials": 10, "depths": [0.1, 0.5, 0.9], "filler_chars": 400_000}
-    settings["seed"] = 0
-    base = {"path": "${LONGEXT_CACHE}/models/smollm2-135m"}
-
-    def recipe(name: str, rope: dict, train: dict | None = None) -> dict:
-        return {"name": name, "model": base, "method": {"kind": "standard", "target_len": SMOL_TARGET}, "rope": rope,
-                "lora": {"r": 8, "alpha": 16.0}, "data": {"train": ["books"], "seq_len": 2048},
-                "train": train or {"steps": 1}}
-
-    def case(name: str, label: str, raw: dict, train: bool) -> dict:
-        return {"kind": "model", "name": f"smollm2-{name}", "label": label, "train": train, "recipe": raw,
-                "eval": settings}
-
-    demo_train = {"steps": 10, "micro_batch_size": 1, "lr": 2.0e-4, "warmup_steps": 2, "schedule": "cosine",
-                  "min_lr_ratio": 0.1, "zero_stage": 2, "precision": "auto", "seed": 0}
-    free = [
-        ("base", "no extension", {"kind": "none"}),
-        ("pi", "PI x2, training-free", {"kind": "linear"}),
-        ("dynamic", "dynamic NTK x2, training-free", {"kind": "dynamic"}),
-        ("yarn", "YaRN x2, training-free", {"kind": "yarn"}),
-    ]
-    if quick:
-        return [case(name, label, recipe(f"smollm2-{name}", rope), False) for name, label, rope in free]
-    methods = [
-        ("e2llm", "E2-LLM (g 1..2), trained at 2k"),
-        ("harpe", "HARPE (3 bases 2e5-1e6, per KV group), trained at 2k"),
-        ("longrecipe", "LongRecipe (30 % of 16k, digits, replay 4 + merge 0.5)"),
-        ("pose", "PoSE (YaRN x2), trained at 2k"),
-        ("longgen", "LongGen (10 of 30 layers full, sinks 64 + window 960), trained at 4k"),
-    ]
-    return [
-        case("base", "no extension", recipe("smollm2-base", {"kind": "none"}), False),
-        *[case(name, label, recipe(f"smollm2-{name}", rope), False) for name, label, rope in free[1:]],
-        *[case(name, label, shipped_recipe(f"{name}-smollm2-cpu"), True) for name, label in methods],
-        case("yarn-lora", "YaRN x2 + LoRA 10 steps at 2k (demo)", recipe("smollm2-yarn-lora", {"kind": "yarn"}, demo_train), True),
-    ]
-
-
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
-
-
-def shipped_recipe(name: str) -> dict:
-    """A recipe of recipes/ as the bench runs it: without its eval and output sections (the bench evaluates
-    every row with the suite's own settings)."""
-    from longext.recipe import load_yaml
-
-    raw = load_yaml((RECIPES_DIR / f"{name}.yaml").read_text())
-    return {k: v for k, v in raw.items() if k not in ("eval", "output", "description")}
 
 
 # ---------------------------------------------------------------------------------------- longgen

@@ -1,0 +1,133 @@
+"""Measure the step time of every trained row of the SmolLM2 campaign (longext/bench/smollm2.py) in bf16 and fp32,
+and one SmolLM2 forward pass at 4k and 8k in both, on this machine; write bench/smollm2-step-times.json.
+
+    nice -n 10 python scripts/campaign_step_times.py [--rows yarn-lora,pose] [--out bench/smollm2-step-times.json]
+
+Each row trains 3 optimizer steps (LongRecipe 3 + 2 replay steps) with longext's own training loop, in a process of
+its own. A step's cost is the process's CPU time between two metric lines (all threads), so the first step (warm-up)
+is not timed; the figure the budget uses is that CPU time over the torch threads: the wall time of a step on the
+machine with nothing else running (a shared machine stretches wall time, not CPU time). Wall seconds are kept too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child(spec: dict) -> dict:
+    """One measurement in this process: {"train": recipe} or {"forward": length, "dtype": ...}."""
+    import torch
+
+    from longext.models import quiet_libraries
+
+    quiet_libraries()
+    if "forward" in spec:
+        return forward_seconds(spec["forward"], getattr(torch, spec["dtype"]))
+    from longext import metrics
+    from longext.recipe import validate_recipe
+    from longext.train import run_training
+
+    marks: list[tuple[float, float]] = []
+    original = metrics.MetricsLog.step
+
+    def step(self, *args, **kwargs):  # a clock on the training loop's own per-step call, nothing replaced
+        marks.append((time.process_time(), time.perf_counter()))
+        return original(self, *args, **kwargs)
+
+    metrics.MetricsLog.step = step
+    run_dir = run_training(validate_recipe(spec["train"], "<campaign step time>"))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    cpu = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
+    return {"cpu_step_s": cpu, "wall_step_s": [r["step_seconds"] for r in records], "threads": torch.get_num_threads(),
+            "tokens": [r["tokens"] for r in records]}
+
+
+def forward_seconds(length: int, dtype) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from longext.materials import smollm2_dir
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=dtype, attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 40_000, (1, length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids[:, :256])  # warm-up
+        cpu, wall = time.process_time(), time.perf_counter()
+        model(ids)
+        return {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall,
+                "threads": torch.get_num_threads()}
+
+
+def run_child(spec: dict) -> dict:
+    load = os.getloadavg()[0]
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        raise SystemExit(f"measurement failed: {spec.get('train', {}).get('name', spec)}\n{done.stderr[-3000:]}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
+
+
+def measure_row(name: str, shipped: str | None, precision: str, folder: Path) -> dict:
+    from longext.bench.smollm2 import train_block, trained_recipe
+
+    train = {**train_block(3), "precision": precision, "warmup_steps": 1, "log_every": 1}
+    recipe = trained_recipe(name, shipped, train, replay_steps=2 if name == "longrecipe" else 0)
+    recipe["output"] = {"dir": str(folder / f"{name}-{precision}"), "overwrite": True}
+    got = run_child({"train": recipe})
+    main, replay = got["cpu_step_s"][:2], got["cpu_step_s"][3:]  # steps 2-3; LongRecipe's 5th (the 4th saves)
+    out = {**got, "step_s": statistics.median(main) / got["threads"]}
+    if replay:
+        out["replay_step_s"] = statistics.median(replay) / got["threads"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child")
+    parser.add_argument("--rows", default="")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "smollm2-step-times.json"))
+    parser.add_argument("--no-forward", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    sys.path.insert(0, str(ROOT))
+    from longext.bench.run import machine, versions
+    from longext.bench.smollm2 import TRAINED
+    from longext.files import write_json
+
+    wanted = [r for r in args.rows.split(",") if r]
+    out_path = Path(args.out)
+    doc = json.loads(out_path.read_text()) if out_path.is_file() else {"rows": {}, "forward": {}}
+    doc.update(machine=machine(), versions=versions())
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, _, shipped in TRAINED:
+            if wanted and name not in wanted:
+                continue
+            for precision in ("bf16", "fp32"):
+                doc["rows"].setdefault(name, {})[precision] = row = measure_row(name, shipped, precision, Path(tmp))
+                print(f"{name} {precision}: {row['step_s']:.1f} s a step (CPU time / threads), wall "
+                      f"{row['wall_step_s']}, load {row['load']}", flush=True)
+                write_json(out_path, doc, indent=1)
+    if not args.no_forward:
+        for length in (4096, 8192):
+            for dtype in ("bfloat16", "float32"):
+                doc["forward"].setdefault(str(length), {})[dtype] = got = run_child({"forward": length, "dtype": dtype})
+                print(f"forward {length} {dtype}: CPU {got['cpu_s']:.1f} s, wall {got['wall_s']:.1f} s", flush=True)
+                write_json(out_path, doc, indent=1)
+    doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json(out_path, doc, indent=1)
+
+
+if __name__ == "__main__":
+    main()
