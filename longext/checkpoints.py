@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from longext.errors import LongextError, WriteFailed
-from longext.files import publish_folder, sha256_of, write_atomic, write_json
+from longext.files import fsync_path, publish_folder, sha256_of, write_atomic, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "longext-checkpoint/1"
@@ -77,7 +77,6 @@ def _file_problem(path: Path, want: dict) -> str | None:
     if "sha256" in want and sha256_of(path) != want["sha256"]:
         return "does not match its SHA-256 (damaged)"
     return None
-
 
 
 @dataclass
@@ -222,16 +221,16 @@ def _publish(staging: Path, final: Path, step: int, world_size: int) -> None:
         size = path.stat().st_size
         entry = {"bytes": size, "sha256": sha256_of(path)} if size <= CHECKSUM_LIMIT else {"bytes": size}
         files[str(path.relative_to(staging))] = entry
-        _fsync(path)
+        fsync_path(path)
     write_json(staging / MANIFEST, {"format": FORMAT, "step": step, "world_size": world_size, "files": files})
-    _fsync(staging / MANIFEST)
-    _fsync(staging)
+    fsync_path(staging / MANIFEST)
+    fsync_path(staging)
     aside = None
     if final.exists():
         aside = next(final.with_name(f"{final.name}.damaged-{i}") for i in range(1, 10**6)
                      if not final.with_name(f"{final.name}.damaged-{i}").exists())
     publish_folder(staging, final, previous=aside)
-    _fsync(final.parent)
+    fsync_path(final.parent)
 
 
 def _prune(ckpt_dir: Path, step: int, keep: int) -> None:
@@ -240,14 +239,6 @@ def _prune(ckpt_dir: Path, step: int, keep: int) -> None:
     mine = [folder for s, folder in step_folders(ckpt_dir) if s <= step]
     for old in mine[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _barrier() -> None:

@@ -149,6 +149,15 @@ def publish_folder(built: Path, final: Path, previous: Path | None = None) -> bo
     return True
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (a folder: the names created or renamed in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sha256_of(path: Path) -> str:
     """The file's SHA-256, read 1 MiB at a time."""
     digest = hashlib.sha256()

@@ -34,7 +34,7 @@ import numpy as np
 from longext.data.checks import BadRow
 from longext.data.sources import Source
 from longext.data.tokenize import DOCS, LOSS, TOKENS, BuildResult, build_token_files
-from longext.files import publish_folder, remove_abandoned, sha256_of, staging_folder
+from longext.files import fsync_path, publish_folder, remove_abandoned, sha256_of, staging_folder
 
 FORMAT = 1  # bump when the files or their meaning change: older caches then count as foreign and are rebuilt
 MANIFEST = "manifest.json"
@@ -122,7 +122,7 @@ def load_or_build(source: Source, tokenizer, root: Path, settings: dict, bad_bud
                                        progress(source) if progress else lambda *a: None, model_path)
             _write_manifest(tmp, key, source, settings, result, time.perf_counter() - began)
             publish_folder(tmp, target)  # a damaged folder there is moved aside and deleted
-            fsync_folder(root)
+            fsync_path(root)
     cache = open_cache(target, key, source)
     cache.status = status
     return cache
@@ -142,16 +142,6 @@ def exclusive(lock_path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-
-
-def fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------------------- manifest
 def _write_manifest(folder: Path, key: str, source: Source, settings: dict, result: BuildResult, seconds: float) -> None:
     files = [TOKENS, DOCS] + ([LOSS] if result.has_loss_mask else [])
@@ -169,7 +159,6 @@ def _write_manifest(folder: Path, key: str, source: Source, settings: dict, resu
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-
 
 
 def open_cache(folder: Path, key: str, source: Source) -> SourceCache:

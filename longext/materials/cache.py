@@ -44,8 +44,6 @@ def staging(name: str) -> Iterator[Path]:
         yield tmp
 
 
-
-
 def is_complete(folder: Path, spec: str) -> bool:
     marker = folder / MARKER
     return marker.is_file() and marker.read_text().strip() == spec

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longext.data.cache import CacheDamaged, cache_root, exclusive, fsync_folder, map_file
-from longext.files import remove_abandoned
+from longext.data.cache import CacheDamaged, cache_root, exclusive, map_file
+from longext.files import fsync_path, remove_abandoned
 from longext.errors import LongextError
 from longext.files import staging_folder, publish_folder
 
@@ -85,7 +85,7 @@ def selected_rows(corpus, tokenizer, selection, seed: int, seq_len: int, cache_d
         with staging_folder(target, prefix=f".tmp-{os.getpid()}-{key}-") as tmp:
             _build(corpus, tokenizer, selection, seed, tmp, key)
             publish_folder(tmp, target)
-            fsync_folder(root)
+            fsync_path(root)
     rows = open_selection(target, key, seq_len)
     m = rows.manifest
     say(f"data: LongRecipe selection kept {m['tokens']:,} of {m['read_tokens']:,} tokens "
