@@ -3,10 +3,12 @@ and one SmolLM2 forward pass at 4k and 8k in both, on this machine; write bench/
 
     nice -n 10 python scripts/campaign_step_times.py [--rows yarn-lora,pose] [--out bench/smollm2-step-times.json]
 
-Each row trains 3 optimizer steps (LongRecipe 3 + 2 replay steps) with longext's own training loop, in a process of
-its own. A step's cost is the process's CPU time between two metric lines (all threads), so the first step (warm-up)
-is not timed; the figure the budget uses is that CPU time over the torch threads: the wall time of a step on the
-machine with nothing else running (a shared machine stretches wall time, not CPU time). Wall seconds are kept too.
+Each row trains 4 optimizer steps (LongRecipe 4 + 3 replay steps) with longext's own training loop, in a process of
+its own. The figure the budget uses is the median wall time of steps 2-4 (the first step warms up; LongRecipe's
+replay: its 2nd and 3rd steps), so run it on a quiet machine: it refuses to start at a load average over
+MAX_LOAD. A shared machine stretches CPU time as well as wall time (2026-12-06: 38.7 CPU-s a step at load 4-7
+against 16.8 alone, OpenMP threads spinning while they wait for a core), so neither can be corrected for load
+afterwards. The process's CPU time per step is kept beside the wall time.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ def forward_seconds(length: int, dtype) -> dict:
                 "threads": torch.get_num_threads()}
 
 
+MAX_LOAD = 1.5  # 1-minute load average on the 2 cores before a measurement (a core and a half busy)
+
+
 def run_child(spec: dict) -> dict:
     load = os.getloadavg()[0]
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
@@ -80,14 +85,14 @@ def run_child(spec: dict) -> dict:
 def measure_row(name: str, shipped: str | None, precision: str, folder: Path) -> dict:
     from longext.bench.smollm2 import train_block, trained_recipe
 
-    train = {**train_block(3), "precision": precision, "warmup_steps": 1, "log_every": 1}
-    recipe = trained_recipe(name, shipped, train, replay_steps=2 if name == "longrecipe" else 0)
+    train = {**train_block(4), "precision": precision, "warmup_steps": 1, "log_every": 1}
+    recipe = trained_recipe(name, shipped, train, replay_steps=3 if name == "longrecipe" else 0)
     recipe["output"] = {"dir": str(folder / f"{name}-{precision}"), "overwrite": True}
     got = run_child({"train": recipe})
-    main, replay = got["cpu_step_s"][:2], got["cpu_step_s"][3:]  # steps 2-3; LongRecipe's 5th (the 4th saves)
-    out = {**got, "step_s": statistics.median(main) / got["threads"]}
-    if replay:
-        out["replay_step_s"] = statistics.median(replay) / got["threads"]
+    wall = got["wall_step_s"]
+    out = {**got, "step_s": statistics.median(wall[1:4])}  # steps 2-4
+    if len(wall) > 4:
+        out["replay_step_s"] = statistics.median(wall[5:])  # replay steps 2-3 (the 1st starts the stage)
     return out
 
 
@@ -106,6 +111,9 @@ def main() -> None:
     from longext.bench.smollm2 import TRAINED
     from longext.files import write_json
 
+    if os.getloadavg()[0] > MAX_LOAD:
+        raise SystemExit(f"load average {os.getloadavg()[0]:.2f} > {MAX_LOAD}: step times are wall times on a quiet "
+                         f"machine (see the docstring); stop the other jobs first")
     wanted = [r for r in args.rows.split(",") if r]
     out_path = Path(args.out)
     doc = json.loads(out_path.read_text()) if out_path.is_file() else {"rows": {}, "forward": {}}
@@ -116,7 +124,7 @@ def main() -> None:
                 continue
             for precision in ("bf16", "fp32"):
                 doc["rows"].setdefault(name, {})[precision] = row = measure_row(name, shipped, precision, Path(tmp))
-                print(f"{name} {precision}: {row['step_s']:.1f} s a step (CPU time / threads), wall "
+                print(f"{name} {precision}: {row['step_s']:.1f} s a step (median wall of steps 2-4), all "
                       f"{row['wall_step_s']}, load {row['load']}", flush=True)
                 write_json(out_path, doc, indent=1)
     if not args.no_forward:

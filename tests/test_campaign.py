@@ -59,7 +59,7 @@ def test_the_campaign_has_every_row_and_equal_training_minutes():
 
 
 def test_the_step_times_of_the_budget_are_the_measured_ones():
-    """STEP_SECONDS is bench/smollm2-step-times.json's bf16 step time of each row (CPU time over the threads)."""
+    """STEP_SECONDS is bench/smollm2-step-times.json's bf16 step time of each row (wall time, quiet machine)."""
     measured = json.loads((ROOT / "bench" / "smollm2-step-times.json").read_text())["rows"]
     for name in TRAINED:
         assert STEP_SECONDS[name] == round(measured[name]["bf16"]["step_s"], 1), name

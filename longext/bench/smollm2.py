@@ -4,9 +4,9 @@ case's JSON is its cache key); the cases run in longext/bench/campaign.py.
 
 Budget. Every trained row gets CAMPAIGN_MINUTES of training in bf16, expressed as optimizer steps at the row's own
 training length: steps = budget / the row's measured bf16 step time (STEP_SECONDS, from
-`scripts/campaign_step_times.py`, stored in bench/smollm2-step-times.json; the step time is the process's CPU time
-per step over its 2 threads, which a shared machine does not inflate the way it inflates wall time). The methods'
-steps differ a lot in cost (LongRecipe trains at 4.9k, LongGen at 4k, the others at 2k), so the rows get equal
+`scripts/campaign_step_times.py`, stored in bench/smollm2-step-times.json; the step time is the median wall time of
+a step on the quiet machine: a shared machine stretches CPU time as well, so the script refuses to measure under
+load). The methods' steps differ a lot in cost (LongRecipe trains at 4.9k, LongGen at 4k, the others at 2k), so the rows get equal
 minutes, not equal steps. Same optimizer for every row: AdamW, lr 2e-4, 5 % warm-up, cosine to 0.1, batch 1.
 """
 
@@ -75,9 +75,9 @@ def shipped_recipe(name: str) -> dict:
 # ------------------------------------------------------------------------------------------ campaign
 CAMPAIGN_MINUTES = 60
 PRECISION = "bf16"  # the CPU has avx512_bf16: measured speed-up in docs/bench.md
-# bf16 seconds per optimizer step at each row's training length (bench/smollm2-step-times.json, CPU time / 2)
-STEP_SECONDS = {"yarn-lora": 19.4, "pose": 21.0, "e2llm": 22.1, "harpe": 22.4, "longrecipe": 42.4,
-                "longrecipe-replay": 19.0, "longgen": 43.7}
+# bf16 seconds per optimizer step at each row's training length (bench/smollm2-step-times.json, wall on a quiet machine)
+STEP_SECONDS = {"yarn-lora": 8.2, "pose": 8.3, "e2llm": 8.3, "harpe": 8.9, "longrecipe": 35.6,
+                "longrecipe-replay": 8.2, "longgen": 24.5}
 REPLAY_SHARE = 0.4  # LongRecipe: replay steps per extension step, as its shipped recipe (4 per 10)
 DOSE_FRACTIONS = ((1, 3), (2, 3))  # the YaRN + LoRA checkpoints evaluated besides the final one
 
