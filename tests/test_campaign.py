@@ -141,6 +141,34 @@ def test_a_trained_row_and_its_dose_case_run_through_the_case_runner(tmp_path, t
     assert all(d["cached"] for d in again)
 
 
+def test_an_interrupted_evaluation_is_run_again_without_training_again(tmp_path, toy_model_dir, corpus_dir):
+    """trained.json is written when the training ends: a second run of the case (a sitting that ended during the
+    evaluation) evaluates the same run; a change to the training's code, or to the case, trains again."""
+    from longext.bench.campaign import TRAINED_FILE, run_case
+
+    case = tiny_cases(toy_model_dir, corpus_dir)[0]
+    folder = tmp_path / "cases" / case["name"]
+    first = run_case(case, folder)
+    adapter = next((folder / "run").rglob("adapter_model.safetensors"))
+    written = adapter.stat().st_mtime_ns
+    again = run_case(case, folder)
+    assert again.result["training_reused"] is True and "training_reused" not in first.result
+    assert adapter.stat().st_mtime_ns == written and "earlier sitting" in (folder / "case.log").read_text()
+    assert again.result["train_steps"] == first.result["train_steps"] == 6
+    for length, row in first.result["perplexity"].items():  # the same weights, evaluated alike
+        assert again.result["perplexity"][length]["ppl"] == pytest.approx(row["ppl"], rel=1e-6)
+    assert "longext/train.py" in again.code and again.code["longext/train.py"] == first.code["longext/train.py"]
+    # the training's code recorded as something else: this checkout's code did not train the run, so train again
+    trained = json.loads((folder / TRAINED_FILE).read_text())
+    trained["code"]["longext/train.py"] = "0" * 64
+    (folder / TRAINED_FILE).write_text(json.dumps(trained))
+    third = run_case(case, folder)
+    assert "training_reused" not in third.result and adapter.stat().st_mtime_ns != written
+    # another case (one more step) in the same folder trains too
+    other = {**case, "recipe": {**case["recipe"], "train": {**case["recipe"]["train"], "steps": 7}}}
+    assert run_case(other, folder).result["train_steps"] == 7
+
+
 def test_a_dose_case_without_its_trained_run_says_which_case_to_run_first(tmp_path, toy_model_dir, corpus_dir):
     from longext.bench.campaign import run_case
 

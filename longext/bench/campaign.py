@@ -9,6 +9,11 @@ trained row's run folder, `<case_dir>/../<of>/run`, with the adapter weights of 
 them: train.save_every), so its result depends on the code that trained that run too: the parent adds the trained
 case's code files (`<case_dir>/../<of>/trained.json`, written when that case finished) to the dose case's own, and a
 change to any of them makes both stale.
+
+A trained row writes trained.json as soon as its training ends (the case and the code the training ran). When a
+sitting ends during the row's evaluation, the next one evaluates the run again without training it again, provided
+the case is the same, the run finished, and every file of the training's code is unchanged; the result then counts
+the training's code with the evaluation's.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from longext.bench.fresh import Measured, main, run_fresh
 from longext.errors import LongextError
 from longext.files import write_json
 
-TRAINED_FILE = "trained.json"  # in a trained case's folder: its case JSON and the code it ran
+TRAINED_FILE = "trained.json"  # in a trained case's folder: its case JSON, the code its training ran, its figures
 
 
 def say(message: str) -> None:
@@ -34,14 +39,14 @@ def say(message: str) -> None:
 # ------------------------------------------------------------------------------------------- parent
 def run_case(case: dict, case_dir: Path, timeout: int = 8 * 3600) -> Measured:
     """The row in a fresh process (log: case_dir/case.log). A trained row leaves trained.json next to its run; a dose
-    case first checks that the run it evaluates was trained for its recipe."""
+    case first checks that the run it evaluates was trained for its recipe. Either counts the training's code."""
     case_dir = Path(case_dir)
     trained = trained_run(case, case_dir) if case.get("checkpoint") else None
     measured = run_fresh("longext.bench.campaign", case, case_dir, timeout, log=True)
+    if case.get("train"):
+        trained = json.loads((case_dir / TRAINED_FILE).read_text())
     if trained is not None:
         measured.code = {**trained["code"], **measured.code}
-    elif case.get("train"):
-        write_json(case_dir / TRAINED_FILE, {"case": case, "code": measured.code}, indent=1)
     return measured
 
 
@@ -70,8 +75,10 @@ def campaign_row(case: dict, out_dir: Path) -> dict:
     began = time.perf_counter()
     if case.get("checkpoint"):
         loaded, figures = checkpoint_model(case, Path(out_dir)), {"checkpoint_step": case["checkpoint"]["step"]}
+    elif case.get("train"):
+        loaded, figures = trained_model(case, Path(out_dir))
     else:
-        say(f"{case['name']}: {'training' if case.get('train') else 'building the model'}")
+        say(f"{case['name']}: building the model")
         loaded, figures = load_case_model(case, Path(out_dir))
     result = {**figures, **architecture(loaded.model), "original_context": loaded.original_context,
               "rope": json.loads(json.dumps(loaded.rope, default=str))}
@@ -83,6 +90,39 @@ def campaign_row(case: dict, out_dir: Path) -> dict:
     result["peak_rss_mb"] = peak_rss_mb()
     result["seconds"] = time.perf_counter() - began
     return result
+
+
+def trained_model(case: dict, out_dir: Path):
+    """(Loaded, training figures): the row trained now, or its run as an earlier sitting trained it (reused_training)."""
+    from longext.bench.cases import load_case_model
+    from longext.bench.results import loaded_code
+    from longext.targets import load_target
+
+    earlier = reused_training(case, out_dir)
+    if earlier is not None:
+        say(f"{case['name']}: trained by an earlier sitting with the same code ({out_dir / 'run'}); evaluating it")
+        return load_target(out_dir / "run"), {**earlier["figures"], "training_reused": True}
+    (out_dir / TRAINED_FILE).unlink(missing_ok=True)
+    say(f"{case['name']}: training")
+    loaded, figures = load_case_model(case, out_dir)
+    write_json(out_dir / TRAINED_FILE, {"case": case, "code": loaded_code(), "figures": figures}, indent=1,
+               default=float)
+    return loaded, figures
+
+
+def reused_training(case: dict, out_dir: Path) -> dict | None:
+    """trained.json of this case's finished run when the code it recorded is the code in this checkout, else None."""
+    from longext.bench.results import file_hashes
+    from longext.rundir import read_status
+
+    try:
+        trained = json.loads((out_dir / TRAINED_FILE).read_text())
+        unchanged = file_hashes(trained["code"]) == trained["code"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if trained.get("case") != case or "figures" not in trained or not unchanged:
+        return None
+    return trained if read_status(out_dir / "run").get("state") == "finished" else None
 
 
 def ruler(loaded, settings: dict, seed: int) -> dict:
