@@ -78,11 +78,12 @@ def _run_training(resolved: Resolved, resume: bool) -> Path:
         record = log.step(step + 1, _mean_over_ranks(loss_sum / t.grad_accum), lr, engine, tokens, time.perf_counter() - began)
         progress.update(record)
         stage_end = stages.is_boundary(step + 1)
-        if _due(step + 1, t.save_every) or stop.requested() or stage_end:
+        stopping = stop.requested()  # read once: a signal between two reads would stop without the checkpoint
+        if _due(step + 1, t.save_every) or stopping or stage_end:
             run.save_checkpoint(engine, step + 1, t.keep_checkpoints)
         if stage_end:
             run.status("running", step + 1)
-        if stop.requested():
+        if stopping:
             progress.close()
             run.status("interrupted", step + 1)
             raise TrainingStopped(
