@@ -1,13 +1,13 @@
 """Measure the step time of every trained row of the SmolLM2 campaign (longext/bench/smollm2.py) in bf16 and fp32,
 and one SmolLM2 forward pass at 4k and 8k in both, on this machine; write bench/smollm2-step-times.json.
 
-    nice -n 10 python scripts/campaign_step_times.py [--rows yarn-lora,pose] [--out bench/smollm2-step-times.json]
+    python scripts/campaign_step_times.py [--rows yarn-lora,pose] [--out bench/smollm2-step-times.json]
 
 Each row trains 4 optimizer steps (LongRecipe 4 + 3 replay steps) with longext's own training loop, in a process of
 its own. The figure the budget uses is the median wall time of steps 2-4 (the first step warms up; LongRecipe's
 replay: its 2nd and 3rd steps), so run it on a quiet machine: it refuses to start at a load average over
 MAX_LOAD. A shared machine stretches CPU time as well as wall time (2026-12-06: 38.7 CPU-s a step at load 4-7
-against 16.8 alone, OpenMP threads spinning while they wait for a core), so neither can be corrected for load
+against 15.0 alone, OpenMP threads spinning while they wait for a core), so neither can be corrected for load
 afterwards. The process's CPU time per step is kept beside the wall time.
 """
 

@@ -7,7 +7,7 @@ one of its checkpoints, then perplexity and passkey (longext/bench/cases.py's ev
 A dose-response case ({"checkpoint": {"of": "smollm2-yarn-lora", "step": 120}}) trains nothing: it evaluates the
 trained row's run folder, `<case_dir>/../<of>/run`, with the adapter weights of `checkpoints/step-000120` (the run saves
 them: train.save_every), so its result depends on the code that trained that run too: the parent adds the trained
-case's code files (`<case_dir>/../<of>/trained.json`, written when that case finished) to the dose case's own, and a
+case's code files (`<case_dir>/../<of>/trained.json`, written when its training ended) to the dose case's own, and a
 change to any of them makes both stale.
 
 A trained row writes trained.json as soon as its training ends (the case and the code the training ran). When a
@@ -93,7 +93,8 @@ def campaign_row(case: dict, out_dir: Path) -> dict:
 
 
 def trained_model(case: dict, out_dir: Path):
-    """(Loaded, training figures): the row trained now, or its run as an earlier sitting trained it (reused_training)."""
+    """(Loaded, training figures): the row trained now, or its run as an earlier sitting trained it
+    (reused_training)."""
     from longext.bench.cases import load_case_model
     from longext.bench.results import loaded_code
     from longext.targets import load_target

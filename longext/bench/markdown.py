@@ -28,7 +28,8 @@ def header(doc: dict) -> list[str]:
         f"wall time {minutes(doc.get('wall_seconds'))} ({doc.get('cached_cases', 0)} of {len(doc.get('cases', []))} "
         f"cases were current in bench/results and not re-run; their own measured time is in their JSON).",
         "",
-        *([f"**Incomplete**: no current result yet (not run, left out by --only, or stopped) for: {', '.join(doc['pending'])}.", ""]
+        *([f"**Incomplete**: no current result yet (not run, left out by --only, or stopped) for: "
+           f"{', '.join(doc['pending'])}.", ""]
           if doc.get("complete") is False else []),
         *provenance(doc),
         f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gb', '?')} GB RAM"

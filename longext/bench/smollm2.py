@@ -6,8 +6,9 @@ Budget. Every trained row gets CAMPAIGN_MINUTES of training in bf16, expressed a
 training length: steps = budget / the row's measured bf16 step time (STEP_SECONDS, from
 `scripts/campaign_step_times.py`, stored in bench/smollm2-step-times.json; the step time is the median wall time of
 a step on the quiet machine: a shared machine stretches CPU time as well, so the script refuses to measure under
-load). The methods' steps differ a lot in cost (LongRecipe trains at 4.9k, LongGen at 4k, the others at 2k), so the rows get equal
-minutes, not equal steps. Same optimizer for every row: AdamW, lr 2e-4, 5 % warm-up, cosine to 0.1, batch 1.
+load). The methods' steps differ a lot in cost (LongRecipe trains at 4.9k, LongGen at 4k, the others at 2k), so
+the rows get equal minutes, not equal steps. Same optimizer for every row: AdamW, lr 2e-4, 5 % warm-up, cosine to
+0.1, batch 1.
 """
 
 from __future__ import annotations
