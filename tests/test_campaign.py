@@ -83,14 +83,17 @@ def test_the_dose_cases_evaluate_the_yarn_lora_runs_checkpoints():
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def toy_model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama (L0 = 512) with the committed toy tokenizer, saved like a model folder."""
+    """A tiny Llama (L0 = 512) with the committed toy tokenizer, saved like a model folder; its output layer is its
+    embedding (tied), as SmolLM2's is."""
     from transformers import AutoTokenizer
 
     from conftest import build_tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(TOY)
     d = tmp_path_factory.mktemp("campaign-tiny")
-    build_tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=512).save_pretrained(d)
+    model = build_tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
 
@@ -135,6 +138,16 @@ def test_a_trained_row_and_its_dose_case_run_through_the_case_runner(tmp_path, t
     assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters() if "lora_" in n)
     load_adapter_state(model, run_dir / "checkpoints" / "step-000002")
     assert any(not torch.equal(p, saved[n]) for n, p in model.named_parameters() if "lora_B" in n)
+    # DeepSpeed keeps the tied output layer (SmolLM2's case): accepted as it equals the base's, refused if not
+    states_file = run_dir / "checkpoints" / "step-000002" / "mp_rank_00_model_states.pt"
+    states = torch.load(states_file, map_location="cpu", weights_only=False)
+    assert "base_model.model.lm_head.weight" in states["module"]
+    states["module"]["base_model.model.lm_head.weight"] = states["module"]["base_model.model.lm_head.weight"] + 1
+    other = tmp_path / "other-base"
+    other.mkdir()
+    torch.save(states, other / states_file.name)
+    with pytest.raises(LongextError, match="lm_head.weight differs"):
+        load_adapter_state(model, other)
     # stored and current: a second sitting re-runs nothing
     again = run.run_cases(cases, tmp_path / "results", tmp_path / "runs", log=lambda _: None,
                           runner=lambda case, folder: pytest.fail(f"{case['name']} re-ran"))

@@ -169,17 +169,23 @@ def checkpoint_model(case: dict, out_dir: Path):
 
 def load_adapter_state(model, folder: Path) -> None:
     """Copy a longext checkpoint's trainable weights (DeepSpeed's module states, saved without the frozen ones) into
-    the loaded peft model: every adapter weight of the model must be in the checkpoint and nothing else."""
+    the loaded peft model: every adapter weight of the model must be in the checkpoint. DeepSpeed's
+    exclude_frozen_parameters misses a tied weight's second name (SmolLM2's lm_head is its embedding), so the
+    checkpoint may also hold frozen weights of the model: each must equal the model's own, anything else is refused."""
     states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    own = dict(model.named_parameters())
+    own = dict(model.named_parameters(remove_duplicate=False))
     adapter = {name for name in own if "lora_" in name}
-    if set(states) != adapter:
-        extra, missing = sorted(set(states) - adapter), sorted(adapter - set(states))
+    frozen = {name for name in set(states) - adapter if name in own and not own[name].requires_grad}
+    extra, missing = sorted(set(states) - adapter - frozen), sorted(adapter - set(states))
+    if extra or missing:
         raise LongextError(f"{folder}: its weights do not match the run's adapter (not in the model: {extra[:3]}; "
                            f"not in the checkpoint: {missing[:3]})")
+    for name in sorted(frozen):
+        if not torch.equal(states[name], own[name].detach().to(states[name].dtype)):
+            raise LongextError(f"{folder}: its frozen weight {name} differs from the model's: not this run's base")
     with torch.no_grad():
-        for name, value in states.items():
-            own[name].copy_(value.to(own[name].dtype))
+        for name in adapter:
+            own[name].copy_(states[name].to(own[name].dtype))
 
 
 if __name__ == "__main__":
