@@ -234,6 +234,12 @@ def test_the_verdict_is_yes_no_or_not_known_from_the_results():
     assert "LongRecipe" not in yes  # lower perplexity, but not better on RULER
     no = verdict(rows(everything((17.25, 0.5), {"longrecipe": (15.0, 0.5), "harpe": (18.0, 0.75)})))
     assert no.startswith("**No**") and "LongRecipe" in no and "does not in RULER (" in no
+    assert "More training" not in no  # the dose points have no result: nothing said about them
+    doses = everything((17.25, 0.5), {"yarn-lora": (16.5, 0.25)})
+    doses.update({"smollm2-yarn-lora-at-1of3": result(18.0, 0.0), "smollm2-yarn-lora-at-2of3": result(16.75, 0.25)})
+    no = verdict(rows(doses))
+    assert no.startswith("**No**") and "YaRN x2 + LoRA, trained" in no.split("More training")[0]
+    assert "goes 18.00 → 16.75 → 16.50 after 1/3, 2/3 and all" in no and "it still falls" in no and "0 → 25 → 25 %" in no
     results = everything((17.25, 0.25), {"harpe": (16.0, 0.75)})
     del results["smollm2-longgen"], results["smollm2-yarn"]
     unknown = verdict(rows(results))

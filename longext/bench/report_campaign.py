@@ -61,7 +61,25 @@ def verdict(rows: list[dict]) -> str:
     fails = [what for what, lost in (("perplexity", ppl >= yarn_ppl), ("RULER", ruler["score"] <= yarn_ruler["score"]))
              if lost]
     return (f"**No**: no trained row beats training-free YaRN at 16k in both; the best by perplexity, {case['label']}, "
-            f"does not in {' and '.join(fails)} ({figures}).")
+            f"does not in {' and '.join(fails)} ({figures})." + dose_clause(rows))
+
+
+def dose_clause(rows: list[dict]) -> str:
+    """What more training did, for the "no" verdict: YaRN + LoRA at 16k after 1/3, 2/3 and all of its budget (empty
+    while a point of it has no current result)."""
+    points = [r for r in rows if r["case"].get("checkpoint")]
+    final = next((r for r in rows if r["case"]["name"] == "smollm2-yarn-lora"), None)
+    if final is None or not points or any(r["status"] != "current" for r in [*points, final]):
+        return ""
+    points = sorted(points, key=lambda r: r["case"]["checkpoint"]["step"]) + [final]
+    ppls, rulers = zip(*(at_target(r["stored"]["result"]) for r in points))
+    shares = [f"{r['case']['checkpoint']['fraction'][0]}/{r['case']['checkpoint']['fraction'][1]}"
+              for r in points[:-1]]
+    trend = "still falls" if ppls[-1] < ppls[-2] else "no longer falls"
+    ppl_path = " → ".join(f"{p:.2f}" for p in ppls)
+    ruler_path = " → ".join(f"{100 * r['score']:.0f}" for r in rulers)
+    return (f" More training: YaRN x2 + LoRA's perplexity at 16k goes {ppl_path} after {', '.join(shares)} and all "
+            f"of its budget (it {trend} at the end), its RULER subset {ruler_path} %.")
 
 
 def status_table(rows: list[dict]) -> list[str]:
