@@ -239,7 +239,8 @@ def test_the_verdict_is_yes_no_or_not_known_from_the_results():
     doses.update({"smollm2-yarn-lora-at-1of3": result(18.0, 0.0), "smollm2-yarn-lora-at-2of3": result(16.75, 0.25)})
     no = verdict(rows(doses))
     assert no.startswith("**No**") and "YaRN x2 + LoRA, trained" in no.split("More training")[0]
-    assert "goes 18.00 → 16.75 → 16.50 after 1/3, 2/3 and all" in no and "it still falls" in no and "0 → 25 → 25 %" in no
+    assert "goes 18.00 → 16.75 → 16.50 in perplexity at 16k after 1/3, 2/3 and all" in no and "it still falls" in no
+    assert "0 → 25 → 25 % on the RULER subset" in no
     results = everything((17.25, 0.25), {"harpe": (16.0, 0.75)})
     del results["smollm2-longgen"], results["smollm2-yarn"]
     unknown = verdict(rows(results))

@@ -65,21 +65,30 @@ def verdict(rows: list[dict]) -> str:
 
 
 def dose_clause(rows: list[dict]) -> str:
-    """What more training did, for the "no" verdict: YaRN + LoRA at 16k after 1/3, 2/3 and all of its budget (empty
-    while a point of it has no current result)."""
-    points = [r for r in rows if r["case"].get("checkpoint")]
-    final = next((r for r in rows if r["case"]["name"] == "smollm2-yarn-lora"), None)
-    if final is None or not points or any(r["status"] != "current" for r in [*points, final]):
+    """What more training did, for the "no" verdict: the dose-response at 16k (empty while a point has no current
+    result)."""
+    points = dose_points(rows)
+    if not points or any(r["status"] != "current" for _, _, r in points):
         return ""
-    points = sorted(points, key=lambda r: r["case"]["checkpoint"]["step"]) + [final]
-    ppls, rulers = zip(*(at_target(r["stored"]["result"]) for r in points))
-    shares = [f"{r['case']['checkpoint']['fraction'][0]}/{r['case']['checkpoint']['fraction'][1]}"
-              for r in points[:-1]]
-    trend = "still falls" if ppls[-1] < ppls[-2] else "no longer falls"
+    ppls, rulers = zip(*(at_target(r["stored"]["result"]) for _, _, r in points))
     ppl_path = " → ".join(f"{p:.2f}" for p in ppls)
     ruler_path = " → ".join(f"{100 * r['score']:.0f}" for r in rulers)
-    return (f" More training: YaRN x2 + LoRA's perplexity at 16k goes {ppl_path} after {', '.join(shares)} and all "
-            f"of its budget (it {trend} at the end), its RULER subset {ruler_path} %.")
+    trend = "still falls" if ppls[-1] < ppls[-2] else "no longer falls"
+    return (f" More training: {points[-1][2]['case']['label']} goes {ppl_path} in perplexity at 16k after "
+            f"{', '.join(share for share, _, _ in points[:-1])} and all of its budget (it {trend} at the end), "
+            f"{ruler_path} % on the RULER subset.")
+
+
+def dose_points(rows: list[dict]) -> list[tuple[str, int, dict]]:
+    """(share of the budget, step, row) for each checkpoint the dose cases evaluate, then the trained row itself at
+    all of it; empty without dose cases or their trained row."""
+    doses = sorted((r for r in rows if r["case"].get("checkpoint")), key=lambda r: r["case"]["checkpoint"]["step"])
+    final = next((r for r in rows if doses and r["case"]["name"] == doses[0]["case"]["checkpoint"]["of"]), None)
+    if final is None:
+        return []
+    points = [(f"{r['case']['checkpoint']['fraction'][0]}/{r['case']['checkpoint']['fraction'][1]}",
+               r["case"]["checkpoint"]["step"], r) for r in doses]
+    return [*points, ("all", final["case"]["budget"]["steps"], final)]
 
 
 def status_table(rows: list[dict]) -> list[str]:
@@ -141,19 +150,16 @@ def label(row: dict) -> str:
 
 def dose_table(rows: list[dict]) -> list[str]:
     """YaRN + LoRA after 1/3, 2/3 and all of its budget: ppl and RULER at 16k."""
-    final = next((r for r in rows if r["case"]["name"] == "smollm2-yarn-lora"), None)
-    doses = [r for r in rows if r["case"].get("checkpoint")]
-    if final is None or not doses:
+    points = dose_points(rows)
+    if not points:
         return []
+    budget = points[-1][2]["case"]["budget"]
     out = []
-    for r in [*doses, final]:
-        point = r["case"].get("checkpoint")
-        step = point["step"] if point else r["case"]["budget"]["steps"]
-        share = f"{point['fraction'][0]}/{point['fraction'][1]}" if point else "all"
-        minutes_at = final["case"]["budget"]["planned_minutes"] * step / final["case"]["budget"]["steps"]
+    for share, step, r in points:
         ppl, ruler = at_target(r["stored"]["result"]) if r["stored"] else (None, None)
         state = "" if r["status"] == "current" else f" ({r['status']})"
-        out.append([share + state, str(step), num(minutes_at, 0), ppl_cell(ppl), ruler_cell(ruler)])
+        out.append([share + state, str(step), num(budget["planned_minutes"] * step / budget["steps"], 0),
+                    ppl_cell(ppl), ruler_cell(ruler)])
     yarn = next((r for r in rows if r["case"]["name"] == YARN and r["stored"]), None)
     if yarn:
         ppl, ruler = at_target(yarn["stored"]["result"])
