@@ -277,3 +277,20 @@ def test_the_page_renders_the_campaign_without_results_and_keeps_the_reduced_run
     quick = {"suite": "smollm2", "quick": True, "cases": rows}
     text = report.render({"smollm2": quick})
     assert "## SmolLM2-135M campaign" in text and "(reduced run)" in text and "| PI x2, training-free | 46.90 |" in text
+
+
+def test_the_readme_campaign_table_quotes_the_stored_results():
+    """README.md copies the campaign's perplexity and passkey by hand; every row must match its committed result
+    (the case whose label is the README row's, or starts with it and a comma)."""
+    root = Path(__file__).resolve().parents[1]
+    stored = [json.loads(p.read_text()) for p in sorted((root / "bench/results/smollm2").glob("smollm2-*.json"))]
+    section = (root / "README.md").read_text().split("Measured so far, at 4k / 8k / 12k / 16k:")[1].split("\n\n")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()[2:]]
+    assert rows
+    for name, _, ppl, passkey in rows:
+        found = [s for s in stored if s["case"]["label"] == name or s["case"]["label"].startswith(name + ",")]
+        assert len(found) == 1, (name, [s["case"]["label"] for s in found])
+        result = found[0]["result"]
+        lengths = sorted(result["perplexity"], key=int)
+        assert ppl == " / ".join(f"{result['perplexity'][n]['ppl']:.2f}" for n in lengths), name
+        assert passkey == " / ".join(str(result["passkey"][n]["correct"]) for n in lengths), name
