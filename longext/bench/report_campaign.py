@@ -83,7 +83,9 @@ def dose_points(rows: list[dict]) -> list[tuple[str, int, dict]]:
     """(share of the budget, step, row) for each checkpoint the dose cases evaluate, then the trained row itself at
     all of it; empty without dose cases or their trained row."""
     doses = sorted((r for r in rows if r["case"].get("checkpoint")), key=lambda r: r["case"]["checkpoint"]["step"])
-    final = next((r for r in rows if doses and r["case"]["name"] == doses[0]["case"]["checkpoint"]["of"]), None)
+    if not doses:
+        return []
+    final = next((r for r in rows if r["case"]["name"] == doses[0]["case"]["checkpoint"]["of"]), None)
     if final is None:
         return []
     points = [(f"{r['case']['checkpoint']['fraction'][0]}/{r['case']['checkpoint']['fraction'][1]}",
@@ -149,7 +151,7 @@ def label(row: dict) -> str:
 
 
 def dose_table(rows: list[dict]) -> list[str]:
-    """YaRN + LoRA after 1/3, 2/3 and all of its budget: ppl and RULER at 16k."""
+    """The dose-response rows (`dose_points`): ppl and RULER at 16k after each share of the trained row's budget."""
     points = dose_points(rows)
     if not points:
         return []
