@@ -102,6 +102,19 @@ def test_a_case_process_reports_the_longext_files_it_imported(tmp_path):
     assert not {"longext/train.py", "longext/bench/run.py", "longext/bench/results.py"} & set(measured.code)
 
 
+def test_a_source_file_modified_after_the_case_process_started_is_refused():
+    # loaded_code hashes at the end of a case: a module edited meanwhile would be stored as code the case never ran
+    import time
+
+    import longext.lengths  # noqa: F401  (a loaded module the check must see)
+    from longext.bench.results import CodeChanged, loaded_code, process_start
+
+    assert process_start() <= time.time()
+    assert "longext/lengths.py" in loaded_code(since=time.time() + 60)
+    with pytest.raises(CodeChanged, match=r"changed while it ran \(longext/.*run the case again"):
+        loaded_code(since=0.0)
+
+
 def test_a_failed_case_leaves_no_result_and_runs_again(tmp_path):
     root = fake_package(tmp_path / "src")
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1]  # longext/
@@ -34,9 +35,13 @@ def file_hashes(paths, root: Path = ROOT) -> dict[str, str]:
     return {rel: hashlib.sha256((root / rel).read_bytes()).hexdigest() for rel in sorted(paths)}
 
 
-def loaded_code(root: Path = ROOT) -> dict[str, str]:
+def loaded_code(root: Path = ROOT, since: float | None = None) -> dict[str, str]:
     """The longext source files this process has imported (minus NOT_A_DEPENDENCY), with their sha256; the case's
-    own module counts too, though `python -m` imports it as __main__."""
+    own module counts too, though `python -m` imports it as __main__.
+
+    The hashes are taken now, at the end of the case, so a file edited while the case ran would be recorded as code
+    it never ran (and its result would pass for current). A file modified after `since` (default: this process's
+    start) is therefore refused with CodeChanged, naming the files."""
     package = root / "longext"
     files = set()
     for module in list(sys.modules.values()):
@@ -45,7 +50,24 @@ def loaded_code(root: Path = ROOT) -> dict[str, str]:
             rel = Path(path).resolve().relative_to(root).as_posix()
             if rel not in NOT_A_DEPENDENCY:
                 files.add(rel)
+    since = process_start() if since is None else since
+    changed = sorted(rel for rel in files if (root / rel).stat().st_mtime > since)
+    if changed:
+        raise CodeChanged(f"{len(changed)} source file(s) this case loaded changed while it ran ({', '.join(changed[:5])}"
+                          f"{', ...' if len(changed) > 5 else ''}; process started {time.ctime(since)}): the result "
+                          "would name code it did not run, so it is not stored; run the case again")
     return file_hashes(files, root)
+
+
+class CodeChanged(RuntimeError):
+    """A case's source changed under it (loaded_code)."""
+
+
+def process_start() -> float:
+    """This process's start, as a Unix time."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def code_hash(files: dict[str, str]) -> str:
