@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
 from typer._click import exceptions as click_errors  # typer >= 0.29 vendors click; the `click` package is not used
 
-from longext.errors import LongextError, Problems, TrainingStopped
+from longext.errors import LongextError, Problems, TrainingStopped, warn
 from longext.usage import plain_help, usage_line
 
 HELP = """Extend the context window of a pretrained model (Llama, Mistral, Qwen, Gemma, Phi-3, OLMo 2, Mixtral) in one
@@ -398,8 +399,30 @@ plain_help(app)  # after the last command: commands added above get plain metava
 
 
 # ------------------------------------------------------------------------------------------ main
+def _background_thread_failed(args: threading.ExceptHookArgs) -> None:
+    """threading.excepthook while a command runs. A library's background thread that fails on the file system
+    (tensorboard's event writer when the run folder turns read-only or the disk fills) says so in one warning line:
+    the command's own next write to that folder stops it with the usual one-line error. Anything else is a bug and
+    keeps Python's traceback."""
+    exc = args.exc_value
+    if not isinstance(exc, OSError):
+        threading.__excepthook__(args)
+        return
+    where = f" ({os.fsdecode(exc.filename)})" if exc.filename else ""
+    thread = args.thread.name if args.thread else "a thread"
+    warn(f"background thread {thread} stopped: {type(exc).__name__}: {exc.strerror or exc}{where}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors become one line each and exit code 2; bugs keep their traceback."""
+    hook, threading.excepthook = threading.excepthook, _background_thread_failed
+    try:
+        return _main(argv)
+    finally:
+        threading.excepthook = hook
+
+
+def _main(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
     err = _console(stderr=True)
     try:

@@ -628,3 +628,33 @@ def test_eval_flag_and_output_errors_answer_before_torch_is_imported(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     message, modules = result.stdout.strip().splitlines()
     assert message.startswith("--out: /proc/longext-x: cannot write in /proc (") and modules == "[]"
+
+
+def test_a_background_thread_failing_on_the_file_system_is_one_warning_line(capsys):
+    # tensorboard's event writer thread hit a run folder made read-only mid-run and printed its traceback before the
+    # run's own one-line error (CI, stop 25); while a command runs, main() routes such thread failures to warn()
+    import threading
+
+    from longext import cli
+
+    def fail_in_a_thread(exc: BaseException) -> None:
+        def target():
+            raise exc
+
+        thread = threading.Thread(target=target, name="tb-writer")
+        thread.start()
+        thread.join()
+
+    saved = threading.excepthook
+    threading.excepthook = cli._background_thread_failed
+    try:
+        fail_in_a_thread(PermissionError(13, "Permission denied", b"/runs/x/tb/events.out"))
+        assert capsys.readouterr().err == ("warning: background thread tb-writer stopped: PermissionError: Permission "
+                                           "denied (/runs/x/tb/events.out)\n")
+        fail_in_a_thread(ValueError("a bug"))  # not the file system: a bug keeps its traceback
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "ValueError: a bug" in err
+    finally:
+        threading.excepthook = saved
+    assert cli.main(["--version"]) == 0
+    assert threading.excepthook is saved  # main() puts the previous hook back
