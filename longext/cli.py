@@ -100,7 +100,7 @@ def train(
         from longext.launch import preflight, relaunch
 
         resolved, warnings = preflight(spec, nproc, hostfile, resume, dry_run)  # once, before any launch or weights
-        for line in warnings:
+        for line in [*warnings, *_emulated_bf16(resolved.recipe.train.precision)]:
             _console(stderr=True).print(line, markup=False, soft_wrap=True)
         if dry_run:
             from longext.resolve import describe_resolved
@@ -124,6 +124,17 @@ def train(
         raise located(recipe, err, overrides or []) from None  # --out is not a --set: no tag
     if os.environ.get("RANK", "0") == "0":  # every rank returns here; the run directory is said once
         _console().print(f"run directory: {run_dir}")
+
+
+def _emulated_bf16(precision: str) -> list[str]:
+    """A warning when the recipe asks for bf16 (not auto) on a CPU that only emulates it (no avx512_bf16 or AMX):
+    every step runs many times slower than in fp32 (a 1024x1024 matmul: 2.5 s against 0.027 s on an AVX2 EPYC)."""
+    from longext.engine import native_bf16, on_gpu
+
+    if precision != "bf16" or on_gpu() or native_bf16():
+        return []
+    return ["warning: train.precision is bf16, which this CPU only emulates (no avx512_bf16 or amx_bf16): training runs"
+            " many times slower than in fp32; set train.precision: auto (fp32 here, bf16 where the hardware has it)"]
 
 
 RESUME_COMMAND = "LONGEXT_RESUME_COMMAND"  # the user's command with --resume, handed to the ranks of --nproc/--hostfile

@@ -447,3 +447,37 @@ def test_a_stored_result_stays_current_in_another_checkout_of_the_same_code(tmp_
     assert is_current(doc, moved, root=there) and not is_current(doc, fake_case("toy-pi"), root=there)
     (there / "longext" / "train.py").write_text("x = 3\n")
     assert not is_current(doc, moved, root=there)
+
+
+def test_a_bf16_trained_row_is_not_run_on_a_cpu_that_only_emulates_bf16(tmp_path, monkeypatch):
+    """The campaign's trained rows train in bf16 with budgets measured on a CPU with avx512_bf16; on an AVX2-only CPU
+    (this project's machine on some days) a 60-minute row would take days: it is left pending, with one line."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases = {c["name"]: c for c in suite_cases("smollm2", False)}
+    trained, free = cases["smollm2-longgen"], cases["smollm2-base"]
+    assert trained["recipe"]["train"]["precision"] == "bf16"
+    avx2 = {"avx2": True, "avx512f": False, "avx512_bf16": False, "amx_bf16": False}
+    assert "avx512_bf16" in run.cannot_run_here(trained, flags=avx2)
+    assert run.cannot_run_here(trained, flags={**avx2, "avx512_bf16": True}) is None
+    assert run.cannot_run_here(trained, flags={**avx2, "amx_bf16": True}) is None
+    assert run.cannot_run_here(trained, flags=avx2, gpu=True) is None
+    assert run.cannot_run_here(free, flags=avx2) is None  # evaluation only: fp32
+
+    machine = run.machine()
+    monkeypatch.setattr(run, "machine", lambda: {**machine, "flags": avx2})
+    ran, lines = [], []
+
+    def runner(case, folder):
+        from longext.bench.fresh import Measured
+
+        ran.append(case["name"])
+        return Measured({"value": 1}, 0.1, {})
+
+    doc = run.run_suite("smollm2", False, False, tmp_path / "results", tmp_path / "runs", runner, lines.append,
+                        only=["smollm2-longgen", "smollm2-base"])
+    assert ran == ["smollm2-base"]
+    assert "smollm2-longgen" in doc["pending"] and not doc["complete"]
+    assert any(line.startswith("smollm2-longgen: not run on this machine:") for line in lines)
+    assert not (tmp_path / "results" / "smollm2" / "smollm2-longgen.json").exists()

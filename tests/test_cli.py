@@ -400,6 +400,24 @@ def test_dry_run_prints_the_resolved_recipe_and_the_deepspeed_config(capsys, tmp
     assert not run_dir.exists()  # a dry run writes nothing
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_asked_for_on_a_cpu_that_only_emulates_it_is_one_warning_line(capsys, monkeypatch, tiny_recipe, native):
+    import longext.engine
+
+    monkeypatch.setattr(longext.engine, "on_gpu", lambda: False)
+    monkeypatch.setattr(longext.engine, "native_bf16", lambda: native)
+    code, out, err = run(capsys, "train", tiny_recipe, "--dry-run", "-s", "train.precision=bf16")
+    assert code == 0 and "precision: bf16" in out  # the recipe is kept as written: a warning, not a refusal
+    if native:
+        assert err == ""
+    else:
+        assert err.splitlines() == [
+            "warning: train.precision is bf16, which this CPU only emulates (no avx512_bf16 or amx_bf16): training runs"
+            " many times slower than in fp32; set train.precision: auto (fp32 here, bf16 where the hardware has it)"]
+    code, out, err = run(capsys, "train", tiny_recipe, "--dry-run", "-s", "train.precision=auto")
+    assert err == ""
+
+
 # ------------------------------------------------------------------------------------ help, start-up
 def _command_paths(command=None, path=()) -> list[tuple[str, ...]]:
     command = command or typer.main.get_command(app)
