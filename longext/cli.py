@@ -301,10 +301,29 @@ def bench(
 ) -> None:
     """Run a benchmark suite's cases whose stored result is not current (the code they run changed, or their
     settings), then rewrite the benchmarks page with tables and plots."""
+    import signal
+
     from longext.bench.run import run_bench
 
-    page = run_bench(suite, quick=quick, force=force, out=out, doc=doc, results=results, only=only)
+    class Stopped(Exception):
+        pass
+
+    def stopped(signum, frame):  # an exception in the bench: subprocess.run kills the running case's process and reaps it
+        raise Stopped
+
+    previous = signal.signal(signal.SIGTERM, stopped)  # `kill`, `timeout` reach only this process, not the case's
+    try:
+        page = run_bench(suite, quick=quick, force=force, out=out, doc=doc, results=results, only=only)
+    except Stopped:
+        raise BenchStopped("longext bench: stopped by SIGTERM; the case that was running was stopped too and left no "
+                           "result (the next run measures it again)") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _console().print(f"benchmarks written to {page}")
+
+
+class BenchStopped(LongextError):
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a process that signal ended
 
 
 # ---------------------------------------------------------------------------------------- doctor

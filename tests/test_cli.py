@@ -676,3 +676,36 @@ def test_a_background_thread_failing_on_the_file_system_is_one_warning_line(caps
         threading.excepthook = saved
     assert cli.main(["--version"]) == 0
     assert threading.excepthook is saved  # main() puts the previous hook back
+
+
+def test_a_bench_stopped_with_sigterm_takes_its_running_case_process_with_it(capsys, monkeypatch, tmp_path):
+    """`kill` or `timeout` on `longext bench` reaches only the bench's own process; the case it runs (a process of its
+    own, started with subprocess.run as longext.bench.fresh does) used to keep running, orphaned, for up to hours."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import longext.bench.run
+
+    pid_file = tmp_path / "case.pid"
+
+    def run_bench(*args, **kwargs):
+        def stop_when_the_case_runs():
+            while not pid_file.exists() or not pid_file.read_text():
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=stop_when_the_case_runs, daemon=True).start()
+        code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+        subprocess.run([sys.executable, "-c", code], check=True)
+        pytest.fail("the case ran to its end")
+
+    monkeypatch.setattr(longext.bench.run, "run_bench", run_bench)
+    before = signal.getsignal(signal.SIGTERM)
+    code, out, err = run(capsys, "bench", "smollm2")
+    assert (code, err) == (143, "error: longext bench: stopped by SIGTERM; the case that was running was stopped too "
+                                "and left no result (the next run measures it again)\n")
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(int(pid_file.read_text()), 0)
+    assert signal.getsignal(signal.SIGTERM) is before
