@@ -263,6 +263,16 @@ def test_the_section_shows_budgets_commits_and_pending_rows_never_invented_figur
     assert "Measured training time of the 1 trained rows: 60-60 min against the stated 60" in text
     assert "| YaRN x2, training-free | 25 % (" in text  # the RULER table, with the interval
     assert "742" not in text and "45.57" not in text  # nothing from an older page
+    # each row's CPU: the project's machine changes between sittings (minutes and tokens/s depend on it)
+    assert harpe.endswith("| ? (AVX2 only) |")  # no machine stored: no flags
+    doc = measured(results, cases)
+    for stored, flags in zip(doc["cases"], ({"avx2": True, "avx512_bf16": True}, {"avx2": True, "avx512f": True})):
+        stored["machine"] = {"cpu": "AMD EPYC", "flags": flags}
+    rows = {line.split(" | ")[0]: line for line in campaign_section(doc, cases, plots=False).splitlines()
+            if " | current | " in line or " | pending | " in line}  # the rows table
+    assert rows["| YaRN x2, training-free"].endswith("| AMD EPYC (avx512_bf16) |")
+    assert rows["| HARPE (3 bases 2e5-1e6, per KV group), trained at 2k"].endswith("| AMD EPYC (avx512, no bf16) |")
+    assert rows["| PoSE (YaRN x2), trained at 2k"].endswith("| – | – |")
     # a stored result measured for other settings (the 10-step rows) is not shown as this campaign's row
     old = measured({"smollm2-pose": result(12.0, 1.0, train=True)}, cases)
     old["cases"][0]["case"] = {**old["cases"][0]["case"], "recipe": {"train": {"steps": 10}}}

@@ -114,8 +114,20 @@ def status_table(rows: list[dict]) -> list[str]:
             " (dirty)" if stored.get("dirty") else "")
         status = {"stale": "**stale** (its code changed since)", "superseded": "pending (stored result is for other "
                   "settings)", "pending": "pending"}.get(r["status"], "current")
-        out.append([case["label"], status, trained, commit])
-    return table(["row", "status", "training", "commit"], out)
+        out.append([case["label"], status, trained, commit, cpu_cell(stored)])
+    return table(["row", "status", "training", "commit", "CPU"], out)
+
+
+def cpu_cell(stored: dict | None) -> str:
+    """The CPU a row was measured on, short: the project's machine is not the same CPU every sitting, and a row's
+    minutes and tokens/s depend on it (its figures do not: the eval is float32)."""
+    if not stored:
+        return "–"
+    m = stored.get("machine") or {}
+    flags = m.get("flags") or {}
+    kind = "avx512_bf16" if flags.get("avx512_bf16") else "AMX" if flags.get("amx_bf16") else (
+        "avx512, no bf16" if flags.get("avx512f") else "AVX2 only")
+    return f"{m.get('cpu', '?')} ({kind})"
 
 
 def budget_line(rows: list[dict]) -> list[str]:
@@ -178,8 +190,8 @@ def settings_lines(cases: list[dict]) -> list[str]:
     t = trained["recipe"]["train"]
     lengths = ", ".join(format_length(L) for L in e["ppl_lengths"])
     return [
-        f"**Budget**: every trained row trains for {trained['budget']['minutes']} minutes on this machine in "
-        f"{t['precision']}, as whole optimizer steps at the row's training length from its measured step time "
+        f"**Budget**: every trained row trains for {trained['budget']['minutes']} minutes in {t['precision']} on a "
+        f"2-core CPU with native bf16 (avx512_bf16; on one without, the trained rows stay pending), as whole optimizer steps at the row's training length from its measured step time "
         f"(bench/smollm2-step-times.json; equal minutes, not equal steps); LoRA r8, AdamW lr {t['lr']:g}, 5 % warm-up, "
         f"cosine to {t['min_lr_ratio']:g}, batch 1, seed {t['seed']}.",
         "",
@@ -187,7 +199,9 @@ def settings_lines(cases: list[dict]) -> list[str]:
         f"books); passkey {e['trials']} trials per length (one per depth, 0.05-0.95); RULER subset "
         f"{', '.join(ruler['tasks'])}, {ruler['samples']} sample per task and length (the average pools "
         f"{len(ruler['tasks']) * ruler['samples']} samples a length; RULER's string-match score, 95 % Wilson "
-        f"interval; essay haystack: the eval books). Model weights in float32, as `longext eval` on a CPU.",
+        f"interval; essay haystack: the eval books). Model weights in float32, as `longext eval` on a CPU. The "
+        f"Machine line above is the last sitting's; each row's CPU is in the rows table (its minutes and tokens/s "
+        f"depend on it, its figures do not).",
         "",
     ]
 
