@@ -452,21 +452,16 @@ def test_a_stored_result_stays_current_in_another_checkout_of_the_same_code(tmp_
 def test_a_bf16_trained_row_is_not_run_on_a_cpu_that_only_emulates_bf16(tmp_path, monkeypatch):
     """The campaign's trained rows train in bf16 with budgets measured on a CPU with avx512_bf16; on an AVX2-only CPU
     (this project's machine on some days) a 60-minute row would take days: it is left pending, with one line."""
-    import torch
+    import longext.engine
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases = {c["name"]: c for c in suite_cases("smollm2", False)}
     trained, free = cases["smollm2-longgen"], cases["smollm2-base"]
     assert trained["recipe"]["train"]["precision"] == "bf16"
-    avx2 = {"avx2": True, "avx512f": False, "avx512_bf16": False, "amx_bf16": False}
-    assert "avx512_bf16" in run.cannot_run_here(trained, flags=avx2)
-    assert run.cannot_run_here(trained, flags={**avx2, "avx512_bf16": True}) is None
-    assert run.cannot_run_here(trained, flags={**avx2, "amx_bf16": True}) is None
-    assert run.cannot_run_here(trained, flags=avx2, gpu=True) is None
-    assert run.cannot_run_here(free, flags=avx2) is None  # evaluation only: fp32
-
-    machine = run.machine()
-    monkeypatch.setattr(run, "machine", lambda: {**machine, "flags": avx2})
+    monkeypatch.setattr(longext.engine, "native_bf16", lambda: True)
+    assert run.cannot_run_here(trained) is None
+    monkeypatch.setattr(longext.engine, "native_bf16", lambda: False)
+    assert "avx512_bf16" in run.cannot_run_here(trained)
+    assert run.cannot_run_here(free) is None  # evaluation only: fp32
     ran, lines = [], []
 
     def runner(case, folder):

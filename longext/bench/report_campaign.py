@@ -191,7 +191,8 @@ def settings_lines(cases: list[dict]) -> list[str]:
     lengths = ", ".join(format_length(L) for L in e["ppl_lengths"])
     return [
         f"**Budget**: every trained row trains for {trained['budget']['minutes']} minutes in {t['precision']} on a "
-        f"2-core CPU with native bf16 (avx512_bf16; on one without, the trained rows stay pending), as whole optimizer steps at the row's training length from its measured step time "
+        f"2-core CPU with native bf16 (avx512_bf16; on one without, the trained rows stay pending), as whole "
+        f"optimizer steps at the row's training length from its measured step time "
         f"(bench/smollm2-step-times.json; equal minutes, not equal steps); LoRA r8, AdamW lr {t['lr']:g}, 5 % warm-up, "
         f"cosine to {t['min_lr_ratio']:g}, batch 1, seed {t['seed']}.",
         "",

@@ -113,11 +113,11 @@ def run_suite(suite: str, quick: bool, force: bool, results: Path = RESULTS, run
     those without one are listed as pending)."""
     listed = suite_cases(suite, quick)
     cases = [c for c in listed if not only or any(fnmatch.fnmatchcase(c["name"], p) for p in only)]
-    for case in list(cases):  # stays pending, for a machine it was planned on
-        why = cannot_run_here(case)
-        if why and not is_current(load_json(Path(results) / folder_name(suite, quick) / f"{case['name']}.json"), case, root):
-            log(f"{case['name']}: not run on this machine: {why}")
-            cases.remove(case)
+    blocked = {c["name"]: why for c in cases if (why := cannot_run_here(c))  # pending, for a machine it fits
+               and not is_current(load_json(Path(results) / folder_name(suite, quick) / f"{c['name']}.json"), c, root)}
+    for case_name, why in blocked.items():
+        log(f"{case_name}: not run on this machine: {why}")
+    cases = [c for c in cases if c["name"] not in blocked]
     skipped = [c["name"] for c in listed if c not in cases]
     by_name = {c["name"]: c for c in listed}
     name = folder_name(suite, quick)
@@ -229,19 +229,15 @@ def check_page(doc: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- machine
-def cannot_run_here(case: dict, flags: dict | None = None, gpu: bool | None = None) -> str | None:
+def cannot_run_here(case: dict) -> str | None:
     """Why a case must not run on this machine, or None. A case that trains in bf16 (the SmolLM2 campaign's rows,
-    whose step budgets were measured on a CPU with avx512_bf16) on a CPU that only emulates bf16 would take ~100x
-    its planned time (a 60-minute row: days)."""
-    recipe = case.get("recipe") or {}
-    if not case.get("train", True) or (recipe.get("train") or {}).get("precision") != "bf16":
+    whose step budgets were measured on a CPU with avx512_bf16) where bf16 is only emulated would take ~100x its
+    planned time (a 60-minute row: days)."""
+    if not case.get("train", True) or ((case.get("recipe") or {}).get("train") or {}).get("precision") != "bf16":
         return None
-    if gpu is None:
-        import torch
+    from longext.engine import native_bf16  # the check `train.precision: auto` makes
 
-        gpu = torch.cuda.is_available()
-    flags = machine()["flags"] if flags is None else flags
-    if gpu or flags.get("avx512_bf16") or flags.get("amx_bf16"):
+    if native_bf16():
         return None
     return ("it trains in bf16, which this CPU only emulates (no avx512_bf16 or amx_bf16; about 100x slower than "
             "fp32): run it on a CPU with avx512_bf16")
