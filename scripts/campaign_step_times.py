@@ -2,6 +2,7 @@
 and one SmolLM2 forward pass at 4k and 8k in both, on this machine; write bench/smollm2-step-times.json.
 
     python scripts/campaign_step_times.py [--rows yarn-lora,pose] [--out bench/smollm2-step-times.json]
+                                          [--precisions fp32] [--no-forward]
 
 Each row trains 4 optimizer steps (LongRecipe 4 + 3 replay steps) with longext's own training loop, in a process of
 its own. The figure the budget uses is the median wall time of steps 2-4 (the first step warms up; LongRecipe's
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--rows", default="")
     parser.add_argument("--out", default=str(ROOT / "bench" / "smollm2-step-times.json"))
     parser.add_argument("--no-forward", action="store_true")
+    parser.add_argument("--precisions", default="bf16,fp32",
+                        help="which to measure (a CPU without native bf16 emulates it ~100x slower: fp32 only there)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -122,14 +125,14 @@ def main() -> None:
         for name, _, shipped in TRAINED:
             if wanted and name not in wanted:
                 continue
-            for precision in ("bf16", "fp32"):
+            for precision in args.precisions.split(","):
                 doc["rows"].setdefault(name, {})[precision] = row = measure_row(name, shipped, precision, Path(tmp))
                 print(f"{name} {precision}: {row['step_s']:.1f} s a step (median wall of steps 2-4), all "
                       f"{row['wall_step_s']}, load {row['load']}", flush=True)
                 write_json(out_path, doc, indent=1)
     if not args.no_forward:
         for length in (4096, 8192):
-            for dtype in ("bfloat16", "float32"):
+            for dtype in [{"bf16": "bfloat16", "fp32": "float32"}[p] for p in args.precisions.split(",")]:
                 doc["forward"].setdefault(str(length), {})[dtype] = got = run_child({"forward": length, "dtype": dtype})
                 print(f"forward {length} {dtype}: CPU {got['cpu_s']:.1f} s, wall {got['wall_s']:.1f} s", flush=True)
                 write_json(out_path, doc, indent=1)

@@ -455,13 +455,14 @@ def test_a_bf16_trained_row_is_not_run_on_a_cpu_that_only_emulates_bf16(tmp_path
     import longext.engine
 
     cases = {c["name"]: c for c in suite_cases("smollm2", False)}
-    trained, free = cases["smollm2-longgen"], cases["smollm2-base"]
+    trained, free = cases["smollm2-harpe"], cases["smollm2-base"]
     assert trained["recipe"]["train"]["precision"] == "bf16"
     monkeypatch.setattr(longext.engine, "native_bf16", lambda: True)
     assert run.cannot_run_here(trained) is None
     monkeypatch.setattr(longext.engine, "native_bf16", lambda: False)
     assert "avx512_bf16" in run.cannot_run_here(trained)
     assert run.cannot_run_here(free) is None  # evaluation only: fp32
+    assert run.cannot_run_here(cases["smollm2-longgen"]) is None  # trains in fp32 (budget measured on such a CPU)
     ran, lines = [], []
 
     def runner(case, folder):
@@ -471,8 +472,8 @@ def test_a_bf16_trained_row_is_not_run_on_a_cpu_that_only_emulates_bf16(tmp_path
         return Measured({"value": 1}, 0.1, {})
 
     doc = run.run_suite("smollm2", False, False, tmp_path / "results", tmp_path / "runs", runner, lines.append,
-                        only=["smollm2-longgen", "smollm2-base"])
+                        only=["smollm2-harpe", "smollm2-base"])
     assert ran == ["smollm2-base"]
-    assert "smollm2-longgen" in doc["pending"] and not doc["complete"]
-    assert any(line.startswith("smollm2-longgen: not run on this machine:") for line in lines)
-    assert not (tmp_path / "results" / "smollm2" / "smollm2-longgen.json").exists()
+    assert "smollm2-harpe" in doc["pending"] and not doc["complete"]
+    assert any(line.startswith("smollm2-harpe: not run on this machine:") for line in lines)
+    assert not (tmp_path / "results" / "smollm2" / "smollm2-harpe.json").exists()

@@ -13,7 +13,8 @@ import pytest
 from longext.bench import report, run
 from longext.bench.report_campaign import campaign_rows, campaign_section, verdict
 from longext.bench.smollm2 import (
-    CAMPAIGN_MINUTES, RULER_TASKS, SMOL_LENGTHS, STEP_SECONDS, campaign_case, campaign_cases, train_block,
+    CAMPAIGN_MINUTES, FP32_STEP_SECONDS, RULER_TASKS, SMOL_LENGTHS, STEP_SECONDS, campaign_case, campaign_cases,
+    train_block,
 )
 from longext.bench.suites import smollm2_cases
 from longext.errors import LongextError
@@ -34,23 +35,27 @@ def test_the_campaign_has_every_row_and_equal_training_minutes():
     assert [kinds[f"smollm2-{n}"] for n in TRAINED] == ["standard", "pose", "e2llm", "harpe", "longrecipe", "longgen"]
     ropes = [cases[f"smollm2-{n}"]["recipe"]["rope"]["kind"] for n in FREE]
     assert ropes == ["none", "linear", "ntk", "dynamic", "yarn"]
-    longest = max(STEP_SECONDS.values()) / 60
     for name in TRAINED:
         case = cases[f"smollm2-{name}"]
         train, budget = case["recipe"]["train"], case["budget"]
-        assert case["train"] and train["precision"] == "bf16" and budget["minutes"] == CAMPAIGN_MINUTES >= 60
-        assert train["steps"] == budget["steps"]
+        # bf16 at the bf16 step times, but the rows measured on the AVX2-only CPU: fp32 at fp32 step times from there
+        precision, seconds = ("fp32", FP32_STEP_SECONDS) if name in ("pose", "longrecipe", "longgen") else (
+            "bf16", STEP_SECONDS)
+        assert case["train"] and train["precision"] == precision and budget["minutes"] == CAMPAIGN_MINUTES >= 60
+        assert train["steps"] == budget["steps"] and budget["step_seconds"] == seconds[name]
         # the minutes the steps take at the measured step times: the budget, at most one (3 for the dose row) step over
-        used = train["steps"] * STEP_SECONDS[name]
+        longest = max(seconds.values()) / 60
+        used = train["steps"] * seconds[name]
         if name == "longrecipe":
             replay = case["recipe"]["method"]["replay"]["steps"]
             assert replay == budget["replay_steps"] > 0
-            used = train["steps"] * STEP_SECONDS[name] + replay * STEP_SECONDS["longrecipe-replay"]
+            used = train["steps"] * seconds[name] + replay * seconds["longrecipe-replay"]
         assert CAMPAIGN_MINUTES <= used / 60 <= CAMPAIGN_MINUTES + 3 * longest
         assert math.isclose(budget["planned_minutes"], used / 60, abs_tol=0.05)
         # one optimizer for all: the train blocks differ in steps, warm-up and checkpoints only
         same = {k: v for k, v in train.items() if k not in ("steps", "warmup_steps", "save_every", "keep_checkpoints")}
-        assert same == {k: v for k, v in train_block(1).items() if k not in ("steps", "warmup_steps")}
+        assert same == {k: v for k, v in train_block(1, precision=precision).items()
+                        if k not in ("steps", "warmup_steps")}
     for name, case in cases.items():
         if not case.get("checkpoint"):
             e = case["eval"]
@@ -64,6 +69,12 @@ def test_the_step_times_of_the_budget_are_the_measured_ones():
     for name in TRAINED:
         assert STEP_SECONDS[name] == round(measured[name]["bf16"]["step_s"], 1), name
     assert STEP_SECONDS["longrecipe-replay"] == round(measured["longrecipe"]["bf16"]["replay_step_s"], 1)
+    # the fp32 rows': measured in fp32 on the AVX2-only CPU they train on
+    avx2 = json.loads((ROOT / "bench" / "smollm2-step-times-avx2.json").read_text())
+    assert not avx2["machine"]["flags"]["avx512_bf16"] and set(avx2["rows"]) == {"pose", "longrecipe", "longgen"}
+    for name in avx2["rows"]:
+        assert FP32_STEP_SECONDS[name] == round(avx2["rows"][name]["fp32"]["step_s"], 1), name
+    assert FP32_STEP_SECONDS["longrecipe-replay"] == round(avx2["rows"]["longrecipe"]["fp32"]["replay_step_s"], 1)
 
 
 def test_the_dose_cases_evaluate_the_yarn_lora_runs_checkpoints():

@@ -5,6 +5,8 @@ filled in: they are listed as pending or stale, and the verdict says it is not k
 
 from __future__ import annotations
 
+import re
+
 from longext.bench.markdown import header, minutes, num, ppl_cell, table
 from longext.bench.report_models import model_tables
 from longext.evaluate.stats import format_interval
@@ -103,7 +105,8 @@ def status_table(rows: list[dict]) -> list[str]:
         if budget:
             steps = f"{budget['steps']} × {format_length(budget['seq_len'])}" + (
                 f" + {budget['replay_steps']} replay" if budget["replay_steps"] else "")
-            trained = (f"{steps}; {budget['planned_minutes']:.0f} min planned ({budget['step_seconds']:.1f} s a step), "
+            trained = (f"{steps}; {budget['planned_minutes']:.0f} min planned ({budget['step_seconds']:.1f} s a step in "
+                       f"{case['recipe']['train']['precision']}), "
                        f"{minutes(result.get('train_seconds'))} measured")
         elif case.get("checkpoint"):
             k, n = case["checkpoint"]["fraction"]
@@ -189,12 +192,16 @@ def settings_lines(cases: list[dict]) -> list[str]:
     ruler = e["ruler"]
     t = trained["recipe"]["train"]
     lengths = ", ".join(format_length(L) for L in e["ppl_lengths"])
+    fp32 = [re.split(r" \(|,", c["label"])[0] for c in cases
+            if c.get("budget") and c["recipe"]["train"]["precision"] != t["precision"]]
+    where = (f"; {', '.join(fp32)} in fp32 on a 2-core CPU without native bf16 (AVX2 only: bf16 emulated, ~100x "
+             f"slower), at fp32 step times measured there (bench/smollm2-step-times-avx2.json): the same minutes, "
+             f"fewer tokens (an fp32 step is slower)" if fp32 else "")
     return [
-        f"**Budget**: every trained row trains for {trained['budget']['minutes']} minutes in {t['precision']} on a "
-        f"2-core CPU with native bf16 (avx512_bf16; on one without, the trained rows stay pending), as whole "
-        f"optimizer steps at the row's training length from its measured step time "
-        f"(bench/smollm2-step-times.json; equal minutes, not equal steps); LoRA r8, AdamW lr {t['lr']:g}, 5 % warm-up, "
-        f"cosine to {t['min_lr_ratio']:g}, batch 1, seed {t['seed']}.",
+        f"**Budget**: every trained row trains for {trained['budget']['minutes']} minutes, as whole optimizer steps at "
+        f"the row's training length from its measured step time (equal minutes, not equal steps): in {t['precision']} "
+        f"on a 2-core CPU with native bf16 (avx512_bf16; bench/smollm2-step-times.json){where}. LoRA r8, AdamW lr "
+        f"{t['lr']:g}, 5 % warm-up, cosine to {t['min_lr_ratio']:g}, batch 1, seed {t['seed']}.",
         "",
         f"**Eval** at {lengths}: perplexity with fixed targets ({e['targets']} tokens × {e['windows']} window, eval "
         f"books); passkey {e['trials']} trials per length (one per depth, 0.05-0.95); RULER subset "

@@ -9,6 +9,13 @@ a step on the quiet machine: a shared machine stretches CPU time as well, so the
 load). The methods' steps differ a lot in cost (LongRecipe trains at 4.9k, LongGen at 4k, the others at 2k), so
 the rows get equal minutes, not equal steps. Same optimizer for every row: AdamW, lr 2e-4, 5 % warm-up, cosine to
 0.1, batch 1.
+
+Precision. The budgets above were measured on a CPU with avx512_bf16. The project's machine is not the same CPU every
+sitting: on one that only emulates bf16 (AVX2 only: a bf16 step ~100x slower) the bench leaves a bf16 row pending.
+The rows still to measure when that machine came back twice in a row (PoSE, LongRecipe, LongGen) train in fp32
+instead, for the same CAMPAIGN_MINUTES at the fp32 step times measured on that CPU (FP32_STEP_SECONDS,
+bench/smollm2-step-times-avx2.json): equal minutes as the issue states the budget, fewer tokens than the bf16 rows
+(an fp32 step is slower), which the page shows beside each row.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ def smollm2_cases(quick: bool) -> list[dict]:
 
     Full (longext/bench/campaign.py, issue 18): no extension; PI, NTK, dynamic NTK, YaRN x2 training-free; YaRN + LoRA,
     PoSE, E2-LLM, HARPE, LongRecipe and LongGen each trained for the same CAMPAIGN_MINUTES on this machine (steps from
-    the measured bf16 step time of each, bench/smollm2-step-times.json); every row evaluated with CAMPAIGN_EVAL; then
+    the measured bf16 or fp32 step time of each: see the module's docstring); every row evaluated with CAMPAIGN_EVAL; then
     the YaRN + LoRA dose-response: its run's checkpoints after 1/3 and 2/3 of the budget at 16k. The order puts the
     baselines first and the dose cases last (they need the YaRN + LoRA run's folder); every case's result is committed
     as it finishes, so the campaign is completed over several sittings (`longext bench smollm2 --only ...`).
@@ -79,6 +86,8 @@ PRECISION = "bf16"  # the CPU has avx512_bf16: measured speed-up in docs/bench.m
 # bf16 seconds per optimizer step at each row's training length (bench/smollm2-step-times.json, wall on a quiet machine)
 STEP_SECONDS = {"yarn-lora": 8.2, "pose": 8.3, "e2llm": 8.3, "harpe": 8.9, "longrecipe": 35.6,
                 "longrecipe-replay": 8.2, "longgen": 24.5}
+# fp32 seconds per optimizer step on the AVX2-only CPU (bench/smollm2-step-times-avx2.json), for the rows trained there
+FP32_STEP_SECONDS = {"pose": 18.6, "longrecipe": 68.1, "longrecipe-replay": 15.6, "longgen": 45.1}
 REPLAY_SHARE = 0.4  # LongRecipe: replay steps per extension step, as its shipped recipe (4 per 10)
 DOSE_FRACTIONS = ((1, 3), (2, 3))  # the YaRN + LoRA checkpoints evaluated besides the final one
 
@@ -107,10 +116,15 @@ TRAINED = [  # (name, label, recipe without its train block)
 ]
 
 
-def train_block(steps: int, save_every: int | None = None) -> dict:
+def row_timing(name: str) -> tuple[str, dict[str, float]]:
+    """(precision, step seconds by row) of a trained row's budget: fp32 for the rows of FP32_STEP_SECONDS."""
+    return ("fp32", FP32_STEP_SECONDS) if name in FP32_STEP_SECONDS else (PRECISION, STEP_SECONDS)
+
+
+def train_block(steps: int, save_every: int | None = None, precision: str = PRECISION) -> dict:
     """The one optimizer of every trained row; `steps` from the row's budget."""
     block = {"steps": steps, "micro_batch_size": 1, "lr": 2.0e-4, "warmup_steps": max(2, round(0.05 * steps)),
-             "schedule": "cosine", "min_lr_ratio": 0.1, "zero_stage": 2, "precision": PRECISION, "seed": 0,
+             "schedule": "cosine", "min_lr_ratio": 0.1, "zero_stage": 2, "precision": precision, "seed": 0,
              "log_every": 10}
     if save_every:
         block.update(save_every=save_every, keep_checkpoints=len(DOSE_FRACTIONS) + 1)
@@ -120,16 +134,16 @@ def train_block(steps: int, save_every: int | None = None) -> dict:
 def budget_steps(name: str, minutes: float = CAMPAIGN_MINUTES) -> dict:
     """{"steps", "replay_steps", "minutes"}: the fewest whole steps that fill `minutes` at the measured step times
     (LongRecipe's replay included in its minutes; the YaRN + LoRA steps a multiple of 3 for its dose checkpoints)."""
-    seconds = minutes * 60
+    seconds, step_seconds = minutes * 60, row_timing(name)[1]
     if name == "longrecipe":
-        per_step = STEP_SECONDS["longrecipe"] + REPLAY_SHARE * STEP_SECONDS["longrecipe-replay"]
+        per_step = step_seconds["longrecipe"] + REPLAY_SHARE * step_seconds["longrecipe-replay"]
         steps = math.ceil(seconds / per_step)
         replay = round(REPLAY_SHARE * steps)
-        used = steps * STEP_SECONDS["longrecipe"] + replay * STEP_SECONDS["longrecipe-replay"]
+        used = steps * step_seconds["longrecipe"] + replay * step_seconds["longrecipe-replay"]
         return {"steps": steps, "replay_steps": replay, "minutes": used / 60}
     multiple = 3 if name == "yarn-lora" else 1
-    steps = multiple * math.ceil(seconds / STEP_SECONDS[name] / multiple)
-    return {"steps": steps, "replay_steps": 0, "minutes": steps * STEP_SECONDS[name] / 60}
+    steps = multiple * math.ceil(seconds / step_seconds[name] / multiple)
+    return {"steps": steps, "replay_steps": 0, "minutes": steps * step_seconds[name] / 60}
 
 
 def trained_recipe(name: str, shipped: str | None, train: dict, replay_steps: int = 0) -> dict:
@@ -157,7 +171,7 @@ def campaign_case(name: str, label: str, recipe: dict, train: bool, budget: dict
             "eval": settings, **extra}
     if budget:
         case["budget"] = {"minutes": CAMPAIGN_MINUTES, "planned_minutes": round(budget["minutes"], 1),
-                          "step_seconds": STEP_SECONDS[name], "steps": budget["steps"],
+                          "step_seconds": row_timing(name)[1][name], "steps": budget["steps"],
                           "seq_len": training_length(recipe),
                           "replay_steps": budget["replay_steps"]}
     return case
@@ -171,7 +185,8 @@ def campaign_cases() -> list[dict]:
     for name, label, shipped in TRAINED:
         budget = budget_steps(name)
         save = budget["steps"] // 3 if name == "yarn-lora" else None
-        recipe = trained_recipe(name, shipped, train_block(budget["steps"], save), budget["replay_steps"])
+        train = train_block(budget["steps"], save, row_timing(name)[0])
+        recipe = trained_recipe(name, shipped, train, budget["replay_steps"])
         trained.append(campaign_case(name, label, recipe, True, budget))
     lora = trained[0]
     dose = [campaign_case(f"yarn-lora-at-{k}of{n}", f"YaRN x2 + LoRA after {k}/{n} of the budget", lora["recipe"],
