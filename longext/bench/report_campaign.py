@@ -193,7 +193,7 @@ def settings_lines(cases: list[dict]) -> list[str]:
     t = trained["recipe"]["train"]
     lengths = ", ".join(format_length(L) for L in e["ppl_lengths"])
     fp32 = [re.split(r" \(|,", c["label"])[0] for c in cases
-            if c.get("budget") and c["recipe"]["train"]["precision"] != t["precision"]]
+            if c.get("budget") and c["recipe"]["train"]["precision"] == "fp32" != t["precision"]]
     where = (f"; {', '.join(fp32)} in fp32 on a 2-core CPU without native bf16 (AVX2 only: bf16 emulated, ~100x "
              f"slower), at fp32 step times measured there (bench/smollm2-step-times-avx2.json): the same minutes, "
              f"fewer tokens (an fp32 step is slower)" if fp32 else "")
