@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--precisions", default="bf16,fp32",
                         help="which to measure (a CPU without native bf16 emulates it ~100x slower: fp32 only there)")
     args = parser.parse_args()
+    if not args.precisions or set(args.precisions.split(",")) - {"bf16", "fp32"}:
+        parser.error(f"--precisions: {args.precisions!r} is not a comma list of bf16, fp32")
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
