@@ -87,7 +87,7 @@ PRECISION = "bf16"  # the CPU has avx512_bf16: measured speed-up in docs/bench.m
 STEP_SECONDS = {"yarn-lora": 8.2, "pose": 8.3, "e2llm": 8.3, "harpe": 8.9, "longrecipe": 35.6,
                 "longrecipe-replay": 8.2, "longgen": 24.5}
 # fp32 seconds per optimizer step on the AVX2-only CPU (bench/smollm2-step-times-avx2.json), for the rows trained there
-FP32_STEP_SECONDS = {"pose": 18.6, "longrecipe": 68.1, "longrecipe-replay": 15.6, "longgen": 45.1}
+FP32_STEP_SECONDS = {"pose": 18.6, "longrecipe": 68.1, "longrecipe-replay": 15.6, "longgen": 35.1}
 REPLAY_SHARE = 0.4  # LongRecipe: replay steps per extension step, as its shipped recipe (4 per 10)
 DOSE_FRACTIONS = ((1, 3), (2, 3))  # the YaRN + LoRA checkpoints evaluated besides the final one
 
