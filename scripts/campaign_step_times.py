@@ -2,14 +2,16 @@
 and one SmolLM2 forward pass at 4k and 8k in both, on this machine; write bench/smollm2-step-times.json.
 
     python scripts/campaign_step_times.py [--rows yarn-lora,pose] [--out bench/smollm2-step-times.json]
-                                          [--precisions fp32] [--no-forward]
+                                          [--precisions fp32] [--no-forward] [--steps 8]
 
-Each row trains 4 optimizer steps (LongRecipe 4 + 3 replay steps) with longext's own training loop, in a process of
-its own. The figure the budget uses is the median wall time of steps 2-4 (the first step warms up; LongRecipe's
-replay: its 2nd and 3rd steps), so run it on a quiet machine: it refuses to start at a load average over
-MAX_LOAD. A shared machine stretches CPU time as well as wall time (2026-12-06: 38.7 CPU-s a step at load 4-7
-against 15.0 alone, OpenMP threads spinning while they wait for a core), so neither can be corrected for load
-afterwards. The process's CPU time per step is kept beside the wall time.
+Each row trains --steps optimizer steps (8 by default; LongRecipe also 3 replay steps) with longext's own training
+loop, in a process of its own. The figure the budget uses is the median wall time of the second half of the steps
+(5-8 of 8; LongRecipe's replay: its 2nd and 3rd steps): fp32 steps on an AVX2-only EPYC kept warming up for ~5 steps
+(2026-12-07, LongGen: 58.7, 53.8, 45.1, 42.6, then ~35 s), so the median of steps 2-4 of 4, this script's figure
+until then, ran 28 % high and rows planned from it trained short. Run it on a quiet machine: it refuses to start at
+a load average over MAX_LOAD. A shared machine stretches CPU time as well as wall time (2026-12-06: 38.7 CPU-s a
+step at load 4-7 against 15.0 alone, OpenMP threads spinning while they wait for a core), so neither can be
+corrected for load afterwards. The process's CPU time per step is kept beside the wall time.
 """
 
 from __future__ import annotations
@@ -83,17 +85,18 @@ def run_child(spec: dict) -> dict:
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
 
 
-def measure_row(name: str, shipped: str | None, precision: str, folder: Path) -> dict:
+def measure_row(name: str, shipped: str | None, precision: str, folder: Path, steps: int) -> dict:
     from longext.bench.smollm2 import train_block, trained_recipe
 
-    train = {**train_block(4), "precision": precision, "warmup_steps": 1, "log_every": 1}
+    train = {**train_block(steps), "precision": precision, "warmup_steps": 1, "log_every": 1}
     recipe = trained_recipe(name, shipped, train, replay_steps=3 if name == "longrecipe" else 0)
     recipe["output"] = {"dir": str(folder / f"{name}-{precision}"), "overwrite": True}
     got = run_child({"train": recipe})
     wall = got["wall_step_s"]
-    out = {**got, "step_s": statistics.median(wall[1:4])}  # steps 2-4
-    if len(wall) > 4:
-        out["replay_step_s"] = statistics.median(wall[5:])  # replay steps 2-3 (the 1st starts the stage)
+    first = steps // 2  # the second half: warmed up
+    out = {**got, "step_s": statistics.median(wall[first:steps]), "figure": f"median of steps {first + 1}-{steps}"}
+    if len(wall) > steps:
+        out["replay_step_s"] = statistics.median(wall[steps + 1:])  # replay steps 2-3 (the 1st starts the stage)
     return out
 
 
@@ -105,7 +108,11 @@ def main() -> None:
     parser.add_argument("--no-forward", action="store_true")
     parser.add_argument("--precisions", default="bf16,fp32",
                         help="which to measure (a CPU without native bf16 emulates it ~100x slower: fp32 only there)")
+    parser.add_argument("--steps", type=int, default=8,
+                        help="optimizer steps a row (>= 4); the figure is the median of the second half")
     args = parser.parse_args()
+    if args.steps < 4:
+        parser.error(f"--steps: {args.steps} is fewer than 4 (the second half must be past the warm-up)")
     if not args.precisions or set(args.precisions.split(",")) - {"bf16", "fp32"}:
         parser.error(f"--precisions: {args.precisions!r} is not a comma list of bf16, fp32")
     if args.child:
@@ -128,8 +135,9 @@ def main() -> None:
             if wanted and name not in wanted:
                 continue
             for precision in args.precisions.split(","):
-                doc["rows"].setdefault(name, {})[precision] = row = measure_row(name, shipped, precision, Path(tmp))
-                print(f"{name} {precision}: {row['step_s']:.1f} s a step (median wall of steps 2-4), all "
+                row = measure_row(name, shipped, precision, Path(tmp), args.steps)
+                doc["rows"].setdefault(name, {})[precision] = row
+                print(f"{name} {precision}: {row['step_s']:.1f} s a step ({row['figure']}, wall), all "
                       f"{row['wall_step_s']}, load {row['load']}", flush=True)
                 write_json(out_path, doc, indent=1)
     if not args.no_forward:
