@@ -477,3 +477,26 @@ def test_a_bf16_trained_row_is_not_run_on_a_cpu_that_only_emulates_bf16(tmp_path
     assert "smollm2-harpe" in doc["pending"] and not doc["complete"]
     assert any(line.startswith("smollm2-harpe: not run on this machine:") for line in lines)
     assert not (tmp_path / "results" / "smollm2" / "smollm2-harpe.json").exists()
+
+
+def test_the_cases_only_left_out_that_are_current_count_as_not_re_run(tmp_path):
+    """`--only` runs one case; the page's "N of M cases were current and not re-run" counts the current cases it left
+    out too (a one-row sitting of the campaign said "0 of 13" with 12 rows current)."""
+    from longext.bench.fresh import Measured
+    from longext.bench.results import file_hashes
+
+    root = fake_package(tmp_path / "src")
+
+    def runner(case, folder):
+        return Measured({"value": 1}, 0.1, file_hashes(["longext/train.py"], root))
+
+    def suite(only):
+        return run.run_suite("smollm2", False, False, tmp_path / "results", tmp_path / "runs", runner, lambda _: None,
+                             root=root, only=only)
+
+    first = suite(["smollm2-base"])
+    assert first["cached_cases"] == 0 and "smollm2-pi" in first["pending"]
+    second = suite(["smollm2-pi"])  # base is current and left out
+    assert second["cached_cases"] == 1 and "smollm2-base" not in second["pending"]
+    third = suite(["smollm2-base", "smollm2-pi"])  # both current: found so, not re-run
+    assert third["cached_cases"] == 2 and not any(d["cached"] is False for d in third["cases"])

@@ -67,7 +67,8 @@ def provenance(doc: dict) -> list[str]:
     for c in doc.get("cases", []):
         commit = str(c.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if c.get("dirty") else "")
         commits[commit] = commits.get(commit, 0) + 1
-    lines = ["Measured at commit " + ", ".join(f"{k} ({n} cases)" for k, n in commits.items()) + "."] if commits else []
+    counted = ", ".join(f"{k} ({n} case{'' if n == 1 else 's'})" for k, n in commits.items())
+    lines = [f"Measured at commit {counted}."] if commits else []
     stale = [c["case"]["name"] for c in doc.get("cases", []) if c.get("stale")]
     if stale:
         lines.append(f"**Stale rows** (marked *stale*: the code they ran has changed since they were measured; "

@@ -130,7 +130,9 @@ def run_suite(suite: str, quick: bool, force: bool, results: Path = RESULTS, run
     def save(case_docs: list[dict], complete: bool) -> None:
         # also while running: an interrupted suite still shows what finished, marked incomplete
         not_run = [n for n in skipped if not is_current(load_json(Path(results) / name / f"{n}.json"), by_name[n], root)]
-        doc.update(cached_cases=sum(d["cached"] for d in case_docs), complete=complete and not not_run,
+        # current and not re-run: those this run found current, and those --only left out that are current
+        cached = sum(d["cached"] for d in case_docs) + len(skipped) - len(not_run)
+        doc.update(cached_cases=cached, complete=complete and not not_run,
                    pending=[c["name"] for c in cases[len(case_docs):]] + not_run,
                    wall_seconds=time.perf_counter() - began, finished=_now())
         write_json(Path(results) / name / "suite.json", doc, indent=1, default=float)
