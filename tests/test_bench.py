@@ -499,4 +499,4 @@ def test_the_cases_only_left_out_that_are_current_count_as_not_re_run(tmp_path):
     second = suite(["smollm2-pi"])  # base is current and left out
     assert second["cached_cases"] == 1 and "smollm2-base" not in second["pending"]
     third = suite(["smollm2-base", "smollm2-pi"])  # both current: found so, not re-run
-    assert third["cached_cases"] == 2 and not any(d["cached"] is False for d in third["cases"])
+    assert third["cached_cases"] == 2 and all(d["cached"] for d in third["cases"])
